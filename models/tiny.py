@@ -1,0 +1,117 @@
+"""Builds an offline, seeded, tiny Stable Diffusion pipeline folder from component configs.
+
+Usage::
+
+    python -m models.tiny OUT_DIR [--config configs/backbone/tiny.yaml] [--prediction-type v_prediction]
+
+The folder has the standard diffusers layout (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/``) plus ``image_encoder/`` (CLIP vision tower) and ``feature_extractor/`` (its
+image processor), so plain ``StableDiffusionPipeline.from_pretrained(OUT_DIR)`` loads and samples from it and
+the project loads it through exactly the same ``from_pretrained`` code as real weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from omegaconf import OmegaConf
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+
+from models.clip_tokenizer import load_clip_tokenizer, write_clip_tokenizer
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "backbone" / "tiny.yaml"
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def build_tiny_pipeline(config_path: str | Path = DEFAULT_CONFIG, prediction_type: str | None = None):
+    """Builds the tiny pipeline in memory (seeded: the same config always gives the same weights)."""
+    cfg = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    torch.manual_seed(int(cfg["seed"]))
+    unet = UNet2DConditionModel(**cfg["unet"])
+    vae = AutoencoderKL(**cfg["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg["image_encoder"]))
+    sched_cfg = dict(cfg["scheduler"])
+    if prediction_type is not None:
+        sched_cfg["prediction_type"] = prediction_type
+    scheduler = DDIMScheduler(**sched_cfg)
+    size = int(cfg["image_encoder"]["image_size"])
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = load_clip_tokenizer(write_clip_tokenizer(tmp))
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=processor,
+        image_encoder=image_encoder,
+        requires_safety_checker=False,
+    )
+
+
+def write_tiny_backbone(
+    out_dir: str | Path,
+    config_path: str | Path = DEFAULT_CONFIG,
+    prediction_type: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Writes the tiny pipeline folder atomically (built in a sibling temp folder, then renamed).
+
+    Returns the folder. An existing complete folder is kept unless ``overwrite``.
+    """
+    out = Path(out_dir)
+    if (out / "model_index.json").exists() and not overwrite:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pipe = build_tiny_pipeline(config_path, prediction_type)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", help="folder to write the diffusers pipeline to")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML of component configs")
+    parser.add_argument(
+        "--prediction-type",
+        choices=["epsilon", "v_prediction"],
+        default=None,
+        help="override the scheduler's prediction type (default: the config's)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="rebuild even if the folder exists")
+    args = parser.parse_args(argv)
+    out = write_tiny_backbone(args.out_dir, args.config, args.prediction_type, args.overwrite)
+    print(f"tiny Stable Diffusion backbone at {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Shared fixtures: everything runs offline on the tiny backbone built by ``models.tiny``."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """Path of a tiny Stable Diffusion pipeline folder (epsilon prediction), built once per session."""
+    from models.tiny import write_tiny_backbone
+
+    return write_tiny_backbone(tmp_path_factory.mktemp("tiny") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v_dir(tmp_path_factory):
+    """Like ``tiny_sd_dir`` but with a v-prediction scheduler (Stable Diffusion 2.x style)."""
+    from models.tiny import write_tiny_backbone
+
+    return write_tiny_backbone(tmp_path_factory.mktemp("tiny_v") / "tiny-sd-v", prediction_type="v_prediction")
