@@ -98,7 +98,9 @@ def write_tiny_backbone(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out_dir", help="folder to write the diffusers pipeline to")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML of component configs")
     parser.add_argument(

@@ -26,4 +26,22 @@ def tiny_sd_v_dir(tmp_path_factory):
     """Like ``tiny_sd_dir`` but with a v-prediction scheduler (Stable Diffusion 2.x style)."""
     from models.tiny import write_tiny_backbone
 
-    return write_tiny_backbone(tmp_path_factory.mktemp("tiny_v") / "tiny-sd-v", prediction_type="v_prediction")
+    return write_tiny_backbone(
+        tmp_path_factory.mktemp("tiny_v") / "tiny-sd-v", prediction_type="v_prediction"
+    )
+
+
+@pytest.fixture(scope="session")
+def backbone(tiny_sd_dir):
+    """The tiny backbone loaded through the real ``from_pretrained`` path (frozen, shared: do not mutate)."""
+    from models.backbone import DiffusionBackbone
+
+    return DiffusionBackbone.from_pretrained(str(tiny_sd_dir), str(tiny_sd_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_personalizer_config():
+    """Small trainable modules matching the tiny backbone's scale."""
+    from models.personalizer import PersonalizerConfig
+
+    return PersonalizerConfig(feature_dim=32, unet_hidden_dim=64, token_hidden_dim=64, hyper_hidden_dim=32)

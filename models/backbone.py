@@ -1,0 +1,292 @@
+"""The frozen Stable Diffusion backbone: VAE, UNet, CLIP text encoder, tokenizer, scheduler, CLIP image encoder.
+
+Everything loads with ``from_pretrained`` from a diffusers Stable Diffusion folder or hub id (SD 1.x and 2.x,
+epsilon and v-prediction), real weights and the offline tiny backbone (``models.tiny``) alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPVisionModelWithProjection
+
+from models.attention import PERSONALIZATION_KWARG, LoraDelta, Personalization, install_dual_path
+from models.clip_tokenizer import load_clip_tokenizer
+from models.hub import resolve_model_path
+from models.placeholder import (
+    add_placeholder_token,
+    check_prompts,
+    encode_with_placeholder,
+    replace_placeholder_ids,
+)
+
+DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
+
+
+def unet_feature_dim(block_out_channels: tuple[int, ...], layers_per_block: int) -> int:
+    """Width of the pooled UNet features: conv_in, every down-block residual, and the mid block."""
+    channels = [block_out_channels[0]]  # conv_in
+    for i, ch in enumerate(block_out_channels):
+        channels += [ch] * layers_per_block
+        if i < len(block_out_channels) - 1:
+            channels.append(ch)  # downsampler
+    return sum(channels) + block_out_channels[-1]
+
+
+class DiffusionBackbone(nn.Module):
+    """Frozen components of a Stable Diffusion model plus a CLIP image encoder for the concept encoder.
+
+    All parameters are frozen (``requires_grad=False``) and the modules are kept in eval mode; the placeholder
+    token is added to the tokenizer only (the text encoder's table is never changed).
+
+    Args:
+        vae: the autoencoder.
+        unet: the denoiser.
+        text_encoder: CLIP text encoder.
+        tokenizer: CLIP tokenizer (49,408 entries before the placeholder).
+        scheduler: training noise scheduler (``DDPMScheduler``); its ``prediction_type`` sets the loss target.
+        image_encoder: CLIP vision tower (E4T's image branch).
+        image_processor: the image encoder's preprocessing (size, mean, std).
+        name_or_path: where the Stable Diffusion weights came from, recorded in checkpoints and exports.
+        placeholder: the pseudo-word S*.
+    """
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        unet: UNet2DConditionModel,
+        text_encoder: CLIPTextModel,
+        tokenizer,
+        scheduler: DDPMScheduler,
+        image_encoder: CLIPVisionModelWithProjection,
+        image_processor: CLIPImageProcessor,
+        name_or_path: str = "",
+        placeholder: str = "<s*>",
+    ) -> None:
+        super().__init__()
+        self.vae, self.unet, self.text_encoder, self.image_encoder = vae, unet, text_encoder, image_encoder
+        self.tokenizer, self.scheduler, self.image_processor = tokenizer, scheduler, image_processor
+        self.name_or_path = name_or_path
+        self.placeholder = placeholder
+        self.placeholder_id = add_placeholder_token(tokenizer, placeholder)
+        self.requires_grad_(False)
+        self.eval()
+        # Plain attention until a call passes `personalization` (see models.attention).
+        install_dual_path(unet)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str,
+        image_encoder_name_or_path: str = DEFAULT_IMAGE_ENCODER,
+        placeholder: str = "<s*>",
+        revision: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+    ) -> DiffusionBackbone:
+        """Loads every component with ``from_pretrained``.
+
+        Args:
+            pretrained_model_name_or_path: diffusers Stable Diffusion folder or hub id.
+            image_encoder_name_or_path: CLIP vision model folder or id. A folder laid out as a pipeline (with
+                ``image_encoder/`` and ``feature_extractor/``, as the tiny backbone is) is read from those.
+            placeholder: the pseudo-word S* to add to the tokenizer.
+            revision: hub revision of the Stable Diffusion weights.
+            torch_dtype: dtype to load the frozen weights in (default float32).
+        """
+        sd = resolve_model_path(pretrained_model_name_or_path)
+        kw = {"revision": revision} if revision else {}
+        if torch_dtype is not None:
+            kw["torch_dtype"] = torch_dtype
+        vae = AutoencoderKL.from_pretrained(sd, subfolder="vae", **kw)
+        unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", **kw)
+        tokenizer = load_clip_tokenizer(sd, subfolder="tokenizer")
+        scheduler = DDPMScheduler.from_pretrained(sd, subfolder="scheduler")
+        enc = resolve_model_path(image_encoder_name_or_path)
+        enc_sub, proc_sub = "", ""
+        if (Path(enc) / "image_encoder").is_dir():
+            enc_sub, proc_sub = "image_encoder", "feature_extractor"
+        dkw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        image_encoder = CLIPVisionModelWithProjection.from_pretrained(enc, subfolder=enc_sub, **dkw)
+        image_processor = CLIPImageProcessor.from_pretrained(enc, subfolder=proc_sub)
+        return cls(
+            vae,
+            unet,
+            text_encoder,
+            tokenizer,
+            scheduler,
+            image_encoder,
+            image_processor,
+            name_or_path=str(pretrained_model_name_or_path),
+            placeholder=placeholder,
+        )
+
+    def train(self, mode: bool = True) -> DiffusionBackbone:
+        # The backbone is frozen: dropout and norms stay in inference mode even while the encoder trains.
+        return super().train(False)
+
+    # ----- derived sizes (never hard-coded) -----
+    @property
+    def resolution(self) -> int:
+        """Pixel resolution of the UNet's native sample size."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def clip_image_size(self) -> int:
+        return int(self.image_encoder.config.image_size)
+
+    @property
+    def token_dim(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.config.prediction_type)
+
+    def token_embedding_table(self) -> torch.Tensor:
+        """(V, D) the text encoder's input-embedding table (without the placeholder)."""
+        return self.text_encoder.get_input_embeddings().weight
+
+    def special_token_ids(self) -> list[int]:
+        return sorted(set(self.tokenizer.all_special_ids) | {self.placeholder_id})
+
+    def mean_token_norm(self) -> float:
+        """Mean L2 norm of the real token embeddings (special tokens excluded): the scale of real words."""
+        table = self.token_embedding_table().detach().float()
+        keep = torch.ones(table.shape[0], dtype=torch.bool)
+        ids = [i for i in self.special_token_ids() if i < table.shape[0]]
+        keep[ids] = False
+        return float(table[keep].norm(dim=-1).mean())
+
+    # ----- text -----
+    def tokenize(self, prompts: list[str], require_placeholder: bool = False) -> torch.Tensor:
+        """(B, L) padded token ids, L = the tokenizer's ``model_max_length``."""
+        if require_placeholder:
+            check_prompts(prompts, self.placeholder)
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return ids.to(self.unet.device)
+
+    def encode_text(
+        self, input_ids: torch.Tensor, placeholder_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, L, D) text-encoder states with v* injected at the placeholder positions."""
+        return encode_with_placeholder(self.text_encoder, input_ids, self.placeholder_id, placeholder_embeds)
+
+    # ----- images -----
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """VAE latents (mean of the posterior, deterministic), scaled by the VAE's scaling factor.
+
+        Args:
+            pixel_values: (B, 3, H, W) in [-1, 1].
+
+        Returns:
+            (B, C, H / f, W / f) latents.
+        """
+        dist = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+        return dist.mean * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images in [0, 1] from scaled latents."""
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def clip_hidden_states(self, clip_pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Hidden states of every CLIP vision layer: a tuple of L + 1 tensors (B, N, C), embeddings first."""
+        out = self.image_encoder(
+            pixel_values=clip_pixel_values.to(self.image_encoder.dtype), output_hidden_states=True
+        )
+        return tuple(out.hidden_states)
+
+    # ----- UNet encoder half (E4T's second feature branch) -----
+    def unet_feature_dim(self) -> int:
+        """Size of :meth:`unet_encoder_features` for this UNet."""
+        return unet_feature_dim(self.unet.config.block_out_channels, self.unet.config.layers_per_block)
+
+    def unet_encoder_features(
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        """Global-average-pooled features of the UNet's down blocks and mid block on z_t (E4T).
+
+        Uses the UNet's public sub-modules (conv_in, time embedding, down blocks, mid block) so the up half is
+        never run. Installed dual-path processors see no personalization here and act as plain attention.
+
+        Args:
+            noisy_latents: (B, C, h, w) z_t.
+            timesteps: (B,) integer timesteps.
+            encoder_hidden_states: (B, L, D) text context (the empty prompt).
+
+        Returns:
+            (B, U) with U = :meth:`unet_feature_dim` (10,880 for SD 1.x).
+        """
+        unet = self.unet
+        sample = noisy_latents.to(unet.dtype)
+        context = encoder_hidden_states.to(unet.dtype)
+        t_emb = unet.time_proj(timesteps.reshape(-1).expand(sample.shape[0])).to(sample.dtype)
+        emb = unet.time_embedding(t_emb)
+        sample = unet.conv_in(sample)
+        pooled = [sample.mean(dim=(2, 3))]
+        for block in unet.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                sample, residuals = block(hidden_states=sample, temb=emb, encoder_hidden_states=context)
+            else:
+                sample, residuals = block(hidden_states=sample, temb=emb)
+            pooled += [r.mean(dim=(2, 3)) for r in residuals]
+        if unet.mid_block is not None:
+            if getattr(unet.mid_block, "has_cross_attention", False):
+                sample = unet.mid_block(sample, emb, encoder_hidden_states=context)
+            else:
+                sample = unet.mid_block(sample, emb)
+            pooled.append(sample.mean(dim=(2, 3)))
+        return torch.cat(pooled, dim=1).float()
+
+    # ----- the personalized UNet -----
+    def personalized_unet(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        input_ids: torch.Tensor,
+        placeholder_embeds: torch.Tensor,
+        lora: dict[str, LoraDelta] | None = None,
+        alpha: float = 1.0,
+        hard_token_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """UNet prediction under dual-path attention.
+
+        Args:
+            noisy_latents: (B, C, h, w) z_t.
+            timesteps: (B,) timesteps.
+            input_ids: (B, L) prompt ids containing the placeholder.
+            placeholder_embeds: (B, D) v*.
+            lora: per-sample LoRA deltas (``HyperNetwork.deltas``); None for no weight offsets.
+            alpha: weight of the adapted path (1 = single path, 0 = vanilla model on the hard prompt).
+            hard_token_ids: (B,) real token replacing S* in the hard prompt; required when alpha < 1.
+
+        Returns:
+            (B, C, h, w) the UNet output (epsilon or v, as the scheduler's prediction type).
+        """
+        soft = self.encode_text(input_ids, placeholder_embeds)
+        hard = None
+        if alpha < 1.0:
+            if hard_token_ids is None:
+                raise ValueError(f"alpha={alpha} < 1 needs hard_token_ids (the nearest real token of v*)")
+            hard = self.encode_text(replace_placeholder_ids(input_ids, self.placeholder_id, hard_token_ids))
+        personalization = Personalization(lora=lora or {}, hard_context=hard, alpha=alpha)
+        return self.unet(
+            noisy_latents.to(self.unet.dtype),
+            timesteps,
+            encoder_hidden_states=soft.to(self.unet.dtype),
+            cross_attention_kwargs={PERSONALIZATION_KWARG: personalization},
+        ).sample

@@ -1,0 +1,120 @@
+"""The pseudo-word S*: adding it to the tokenizer and injecting v* as its input embedding.
+
+v* is injected at the placeholder's positions of the token-embedding output, never written into the text
+encoder's embedding table, so one frozen text encoder serves a batch of many concepts at once and its weights
+stay bit-identical to the base model's. The table is not even resized: placeholder positions are looked up
+with the padding id and then overwritten.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import CLIPTokenizer
+
+try:  # transformers >= 4.48 builds the causal mask through this helper
+    from transformers.masking_utils import create_causal_mask
+except ImportError:  # pragma: no cover - older transformers
+    create_causal_mask = None
+
+
+class PlaceholderError(ValueError):
+    """A placeholder string that cannot be used, or a prompt that does not contain it."""
+
+
+def add_placeholder_token(tokenizer: CLIPTokenizer, placeholder: str) -> int:
+    """Adds ``placeholder`` as one new token and returns its id.
+
+    Raises:
+        PlaceholderError: the string is empty, contains whitespace, or already is a word of the vocabulary
+            (it would then silently mean that word in every prompt).
+    """
+    if not placeholder or any(c.isspace() for c in placeholder):
+        raise PlaceholderError(f"placeholder {placeholder!r} must be a non-empty string without spaces")
+    vocab = tokenizer.get_vocab()
+    existing = tokenizer(placeholder, add_special_tokens=False).input_ids
+    if placeholder in vocab or len(existing) == 1 and placeholder.lower() + "</w>" in vocab:
+        raise PlaceholderError(
+            f"placeholder {placeholder!r} already exists in the tokenizer's vocabulary "
+            f"(id {vocab.get(placeholder, existing[0])}); choose a new string such as '<s*>'"
+        )
+    tokenizer.add_tokens([placeholder], special_tokens=False)
+    new_id = tokenizer.convert_tokens_to_ids(placeholder)
+    if tokenizer(placeholder, add_special_tokens=False).input_ids != [new_id]:
+        raise PlaceholderError(f"placeholder {placeholder!r} does not tokenize to one token")
+    return new_id
+
+
+def check_prompts(prompts: list[str], placeholder: str) -> None:
+    """Raises PlaceholderError naming the first prompt that lacks the placeholder."""
+    for prompt in prompts:
+        if placeholder not in prompt:
+            raise PlaceholderError(f"prompt {prompt!r} does not contain the placeholder {placeholder!r}")
+
+
+def encode_with_placeholder(
+    text_encoder: nn.Module,
+    input_ids: torch.Tensor,
+    placeholder_id: int | None = None,
+    placeholder_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Runs a CLIP text encoder, replacing the placeholder's input embedding by a per-sample v*.
+
+    Reproduces ``CLIPTextModel.forward(input_ids).last_hidden_state`` exactly when no placeholder is given
+    (tested), through the model's own public sub-modules: embeddings, causal mask, encoder, final layer norm.
+
+    Args:
+        text_encoder: a ``transformers.CLIPTextModel``.
+        input_ids: (B, L) token ids; may contain ``placeholder_id``, which may lie beyond the embedding table.
+        placeholder_id: id of S* in the tokenizer.
+        placeholder_embeds: (B, D) v* per sample (D = text hidden size); required when a prompt holds S*.
+
+    Returns:
+        (B, L, D) last hidden states, the UNet's ``encoder_hidden_states``.
+    """
+    table = text_encoder.get_input_embeddings()
+    ids = input_ids
+    mask = None
+    if placeholder_id is not None:
+        mask = input_ids == placeholder_id
+        if bool(mask.any()):
+            if placeholder_embeds is None:
+                raise PlaceholderError(
+                    "prompts contain the placeholder but no placeholder embedding was given"
+                )
+            pad_id = text_encoder.config.pad_token_id
+            ids = input_ids.masked_fill(mask, pad_id if pad_id is not None else 0)
+        else:
+            mask = None
+    embeds = table(ids)
+    if mask is not None:
+        v = placeholder_embeds.to(embeds.dtype)
+        if v.shape != (ids.shape[0], embeds.shape[-1]):
+            raise ValueError(
+                f"placeholder_embeds has shape {tuple(v.shape)}, expected {(ids.shape[0], embeds.shape[-1])}"
+            )
+        embeds = torch.where(mask.unsqueeze(-1), v.unsqueeze(1).expand_as(embeds), embeds)
+    hidden = text_encoder.embeddings(inputs_embeds=embeds)
+    attn_mask = None
+    if create_causal_mask is not None:
+        attn_mask = create_causal_mask(
+            config=text_encoder.config, inputs_embeds=hidden, attention_mask=None, cache=None
+        )
+    out = text_encoder.encoder(inputs_embeds=hidden, attention_mask=attn_mask, is_causal=True)
+    return text_encoder.final_layer_norm(out.last_hidden_state)
+
+
+def replace_placeholder_ids(
+    input_ids: torch.Tensor, placeholder_id: int, token_ids: torch.Tensor
+) -> torch.Tensor:
+    """The hard prompt: S* replaced by one real token id per sample.
+
+    Args:
+        input_ids: (B, L) ids holding ``placeholder_id``.
+        token_ids: (B,) the nearest real token of each sample's v*.
+
+    Returns:
+        (B, L) ids with the placeholder positions replaced.
+    """
+    mask = input_ids == placeholder_id
+    return torch.where(mask, token_ids.to(input_ids).view(-1, 1).expand_as(input_ids), input_ids)
