@@ -6,6 +6,8 @@ epsilon and v-prediction), real weights and the offline tiny backbone (``models.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -153,6 +155,30 @@ class DiffusionBackbone(nn.Module):
     def token_embedding_table(self) -> torch.Tensor:
         """(V, D) the text encoder's input-embedding table (without the placeholder)."""
         return self.text_encoder.get_input_embeddings().weight
+
+    def fingerprint(self) -> str:
+        """A short hash identifying the base model: component configs plus a few weight tensors.
+
+        Checkpoints and concept artefacts record it, so loading them on another base model (another size, or
+        the same architecture with other weights) is refused, whatever path or hub id it was loaded from.
+        """
+        h = hashlib.sha256()
+        for cfg in (self.unet.config, self.vae.config):
+            h.update(
+                json.dumps(
+                    {k: v for k, v in dict(cfg).items() if not k.startswith("_")}, sort_keys=True, default=str
+                ).encode()
+            )
+        text_cfg = {k: v for k, v in self.text_encoder.config.to_dict().items() if "version" not in k}
+        h.update(json.dumps(text_cfg, sort_keys=True, default=str).encode())
+        for t in (
+            self.unet.conv_in.weight,
+            self.token_embedding_table()[:256],
+            self.vae.encoder.conv_in.weight,
+        ):
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(str(self.prediction_type).encode())
+        return h.hexdigest()[:16]
 
     def special_token_ids(self) -> list[int]:
         return sorted(set(self.tokenizer.all_special_ids) | {self.placeholder_id})

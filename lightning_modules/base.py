@@ -1,0 +1,260 @@
+"""Wiring shared by encoder pretraining and concept tuning: backbone, losses, token index, checkpoints, logging.
+
+LightningModules here only orchestrate: networks live in ``models/``, losses in ``losses/``. The frozen backbone
+is a sub-module (so Lightning moves it to the device) but never enters checkpoints: ``state_dict`` keeps the
+trainable weights alone and ``strict_loading = False`` lets them load back onto a freshly built backbone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+from lightning import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from losses import (
+    CorePenalty,
+    DiffusionLoss,
+    EmbeddingNormPenalty,
+    NearestNeighbourContrastiveLoss,
+    add_noise,
+    check_finite,
+    gather_neighbours,
+)
+from models.attention import LoraDelta
+from models.backbone import DEFAULT_IMAGE_ENCODER, DiffusionBackbone
+from models.personalizer import PersonalizerConfig
+from models.sampling import sample_personalized
+from models.token_index import TokenIndex
+
+CHECKPOINT_KEY = "tuning_encoder"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that is not ours, of the wrong phase, or made on another base model."""
+
+
+class PersonalizationModule(LightningModule):
+    """Base of both phases. Subclasses implement ``predict_concepts`` and ``configure_optimizers``.
+
+    Args:
+        pretrained_model_name_or_path: Stable Diffusion folder or hub id (diffusers layout).
+        image_encoder_name_or_path: CLIP vision model folder or id for the encoder's image branch.
+        placeholder: the pseudo-word S* written in prompts.
+        personalizer: sizes of the encoder, token embedder and hypernetwork.
+        alpha: dual-path blend of the adapted path during training (paper default 0.5).
+        nn_weight: weight lambda_nn of the nearest-neighbour contrastive loss (0 disables it).
+        nn_temperature: InfoNCE temperature.
+        nn_k: number of nearest real tokens used as positives.
+        token_index_mode: ``exact`` or ``hnsw`` FAISS index (or ``torch`` brute force).
+        token_index_cache: folder caching the built index (None: no cache).
+        norm_penalty: weight of the L2 penalty pulling |v*| to the mean token norm (0 disables it).
+        core_penalty: weight of the L2 penalty on the LoRA cores (0 disables it).
+        seed: base seed; each step's noise and timesteps are a function of (seed, step, rank), so resuming
+            reproduces an uninterrupted run exactly.
+        sample_every_n_steps: log sample images to TensorBoard every n steps (0 disables).
+        sample_inference_steps: denoising steps of those samples.
+    """
+
+    strict_loading = False
+    phase = "base"
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str,
+        image_encoder_name_or_path: str = DEFAULT_IMAGE_ENCODER,
+        placeholder: str = "<s*>",
+        personalizer: PersonalizerConfig | None = None,
+        alpha: float = 0.5,
+        nn_weight: float = 0.01,
+        nn_temperature: float = 0.07,
+        nn_k: int = 1,
+        token_index_mode: str = "exact",
+        token_index_cache: str | None = ".cache/token_index",
+        norm_penalty: float = 0.0,
+        core_penalty: float = 0.0,
+        seed: int = 0,
+        sample_every_n_steps: int = 0,
+        sample_inference_steps: int = 10,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        self.backbone = DiffusionBackbone.from_pretrained(
+            pretrained_model_name_or_path, image_encoder_name_or_path, placeholder=placeholder
+        )
+        self.personalizer_config = personalizer or PersonalizerConfig()
+        self.alpha = alpha
+        self.nn_k = nn_k
+        self.token_index_mode = token_index_mode
+        self.token_index_cache = token_index_cache
+        self.seed = seed
+        self.sample_every_n_steps = sample_every_n_steps
+        self.sample_inference_steps = sample_inference_steps
+        self.diffusion_loss = DiffusionLoss()
+        self.nn_loss = NearestNeighbourContrastiveLoss(temperature=nn_temperature, weight=nn_weight)
+        self.nn_weight = nn_weight
+        self.norm_penalty = EmbeddingNormPenalty(self.backbone.mean_token_norm(), norm_penalty)
+        self.core_penalty = CorePenalty(core_penalty)
+        self.token_index: TokenIndex | None = None
+        self._empty_context: torch.Tensor | None = None
+
+    # ----- checkpoints hold trainable weights and the config only -----
+    def state_dict(self, *args, **kwargs):
+        full = super().state_dict(*args, **kwargs)
+        return type(full)((k, v) for k, v in full.items() if not k.startswith("backbone."))
+
+    def checkpoint_metadata(self) -> dict:
+        return {
+            "phase": self.phase,
+            "base_model": self.backbone.name_or_path,
+            "fingerprint": self.backbone.fingerprint(),
+            "placeholder": self.backbone.placeholder,
+            "personalizer": asdict(self.personalizer_config),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.checkpoint_metadata()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_checkpoint(checkpoint, self.backbone, phase=self.phase, source="--ckpt_path")
+
+    # ----- set-up -----
+    def setup(self, stage: str) -> None:
+        if self.token_index is None:
+            self.token_index = TokenIndex.from_text_encoder(
+                self.backbone.text_encoder,
+                self.backbone.tokenizer,
+                exclude_ids=self.backbone.special_token_ids(),
+                mode=self.token_index_mode,
+                cache_dir=self.token_index_cache,
+            )
+
+    def empty_context(self) -> torch.Tensor:
+        """(1, L, D) text states of the empty prompt (input of the UNet feature branch), computed once."""
+        if self._empty_context is None or self._empty_context.device != self.device:
+            with torch.no_grad():
+                self._empty_context = self.backbone.encode_text(self.backbone.tokenize([""]))
+        return self._empty_context
+
+    def step_generator(self) -> torch.Generator:
+        """CPU generator seeded by (seed, global step, rank): a step's randomness never depends on history."""
+        key = (self.seed * 1_000_003 + self.global_step) * 65_537 + self.global_rank
+        return torch.Generator().manual_seed(key % (2**63))
+
+    # ----- the shared step -----
+    def predict_concepts(self, batch: dict, noisy: torch.Tensor, timesteps: torch.Tensor):
+        """Returns (v* (B, D), cores (B, T, r, r)) for the batch. Implemented by each phase."""
+        raise NotImplementedError
+
+    def lora_deltas(self, cores: torch.Tensor) -> dict[str, LoraDelta]:
+        raise NotImplementedError
+
+    def model_step(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict]:
+        """Diffusion loss under dual-path attention plus the regularisers; returns (losses, extras)."""
+        bb = self.backbone
+        with torch.no_grad():
+            latents = bb.encode_images(batch["pixel_values"]).float()
+        noised = add_noise(bb.scheduler, latents, generator=self.step_generator())
+        v_star, cores = self.predict_concepts(batch, noised.noisy, noised.timesteps)
+        k = max(self.nn_k, 1)
+        neighbours, neighbour_ids = gather_neighbours(self.token_index, bb.token_embedding_table(), v_star, k)
+        ids = bb.tokenize(list(batch["prompt"]), require_placeholder=True)
+        pred = bb.personalized_unet(
+            noised.noisy,
+            noised.timesteps,
+            ids,
+            v_star,
+            self.lora_deltas(cores),
+            self.alpha,
+            neighbour_ids[:, 0],
+        )
+        losses = dict(self.diffusion_loss(pred.float(), noised.target.float()))
+        total = losses["loss/diffusion"]
+        if self.nn_weight > 0:
+            if len(set(_concept_ids(batch))) >= 2 and v_star.shape[0] >= 2:
+                terms = self.nn_loss(v_star, neighbours, neighbour_ids)
+                losses["loss/nn_contrastive"] = terms["loss/nn_contrastive"]
+                total = total + terms["loss/nn_contrastive_weighted"]
+            else:
+                # One concept (inference-time tuning): no negatives exist, so only the pull toward the
+                # nearest tokens remains (1 - cosine), with the same weight.
+                pull = (
+                    1 - torch.nn.functional.cosine_similarity(v_star.unsqueeze(1), neighbours, dim=-1).mean()
+                )
+                losses["loss/nn_pull"] = pull
+                total = total + self.nn_weight * pull
+        if self.norm_penalty.weight > 0:
+            term = self.norm_penalty(v_star)
+            losses.update(term)
+            total = total + term["loss/norm_penalty"]
+        if self.core_penalty.weight > 0:
+            term = self.core_penalty([cores[:, i] for i in range(cores.shape[1])])
+            losses.update(term)
+            total = total + term["loss/core_penalty"]
+        losses["loss"] = total
+        check_finite(losses)
+        extras = {"v_star": v_star, "cores": cores, "neighbour_ids": neighbour_ids}
+        return losses, extras
+
+    def log_step(self, losses: dict[str, torch.Tensor], extras: dict, batch_size: int) -> None:
+        logs = {f"train/{k}": v.detach() for k, v in losses.items()}
+        logs["train/v_star_norm"] = extras["v_star"].detach().norm(dim=-1).mean()
+        logs["train/core_norm"] = extras["cores"].detach().flatten(1).norm(dim=-1).mean()
+        self.log_dict(logs, batch_size=batch_size)
+        self.log("loss", losses["loss"].detach(), prog_bar=True, logger=False, batch_size=batch_size)
+
+    # ----- TensorBoard extras -----
+    @rank_zero_only
+    def log_samples(self, prompts: list[str], v_star: torch.Tensor, cores: torch.Tensor, tag: str) -> None:
+        """Logs nearest tokens of v* as text and sample images, when the logger is TensorBoard."""
+        if not isinstance(self.logger, TensorBoardLogger):
+            return
+        writer = self.logger.experiment
+        result = self.token_index.search(v_star.detach(), max(self.nn_k, 1))
+        lines = [
+            f"{p} -> {', '.join(toks)} ({s.tolist()})"
+            for p, toks, s in zip(prompts, result.tokens, result.scores)
+        ]
+        writer.add_text(f"{tag}/nearest_tokens", "\n\n".join(lines), self.global_step)
+        images = sample_personalized(
+            self.backbone,
+            prompts,
+            v_star.detach(),
+            self.lora_deltas(cores.detach()),
+            result.ids[:, 0],
+            alpha=self.alpha,
+            num_inference_steps=self.sample_inference_steps,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        writer.add_images(f"{tag}/samples", images.cpu(), self.global_step)
+
+
+def _concept_ids(batch: dict) -> list[int]:
+    ids = batch.get("concept_id")
+    if ids is None:
+        return list(range(len(batch["prompt"])))
+    return [int(i) for i in (ids.tolist() if torch.is_tensor(ids) else ids)]
+
+
+def check_checkpoint(checkpoint: dict, backbone: DiffusionBackbone, phase: str | None, source: str) -> dict:
+    """Validates a checkpoint dict against the backbone; returns its tuning-encoder metadata.
+
+    Raises:
+        CheckpointMismatchError: not a tuning-encoder checkpoint, another phase, or another base model.
+    """
+    meta = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(meta, dict):
+        raise CheckpointMismatchError(
+            f"{source} is not a tuning-encoder checkpoint (no '{CHECKPOINT_KEY}' entry)"
+        )
+    if phase is not None and meta.get("phase") != phase:
+        raise CheckpointMismatchError(f"{source} is a {meta.get('phase')!r} checkpoint, expected {phase!r}")
+    if meta.get("fingerprint") != backbone.fingerprint():
+        raise CheckpointMismatchError(
+            f"{source} was made on base model {meta.get('base_model')!r} (fingerprint {meta.get('fingerprint')}), "
+            f"not on {backbone.name_or_path!r} (fingerprint {backbone.fingerprint()})"
+        )
+    return meta

@@ -1,0 +1,284 @@
+"""Phase 2: inference-time tuning of one concept in a few steps, and its export (METHOD.md, "Inference-time tuning").
+
+Also runs the baselines as configs: textual inversion (embedding only, zero init), one-shot LoRA (LoRA only),
+encoder only (0 steps) and no regulariser (``nn_weight: 0``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch import nn
+
+from datamodules.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    resize_center_crop,
+    to_clip_tensor,
+    to_diffusion_tensor,
+)
+from lightning_modules.base import CheckpointMismatchError, PersonalizationModule, check_checkpoint
+from losses import add_noise
+from models.artifact import ConceptArtifact
+from models.attention import LoraDelta
+from models.backbone import DEFAULT_IMAGE_ENCODER
+from models.personalizer import Personalizer, PersonalizerConfig
+
+Tunable = Literal["embedding", "cores", "factors", "encoder"]
+
+
+def load_pretraining_checkpoint(path: str, backbone) -> tuple[dict, dict]:
+    """Reads a pretraining checkpoint; returns (tuning-encoder metadata, personalizer state dict).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        CheckpointMismatchError: not a tuning-encoder pretraining checkpoint, or made on another base model.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"pretraining checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointMismatchError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+    meta = check_checkpoint(ckpt, backbone, phase="pretrain", source=str(path))
+    prefix = "personalizer."
+    state = {k[len(prefix) :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
+    return meta, state
+
+
+class ConceptTuning(PersonalizationModule):
+    """Predicts v* and the LoRA cores from one image, tunes them for a few steps, and exports the concept.
+
+    Args:
+        pretrained_model_name_or_path: Stable Diffusion folder or hub id (diffusers layout).
+        encoder_checkpoint: pretraining checkpoint (``EncoderPretraining``); None = untrained modules (only
+            sensible with ``init: zero`` or ``token``, i.e. the textual-inversion / LoRA baselines).
+        image_encoder_name_or_path: CLIP vision model folder or id for the encoder's image branch.
+        placeholder: the pseudo-word S* written in prompts.
+        personalizer: module sizes when no checkpoint is given (a checkpoint's own sizes always win).
+        optimizer: optimizer factory over the tuned parameters (default AdamW, lr 1e-3, no weight decay).
+        tune: what is optimised: ``embedding`` (v*), ``cores`` (M_l), ``factors`` (A_l, B_l), ``encoder`` (E4T-style:
+            the encoder weights, predicting v* and cores every step).
+        init: start from the ``encoder``'s prediction, from ``zero`` (v* = 0, cores = 0) or from the embedding of
+            ``init_token`` (cores = 0).
+        init_token: word used by ``init: token``.
+        init_noise_draws: the encoder's initial prediction is averaged over this many noise draws.
+        alpha: dual-path blend during tuning, also written to the artefact for sampling.
+        nn_weight: weight of the nearest-token regulariser (one concept: a pull toward the nearest tokens).
+        nn_temperature: InfoNCE temperature (used when a batch holds several concepts).
+        nn_k: nearest real tokens used.
+        token_index_mode: ``exact`` / ``hnsw`` FAISS index or ``torch``.
+        token_index_cache: folder caching the index.
+        norm_penalty: weight of the |v*| penalty.
+        core_penalty: weight of the LoRA-core penalty.
+        seed: base seed of the per-step noise.
+        export_dir: folder the artefact ``<concept>.safetensors`` (and ``<concept>_diffusers/``) is written to.
+        concept_name: artefact name; None = the datamodule's concept name.
+        export_diffusers: also write the LoRA + textual-inversion pair plain diffusers loads.
+        method: name recorded in the artefact (e.g. ``date``, ``textual_inversion``).
+        sample_every_n_steps: log samples to TensorBoard every n steps (0: never).
+        sample_inference_steps: denoising steps of those samples.
+    """
+
+    phase = "tune"
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str,
+        encoder_checkpoint: str | None = None,
+        image_encoder_name_or_path: str = DEFAULT_IMAGE_ENCODER,
+        placeholder: str = "<s*>",
+        personalizer: PersonalizerConfig | None = None,
+        optimizer: OptimizerCallable | None = None,
+        tune: list[Tunable] | None = None,
+        init: Literal["encoder", "zero", "token"] = "encoder",
+        init_token: str = "object",
+        init_noise_draws: int = 4,
+        alpha: float = 0.5,
+        nn_weight: float = 0.01,
+        nn_temperature: float = 0.07,
+        nn_k: int = 1,
+        token_index_mode: str = "exact",
+        token_index_cache: str | None = ".cache/token_index",
+        norm_penalty: float = 0.0,
+        core_penalty: float = 0.0,
+        seed: int = 0,
+        export_dir: str = "outputs/concepts",
+        concept_name: str | None = None,
+        export_diffusers: bool = True,
+        method: str = "date",
+        sample_every_n_steps: int = 0,
+        sample_inference_steps: int = 10,
+    ) -> None:
+        super().__init__(
+            pretrained_model_name_or_path,
+            image_encoder_name_or_path,
+            placeholder,
+            personalizer,
+            alpha,
+            nn_weight,
+            nn_temperature,
+            nn_k,
+            token_index_mode,
+            token_index_cache,
+            norm_penalty,
+            core_penalty,
+            seed,
+            sample_every_n_steps,
+            sample_inference_steps,
+        )
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.tune = list(tune) if tune is not None else ["embedding", "cores"]
+        if not self.tune:
+            raise ValueError("tune must name at least one of embedding, cores, factors, encoder")
+        if init == "encoder" and encoder_checkpoint is None:
+            raise ValueError("init='encoder' needs encoder_checkpoint (a pretraining checkpoint)")
+        state = None
+        if encoder_checkpoint is not None:
+            meta, state = load_pretraining_checkpoint(encoder_checkpoint, self.backbone)
+            self.personalizer_config = PersonalizerConfig(**meta["personalizer"])
+        torch.manual_seed(seed)
+        self.personalizer = Personalizer(self.backbone, self.personalizer_config)
+        if state is not None:
+            self.personalizer.load_state_dict(state)
+        self.personalizer.requires_grad_(False)
+        if "factors" in self.tune:
+            self.personalizer.hypernetwork.down.requires_grad_(True)
+            self.personalizer.hypernetwork.up.requires_grad_(True)
+        if "encoder" in self.tune:
+            self.personalizer.requires_grad_(True)
+        n_targets, rank = len(self.personalizer.hypernetwork.names), self.personalizer.hypernetwork.rank
+        self.v_star = nn.Parameter(
+            torch.zeros(1, self.backbone.token_dim), requires_grad="embedding" in self.tune
+        )
+        self.cores = nn.Parameter(torch.zeros(1, n_targets, rank, rank), requires_grad="cores" in self.tune)
+        self.register_buffer("initialised", torch.tensor(False))
+        self.optimizer_factory = optimizer
+        self.init, self.init_token, self.init_noise_draws = init, init_token, init_noise_draws
+        self.export_dir, self.concept_name, self.export_diffusers = export_dir, concept_name, export_diffusers
+        self.method = method
+        self.artifact_path: Path | None = None
+
+    # ----- initial prediction from the one image -----
+    def on_fit_start(self) -> None:
+        if bool(self.initialised):
+            return  # resumed: the tuned values come from the checkpoint
+        with torch.no_grad():
+            if self.init == "encoder":
+                v, cores = self._encoder_prediction()
+            elif self.init == "token":
+                ids = self.backbone.tokenizer(self.init_token, add_special_tokens=False).input_ids
+                if len(ids) != 1:
+                    raise ValueError(f"init_token {self.init_token!r} must be one token, got {len(ids)}")
+                v = self.backbone.token_embedding_table()[ids[0]].float().unsqueeze(0)
+                cores = torch.zeros_like(self.cores)
+            else:
+                v, cores = torch.zeros_like(self.v_star), torch.zeros_like(self.cores)
+            self.v_star.copy_(v)
+            self.cores.copy_(cores)
+            self.initialised.fill_(True)
+
+    def _concept_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        dm = getattr(self.trainer, "datamodule", None)
+        image = getattr(dm, "concept_image", None)
+        if image is None:
+            raise ValueError("concept tuning needs a datamodule with a `concept_image` (ConceptDataModule)")
+        res, clip = self.backbone.resolution, self.backbone.clip_image_size
+        proc = self.backbone.image_processor
+        mean = tuple(getattr(proc, "image_mean", CLIP_MEAN))
+        std = tuple(getattr(proc, "image_std", CLIP_STD))
+        pixels = to_diffusion_tensor(resize_center_crop(image, res), res).unsqueeze(0)
+        clip_pixels = to_clip_tensor(image, clip, mean, std).unsqueeze(0)
+        return pixels.to(self.device), clip_pixels.to(self.device)
+
+    def _encoder_prediction(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, clip_pixels = self._concept_views()
+        latents = self.backbone.encode_images(pixels).float()
+        g = torch.Generator().manual_seed(self.seed)
+        vs, cs = [], []
+        for _ in range(max(self.init_noise_draws, 1)):
+            noised = add_noise(self.backbone.scheduler, latents, generator=g)
+            pred = self.personalizer.predict(
+                self.backbone, clip_pixels, noised.noisy, noised.timesteps, self.empty_context()
+            )
+            vs.append(pred.v_star)
+            cs.append(pred.cores)
+        return torch.stack(vs).mean(0), torch.stack(cs).mean(0)
+
+    # ----- the step -----
+    def predict_concepts(self, batch: dict, noisy: torch.Tensor, timesteps: torch.Tensor):
+        b = noisy.shape[0]
+        if "encoder" in self.tune:
+            pred = self.personalizer.predict(
+                self.backbone, batch["clip_pixel_values"], noisy, timesteps, self.empty_context()
+            )
+            return pred.v_star, pred.cores
+        return self.v_star.expand(b, -1), self.cores.expand(b, -1, -1, -1)
+
+    def lora_deltas(self, cores: torch.Tensor) -> dict[str, LoraDelta]:
+        return self.personalizer.deltas(cores)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses, extras = self.model_step(batch)
+        self.log_step(losses, extras, batch_size=len(batch["prompt"]))
+        if self.sample_every_n_steps and self.global_step % self.sample_every_n_steps == 0:
+            self.log_samples(
+                list(batch["prompt"][:1]), extras["v_star"][:1], extras["cores"][:1], tag="concept"
+            )
+        return losses["loss"]
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_factory is None:
+            return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+        return self.optimizer_factory(params)
+
+    # ----- export -----
+    def concept_prediction(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, D) v* and (1, T, r, r) cores of the tuned concept."""
+        if "encoder" in self.tune:
+            with torch.no_grad():
+                return self._encoder_prediction()
+        return self.v_star.detach(), self.cores.detach()
+
+    def build_artifact(self) -> ConceptArtifact:
+        v_star, cores = self.concept_prediction()
+        result = self.token_index.search(v_star, 1)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        extra = {"method": self.method, "tuned": ",".join(self.tune), "init": self.init}
+        if getattr(dm, "class_noun", None):
+            extra["class_noun"] = str(dm.class_noun)
+        return ConceptArtifact(
+            v_star=v_star[0].float().cpu(),
+            lora={
+                k: (d.cpu(), u.cpu())
+                for k, (d, u) in self.personalizer.hypernetwork.static_lora(cores[0].float()).items()
+            },
+            placeholder=self.backbone.placeholder,
+            nearest_token=result.tokens[0][0],
+            nearest_token_id=int(result.ids[0, 0]),
+            alpha=self.alpha,
+            base_model=self.backbone.name_or_path,
+            fingerprint=self.backbone.fingerprint(),
+            steps=int(self.global_step),
+            extra=extra,
+        )
+
+    def on_fit_end(self) -> None:
+        self._export()
+
+    @rank_zero_only
+    def _export(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        name = self.concept_name or getattr(dm, "concept_name", None) or "concept"
+        artifact = self.build_artifact()
+        self.artifact_path = artifact.save(Path(self.export_dir) / f"{name}.safetensors")
+        msg = f"concept {name!r}: {artifact.steps} steps, nearest token {artifact.nearest_token!r} -> {self.artifact_path}"
+        if self.export_diffusers:
+            out = artifact.export_diffusers(Path(self.export_dir) / f"{name}_diffusers")
+            msg += f" (+ diffusers LoRA / embedding in {out})"
+        rank_zero_info(msg)
