@@ -8,6 +8,7 @@ trainable weights alone and ``strict_loading = False`` lets them load back onto 
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from lightning import LightningModule
@@ -239,8 +240,26 @@ def _concept_ids(batch: dict) -> list[int]:
     return [int(i) for i in (ids.tolist() if torch.is_tensor(ids) else ids)]
 
 
-def check_checkpoint(checkpoint: dict, backbone: DiffusionBackbone, phase: str | None, source: str) -> dict:
-    """Validates a checkpoint dict against the backbone; returns its tuning-encoder metadata.
+def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
+    """Loads a checkpoint file on the CPU; every failure is a one-line error naming ``what`` and ``path``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        CheckpointMismatchError: the file is not a readable PyTorch checkpoint.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises several error types (pickle, zip, EOF) for foreign bytes
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointMismatchError(f"{what} {path} is not a readable PyTorch checkpoint: {first}") from err
+
+
+def check_checkpoint(
+    checkpoint: dict, backbone: DiffusionBackbone | None, phase: str | None, source: str
+) -> dict:
+    """Validates a checkpoint dict (against the backbone, unless None); returns its tuning-encoder metadata.
 
     Raises:
         CheckpointMismatchError: not a tuning-encoder checkpoint, another phase, or another base model.
@@ -252,7 +271,7 @@ def check_checkpoint(checkpoint: dict, backbone: DiffusionBackbone, phase: str |
         )
     if phase is not None and meta.get("phase") != phase:
         raise CheckpointMismatchError(f"{source} is a {meta.get('phase')!r} checkpoint, expected {phase!r}")
-    if meta.get("fingerprint") != backbone.fingerprint():
+    if backbone is not None and meta.get("fingerprint") != backbone.fingerprint():
         raise CheckpointMismatchError(
             f"{source} was made on base model {meta.get('base_model')!r} (fingerprint {meta.get('fingerprint')}), "
             f"not on {backbone.name_or_path!r} (fingerprint {backbone.fingerprint()})"

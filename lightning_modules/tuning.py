@@ -21,7 +21,7 @@ from datamodules.transforms import (
     to_clip_tensor,
     to_diffusion_tensor,
 )
-from lightning_modules.base import CheckpointMismatchError, PersonalizationModule, check_checkpoint
+from lightning_modules.base import PersonalizationModule, check_checkpoint, read_checkpoint
 from losses import add_noise
 from models.artifact import ConceptArtifact
 from models.attention import LoraDelta
@@ -38,13 +38,8 @@ def load_pretraining_checkpoint(path: str, backbone) -> tuple[dict, dict]:
         FileNotFoundError: the file does not exist.
         CheckpointMismatchError: not a tuning-encoder pretraining checkpoint, or made on another base model.
     """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"pretraining checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise CheckpointMismatchError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
-    meta = check_checkpoint(ckpt, backbone, phase="pretrain", source=str(path))
+    ckpt = read_checkpoint(path, "encoder_checkpoint")
+    meta = check_checkpoint(ckpt, backbone, phase="pretrain", source=f"encoder_checkpoint {path}")
     prefix = "personalizer."
     state = {k[len(prefix) :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
     return meta, state

@@ -10,7 +10,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread per test process: tiny models gain nothing from more, and under load (2 cores shared with
+# other processes) two threads each made steps ~5x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
