@@ -8,9 +8,6 @@ Every file is written atomically (a temporary file in the same folder, then ``os
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,24 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models.attention import LoraDelta
+from models.io import atomic_write
 
 FORMAT = "tuning-encoder/concept"
 FORMAT_VERSION = "1"
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Calls ``write(tmp_path)`` and renames the result onto ``path``; a failure leaves ``path`` untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 @dataclass

@@ -19,10 +19,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from models.io import atomic_write
 
 MODES = ("exact", "hnsw", "torch")
 # Bump when the cached files' layout or meaning changes: old entries then get a different key.
@@ -62,21 +62,6 @@ def _faiss_threads(num_threads: int) -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(previous)
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Calls ``write(tmp_path)`` on a temporary file next to ``path``, then renames it onto ``path``.
-
-    Readers (other ranks, later runs) see either the old file or the complete new one, never a partial one.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class TokenIndex:
@@ -251,10 +236,10 @@ class TokenIndex:
             index = _build_faiss(table.numpy(), mode, hnsw_m, ef_construction, ef_search, threads)
             meta = {"key": key, "format": CACHE_FORMAT_VERSION, "mode": mode, "params": build_params}
             meta |= {"dim": table.shape[1], "num_indexed": len(vocab_ids), "faiss": faiss.__version__}
-            _atomic_write(paths["faiss"], lambda p: faiss.write_index(index, p))
-            _atomic_write(paths["npy"], lambda p: _save_npy(p, vocab_ids))
+            atomic_write(paths["faiss"], lambda p: faiss.write_index(index, p))
+            atomic_write(paths["npy"], lambda p: _save_npy(p, vocab_ids))
             # The json goes last: its presence with a matching key marks a complete entry.
-            _atomic_write(paths["json"], lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+            atomic_write(paths["json"], lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
         elif mode == "hnsw":
             index.hnsw.efSearch = ef_search
         return cls(
