@@ -152,11 +152,22 @@ class ConceptTuning(PersonalizationModule):
         )
         self.cores = nn.Parameter(torch.zeros(1, n_targets, rank, rank), requires_grad="cores" in self.tune)
         self.register_buffer("initialised", torch.tensor(False))
+        # Kept to tune several concepts with one module (evaluation): see reset_concept.
+        self._initial_personalizer = {k: v.detach().clone() for k, v in self.personalizer.state_dict().items()}
         self.optimizer_factory = optimizer
         self.init, self.init_token, self.init_noise_draws = init, init_token, init_noise_draws
         self.export_dir, self.concept_name, self.export_diffusers = export_dir, concept_name, export_diffusers
         self.method = method
         self.artifact_path: Path | None = None
+
+    def reset_concept(self, concept_name: str | None = None) -> None:
+        """Forgets the tuned concept so this module can tune another one without reloading the backbone.
+
+        Restores the personalizer weights it was built with and re-runs the initial prediction at the next fit.
+        """
+        self.personalizer.load_state_dict(self._initial_personalizer)
+        self.initialised.fill_(False)
+        self.concept_name = concept_name
 
     # ----- initial prediction from the one image -----
     def on_fit_start(self) -> None:

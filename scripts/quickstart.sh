@@ -12,7 +12,5 @@ start=$(date +%s)
 $PY -m models.tiny .cache/tiny-sd
 $PY train.py fit --config configs/pretrain/tiny.yaml
 $PY train.py fit --config configs/tune/tiny.yaml
-if [ -f configs/evaluate/tiny.yaml ]; then
-  $PY evaluate.py run --config configs/evaluate/tiny.yaml
-fi
+$PY evaluate.py run --config configs/evaluate/tiny.yaml --overwrite true
 echo "quickstart finished in $(( $(date +%s) - start )) s"

@@ -1,0 +1,95 @@
+"""Evaluation of personalization methods: tune, generate, score, aggregate, plot (METHOD.md, "Sampling and
+evaluation").
+
+    python evaluate.py run --config configs/evaluate/tiny.yaml         # tiny offline run (well under a minute)
+    python evaluate.py run --config configs/evaluate/sd15_dreambench.yaml --concepts.dreambench_root PATH
+    python evaluate.py plot --results outputs/eval_tiny/results.csv     # redraw tradeoff.png from rows
+    python evaluate.py run --help                                       # every option, documented
+
+``run`` writes ``results.csv`` (one row per image), ``summary.json`` (aggregates with bootstrap 95 % intervals,
+metric descriptions, configuration, wall times), ``grids/`` and ``tradeoff.png`` into ``--out_dir``; rerunning
+it skips the rows already written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from jsonargparse import CLI  # noqa: E402
+
+from evaluation.harness import run_evaluation  # noqa: E402
+from evaluation.plot import plot_tradeoff  # noqa: E402
+from evaluation.report import aggregate, format_table  # noqa: E402
+from evaluation.results import read_results  # noqa: E402
+from evaluation.spec import EvaluationConfigError  # noqa: E402
+from lightning_modules.base import CheckpointMismatchError  # noqa: E402
+
+
+def plot(
+    results: str | list[str] = "outputs/eval_tiny/results.csv",
+    out: str | None = None,
+    x: str = "clip_t",
+    y: str = "clip_i",
+    reference_points: bool = False,
+    bootstrap_samples: int = 1000,
+    title: str | None = None,
+) -> Path:
+    """Redraws the trade-off plot from existing results.csv files (no model is loaded).
+
+    Args:
+        results: one or more results.csv files; with several, methods are prefixed by their folder name.
+        out: output PNG (default: tradeoff.png next to the first results file).
+        x: metric column on the x axis (clip_t).
+        y: metric column on the y axis (clip_i or dino).
+        reference_points: draw the published DreamBench numbers (SD 1.x scale only).
+        bootstrap_samples: bootstrap resamples of the 95 % intervals (over concepts).
+        title: figure title.
+
+    Returns:
+        The PNG path.
+    """
+    paths = [results] if isinstance(results, str) else list(results)
+    if not paths:
+        raise EvaluationConfigError("plot needs at least one results.csv (--results)")
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        file_rows = read_results(path)
+        if len(paths) > 1:
+            for row in file_rows:
+                row["method"] = f"{Path(path).parent.name}/{row['method']}"
+        rows.extend(file_rows)
+    if not rows:
+        raise EvaluationConfigError(f"no rows in {', '.join(paths)}")
+    aggregates = aggregate(rows, n_boot=bootstrap_samples)
+    target = plot_tradeoff(
+        aggregates,
+        out or Path(paths[0]).with_name("tradeoff.png"),
+        x=x,
+        y=y,
+        reference_points=reference_points,
+        title=title,
+    )
+    print(format_table(aggregates))
+    print(f"wrote {target}")
+    return target
+
+
+def main(args: list[str] | None = None) -> Any:
+    """Command-line entry point; configuration and checkpoint errors exit with one line (status 2)."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # per-file loading bars would break the evaluation's own bar
+    try:
+        return CLI({"run": run_evaluation, "plot": plot}, args=args, parser_mode="omegaconf")
+    except (EvaluationConfigError, CheckpointMismatchError) as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+"""The evaluation harness: for each method x concept, tune once (snapshotting every requested step count), then
+for each setting generate, score and append rows; finally aggregate, draw grids and the trade-off plot.
+
+Everything that can be checked without a model is checked first (files, prompts, subject folders, method
+configs), so configuration errors are one line and cost nothing. Reruns skip the rows already in
+``results.csv`` and reuse the saved snapshots, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from evaluation.concepts import EvalConcept
+from evaluation.generate import Setting, from_uint8, generate_images, image_relpath, image_seed, save_png
+from evaluation.plan import MethodPlan, make_plans, plan_inputs, plan_recipes
+from evaluation.plot import REFERENCE_POINTS, plot_tradeoff
+from evaluation.report import aggregate, format_table, log_tensorboard, write_grids, write_json
+from evaluation.results import METRICS_INFO, ResultsStore
+from evaluation.run_state import RECORD_FILE, check_run_record, merge_records, run_record
+from evaluation.scoring import MetricSuite
+from evaluation.spec import (
+    ConceptSetSpec,
+    EvaluationConfigError,
+    MethodSpec,
+    MetricSpec,
+    SamplingSpec,
+    SweepSpec,
+)
+from evaluation.tuning import ConceptTuner, TuneRecipe, snapshot_path
+from models.artifact import ConceptArtifact
+from models.backbone import DEFAULT_IMAGE_ENCODER, DiffusionBackbone
+
+
+@dataclass
+class EvaluationResult:
+    """What one invocation did: aggregates of every row in the folder, counts and wall times (seconds)."""
+
+    out_dir: Path
+    aggregates: list[dict[str, Any]]
+    n_rows: int
+    n_generated: int
+    n_tuned: int
+    wall_seconds: dict[str, float]
+    table: str
+
+
+def run_evaluation(
+    out_dir: str = "outputs/eval_tiny",
+    tune_config: str = "configs/tune/tiny.yaml",
+    methods: list[MethodSpec] | None = None,
+    concepts: ConceptSetSpec = ConceptSetSpec(),  # noqa: B008 - frozen by convention; jsonargparse shows its fields
+    sweep: SweepSpec = SweepSpec(),  # noqa: B008
+    sampling: SamplingSpec = SamplingSpec(),  # noqa: B008
+    metrics: MetricSpec = MetricSpec(),  # noqa: B008
+    pretrained_model_name_or_path: str | None = None,
+    image_encoder_name_or_path: str | None = None,
+    encoder_checkpoint: str | None = None,
+    tune_overrides: dict[str, Any] | None = None,
+    device: str = "cpu",
+    precision: str = "32-true",
+    num_threads: int | None = 1,
+    bootstrap_samples: int = 1000,
+    grids: bool = True,
+    reference_points: bool = False,
+    tensorboard: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> EvaluationResult:
+    """Tunes, generates and scores every method x concept x setting; writes results, summary and plots.
+
+    Args:
+        out_dir: output folder: ``results.csv``, ``summary.json``, ``metrics.json``, ``tradeoff.png``,
+            ``images/``, ``grids/``, ``artifacts/`` (snapshots, reused on reruns), ``run.json``.
+        tune_config: base tune YAML (``train.py fit`` format): backbone, placeholder, tuning and data settings.
+        methods: methods and ablations (default: one method ``date`` = the tune config as is).
+        concepts: the concept set and its prompts.
+        sweep: tuning steps, alphas and guidance scales (every combination is a setting).
+        sampling: sampler, denoising steps, samples per prompt, base seed.
+        metrics: CLIP / DINO backbones of the metrics.
+        pretrained_model_name_or_path: Stable Diffusion folder or id (None: the tune config's).
+        image_encoder_name_or_path: CLIP image encoder of the concept encoder (None: the tune config's).
+        encoder_checkpoint: pretraining checkpoint (None: the tune config's); overlays may still drop it.
+        tune_overrides: values set on the tune config before each method's overlay (dotted keys or sections,
+            e.g. ``{"data.init_args.batch_size": 2}``).
+        device: device for tuning, sampling and metrics (``cpu``, ``cuda``).
+        precision: Lightning precision of tuning (``32-true``, ``bf16-mixed``).
+        num_threads: torch CPU threads (None: leave as is); 1 is fastest for tiny models on a shared machine.
+        bootstrap_samples: bootstrap resamples of the 95 % intervals (over concepts).
+        grids: write an image grid per method x setting.
+        reference_points: draw the published DreamBench numbers on ``tradeoff.png`` (SD 1.x scale only).
+        tensorboard: also log aggregates and grids to ``<out_dir>/tb``.
+        progress: show a progress bar and print the summary table.
+        overwrite: delete the previous results, images and snapshots in ``out_dir`` first (needed when the
+            configuration or a checkpoint changed since they were written).
+
+    Returns:
+        The aggregates of every row in ``out_dir``, with this invocation's counts and wall times.
+
+    Raises:
+        EvaluationConfigError: a configuration that cannot run (raised before any model is loaded).
+    """
+    start = time.perf_counter()
+    methods = methods if methods is not None else [MethodSpec(name="date")]
+    if min(sampling.num_inference_steps, sampling.samples_per_prompt, sampling.batch_size) < 1:
+        raise EvaluationConfigError(
+            "sampling: num_inference_steps, samples_per_prompt and batch_size must be >= 1"
+        )
+    out = Path(out_dir)
+    given = {
+        "pretrained_model_name_or_path": pretrained_model_name_or_path,
+        "image_encoder_name_or_path": image_encoder_name_or_path,
+        "encoder_checkpoint": encoder_checkpoint,
+    }
+    overrides = {f"model.init_args.{k}": v for k, v in given.items() if v is not None}
+    overrides.update(tune_overrides or {})
+    base, concept_list, plans = make_plans(out, tune_config, methods, concepts, sweep, overrides)
+    record = run_record(
+        tune_config, overrides, plan_recipes(plans), methods, concepts, sampling, metrics, plan_inputs(plans)
+    )
+    check_run_record(out, record, overwrite)
+    # Nothing above loads a model: configuration errors cost nothing.
+    threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / RECORD_FILE, merge_records(out / RECORD_FILE, record))
+        run = _Run(out, base, sampling, MetricSuite(metrics, device), device, precision, progress)
+        write_json(out / METRICS_INFO, run.suite.describe())
+        run.walls["load"] = time.perf_counter() - start
+        run.execute(plans, concept_list)
+        return run.report(
+            plans, concept_list, record, start, bootstrap_samples, grids, reference_points, tensorboard
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _Run:
+    """State of one invocation: the results store, metric suite, sampling backbone, counters and timers."""
+
+    def __init__(
+        self,
+        out: Path,
+        base: TuneRecipe,
+        sampling: SamplingSpec,
+        suite: MetricSuite,
+        device: str,
+        precision: str,
+        progress: bool,
+    ) -> None:
+        self.out, self.base, self.sampling, self.suite = out, base, sampling, suite
+        self.device, self.precision, self.progress = device, precision, progress
+        self.store = ResultsStore(out / "results.csv")
+        self.walls = {"load": 0.0, "tuning": 0.0, "generation": 0.0, "scoring": 0.0}
+        self.n_generated = self.n_tuned = 0
+        self.backbone: DiffusionBackbone | None = None
+
+    def pending(self, plan: MethodPlan, concept: EvalConcept, setting: Setting) -> list[tuple[int, int]]:
+        """(prompt index, sample) pairs of this group that have no row yet."""
+        name, s = plan.spec.name, setting
+        return [
+            (i, k)
+            for i in range(len(concept.prompts))
+            for k in range(self.sampling.samples_per_prompt)
+            if (name, concept.name, s.steps, s.alpha, s.guidance, i, k) not in self.store
+        ]
+
+    def _sampling_backbone(self, tuner: ConceptTuner | None) -> DiffusionBackbone:
+        if self.backbone is None and tuner is not None and tuner.built:
+            self.backbone = tuner.module.backbone  # same weights: reuse instead of loading again
+        if self.backbone is None:
+            kw = self.base.model_kwargs
+            self.backbone = DiffusionBackbone.from_pretrained(
+                kw["pretrained_model_name_or_path"],
+                kw.get("image_encoder_name_or_path", DEFAULT_IMAGE_ENCODER),
+                placeholder=self.base.placeholder,
+            )
+        return self.backbone.to(self.device)
+
+    def execute(self, plans: list[MethodPlan], concepts: list[EvalConcept]) -> None:
+        """Tunes (or loads), generates and scores every pending row, appending rows group by group."""
+        total = sum(len(self.pending(p, c, s)) for p in plans for c in concepts for s in p.settings)
+        bar = tqdm(total=total, desc="evaluate", unit="img", disable=not self.progress, dynamic_ncols=True)
+        for plan in plans:
+            tuner = (
+                ConceptTuner(plan.recipe, _accelerator(self.device), self.precision) if plan.recipe else None
+            )
+            for concept in concepts:
+                todo = {s: keys for s in plan.settings if (keys := self.pending(plan, concept, s))}
+                if not todo:
+                    continue
+                if tuner is not None:
+                    bar.set_postfix_str(f"{plan.spec.name}/{concept.name}: tuning")
+                    arts = self._snapshots(tuner, plan, concept, {s.steps for s in todo})
+                else:
+                    arts = {plan.artifacts[concept.name].steps: plan.artifacts[concept.name]}
+                backbone = self._sampling_backbone(tuner)
+                fingerprint = backbone.fingerprint()
+                if any(a.fingerprint != fingerprint for a in arts.values()):
+                    raise EvaluationConfigError(
+                        f"artefacts of {plan.spec.name}/{concept.name} were made on another base model "
+                        f"than {backbone.name_or_path!r}"
+                    )
+                references = concept.load_references()
+                for setting, keys in todo.items():
+                    bar.set_postfix_str(f"{plan.spec.name}/{concept.name}/{setting.label}")
+                    self._group(backbone, plan, concept, setting, arts[setting.steps], keys, references, bar)
+        bar.close()
+
+    def _snapshots(
+        self, tuner: ConceptTuner, plan: MethodPlan, concept: EvalConcept, needed: set[int]
+    ) -> dict[int, ConceptArtifact]:
+        """The saved snapshots when all needed ones exist, else those of a fresh tuning run."""
+        folder = self.out / "artifacts" / plan.spec.name / concept.name
+        paths = {k: snapshot_path(folder, k) for k in needed}
+        if all(p.is_file() for p in paths.values()):
+            return {k: ConceptArtifact.load(p) for k, p in paths.items()}
+        begin = time.perf_counter()
+        arts = tuner.tune(concept, plan.steps, folder)
+        self.walls["tuning"] += time.perf_counter() - begin
+        self.n_tuned += 1
+        return arts
+
+    def _group(
+        self,
+        backbone: DiffusionBackbone,
+        plan: MethodPlan,
+        concept: EvalConcept,
+        setting: Setting,
+        art: ConceptArtifact,
+        keys: list[tuple[int, int]],
+        references: torch.Tensor,
+        bar: Any,
+    ) -> None:
+        """Generates the missing images of one method x concept x setting, scores them, appends their rows.
+
+        Batches are fixed slices of the group's full (prompt, sample) list, so a missing image is regenerated
+        with the same batch-mates it was first generated with (and alone when ``batch_size`` is 1).
+        """
+        missing, images, rows = set(keys), [], []
+        tune_seconds = art.extra.get("tune_seconds")
+        group = [(i, k) for i in range(len(concept.prompts)) for k in range(self.sampling.samples_per_prompt)]
+        size = max(self.sampling.batch_size, 1)
+        for batch in (group[j : j + size] for j in range(0, len(group), size)):
+            if missing.isdisjoint(batch):
+                continue
+            seeds = [image_seed(self.sampling.seed, concept.name, i, k) for i, k in batch]
+            begin = time.perf_counter()
+            arrays = generate_images(
+                backbone,
+                art,
+                [concept.prompts[i] for i, _ in batch],
+                seeds,
+                setting,
+                self.sampling.num_inference_steps,
+                self.sampling.sampler,
+                self.sampling.negative_prompt,
+            )
+            for (prompt_idx, sample), seed, array in zip(batch, seeds, arrays):
+                if (prompt_idx, sample) not in missing:
+                    continue  # regenerated only as a batch-mate; its row and PNG already exist
+                rel = image_relpath(plan.spec.name, setting, concept.name, prompt_idx, sample)
+                save_png(array, self.out / rel)
+                images.append(from_uint8(array))
+                rows.append(
+                    {
+                        "method": plan.spec.name,
+                        "setting": setting.label,
+                        "steps": setting.steps,
+                        "alpha": setting.alpha,
+                        "guidance": setting.guidance,
+                        "concept": concept.name,
+                        "class_noun": concept.class_noun,
+                        "prompt_idx": prompt_idx,
+                        "prompt": concept.prompts[prompt_idx],
+                        "sample": sample,
+                        "seed": seed,
+                        "image": rel,
+                        "tune_seconds": float(tune_seconds) if tune_seconds is not None else None,
+                        "sampler": self.sampling.sampler,
+                        "inference_steps": self.sampling.num_inference_steps,
+                        "clip_backbone": self.suite.clip_backbone,
+                        "dino_backbone": self.suite.dino_backbone or "",
+                        "metrics_info": METRICS_INFO,
+                    }
+                )
+                self.n_generated += 1
+                bar.update(1)
+            self.walls["generation"] += time.perf_counter() - begin
+        begin = time.perf_counter()
+        prompts = [r["prompt"] for r in rows]
+        scores = self.suite.score(
+            torch.stack(images).to(self.device),
+            references,
+            prompts,
+            concept.class_noun,
+            self.base.placeholder,
+        )
+        self.walls["scoring"] += time.perf_counter() - begin
+        for i, row in enumerate(rows):
+            row.update({k: (v[i] if v is not None else None) for k, v in scores.items()})
+        self.store.append(rows)
+
+    def report(
+        self,
+        plans: list[MethodPlan],
+        concepts: list[EvalConcept],
+        record: dict[str, Any],
+        start: float,
+        bootstrap_samples: int,
+        grids: bool,
+        reference_points: bool,
+        tensorboard: bool,
+    ) -> EvaluationResult:
+        """Writes ``summary.json``, the grids, ``tradeoff.png`` (and TensorBoard logs) from every row."""
+        begin = time.perf_counter()
+        rows = self.store.rows
+        aggregates = aggregate(rows, n_boot=bootstrap_samples)
+        grid_paths = write_grids(self.out, rows, {c.name: c.load_input() for c in concepts}) if grids else []
+        plot_tradeoff(aggregates, self.out / "tradeoff.png", reference_points=reference_points)
+        if tensorboard:
+            log_tensorboard(self.out / "tb", aggregates, grid_paths)
+        self.walls["report"] = time.perf_counter() - begin
+        self.walls["total"] = time.perf_counter() - start
+        summary: dict[str, Any] = {
+            "aggregates": aggregates,
+            "aggregation": "mean over each concept's images, then over concepts; 95% CI: percentile bootstrap "
+            f"over concepts ({bootstrap_samples} resamples, seed 0)",
+            "metrics": self.suite.describe(),
+            "config": record,
+            "wall_seconds": self.walls,
+            "counts": {"rows": len(self.store), "generated": self.n_generated, "tuned": self.n_tuned},
+            "environment": {"torch": torch.__version__, "num_threads": torch.get_num_threads()},
+        }
+        if reference_points:
+            summary["reference_points"] = {
+                "source": "DreamBench (METHOD.md), SD 1.x scale",
+                **REFERENCE_POINTS,
+            }
+        write_json(self.out / "summary.json", summary)
+        table = format_table(aggregates)
+        if self.progress:
+            print(table)
+            print(
+                f"{len(self.store)} rows in {self.out / 'results.csv'} ({self.n_generated} generated now); "
+                f"summary.json, tradeoff.png; {self.walls['total']:.1f} s"
+            )
+        return EvaluationResult(
+            self.out, aggregates, len(self.store), self.n_generated, self.n_tuned, dict(self.walls), table
+        )
+
+
+def _accelerator(device: str) -> str:
+    return "cpu" if device == "cpu" else "gpu" if device.startswith("cuda") else device

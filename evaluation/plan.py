@@ -1,0 +1,141 @@
+"""Planning an evaluation without loading any model: methods resolved from their YAMLs, the concept set,
+and each method's settings. Every configuration error surfaces here, as one line, before any work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evaluation.concepts import EvalConcept, load_concepts
+from evaluation.generate import Setting
+from evaluation.run_state import file_identity
+from evaluation.spec import ConceptSetSpec, EvaluationConfigError, MethodSpec, SweepSpec
+from evaluation.tuning import TuneRecipe, resolve_recipe
+from models.artifact import ConceptArtifact
+
+
+@dataclass
+class MethodPlan:
+    """A method with its settings: ``recipe`` for a tuned method, ``artifacts`` (by concept) for a loaded one."""
+
+    spec: MethodSpec
+    settings: list[Setting]
+    recipe: TuneRecipe | None = None
+    artifacts: dict[str, ConceptArtifact] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> list[int]:
+        """Every step count this method is evaluated at."""
+        return sorted({s.steps for s in self.settings})
+
+
+def _settings(steps: list[int], alphas: list[float], guidances: list[float], where: str) -> list[Setting]:
+    if not steps or not alphas or not guidances:
+        raise EvaluationConfigError(f"{where}: steps, alphas and guidance_scales must be non-empty")
+    if (
+        any(s < 0 for s in steps)
+        or any(not 0.0 <= a <= 1.0 for a in alphas)
+        or any(g <= 0 for g in guidances)
+    ):
+        raise EvaluationConfigError(f"{where}: need steps >= 0, 0 <= alpha <= 1 and guidance > 0")
+    return sorted({Setting(int(s), float(a), float(g)) for s in steps for a in alphas for g in guidances})
+
+
+def _plan_method(
+    spec: MethodSpec,
+    sweep: SweepSpec,
+    recipe: TuneRecipe | None,
+    concepts: list[EvalConcept],
+    placeholder: str,
+) -> MethodPlan:
+    alphas = spec.alphas or sweep.alphas
+    guidances = spec.guidance_scales or sweep.guidance_scales
+    where = f"method {spec.name!r}"
+    if recipe is None:
+        assert spec.artifacts is not None
+        paths = {c.name: Path(spec.artifacts) / f"{c.name}.safetensors" for c in concepts}
+        missing = [str(p) for p in paths.values() if not p.is_file()]
+        if missing:
+            raise EvaluationConfigError(f"{where}: concept artefacts missing: {', '.join(missing)}")
+        arts = {name: ConceptArtifact.load(p) for name, p in paths.items()}
+        if any(a.placeholder != placeholder for a in arts.values()):
+            raise EvaluationConfigError(f"{where}: artefacts use another placeholder than {placeholder!r}")
+        steps = sorted({a.steps for a in arts.values()})
+        return MethodPlan(spec, _settings(steps, alphas, guidances, where), artifacts=arts)
+    steps = list(spec.steps) if spec.steps is not None else list(sweep.steps)
+    if spec.steps is None and recipe.max_steps_cap is not None:
+        steps = [s for s in steps if s <= recipe.max_steps_cap] or [recipe.max_steps_cap]
+    return MethodPlan(spec, _settings(steps, alphas, guidances, where), recipe=recipe)
+
+
+def _check_methods(methods: list[MethodSpec]) -> None:
+    if not methods:
+        raise EvaluationConfigError("no methods to evaluate (methods is empty)")
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise EvaluationConfigError(f"duplicate method names {names}")
+    bad = [n for n in names if not n or "/" in n or "\\" in n or n.startswith(".")]
+    if bad:
+        raise EvaluationConfigError(f"method names must be folder-safe, got {bad}")
+    both = [m.name for m in methods if m.artifacts and (m.overlay or m.overrides)]
+    if both:
+        raise EvaluationConfigError(
+            f"methods {both} set artifacts and a tuning overlay / overrides: pick one"
+        )
+
+
+def make_plans(
+    out: Path,
+    tune_config: str,
+    methods: list[MethodSpec],
+    concepts: ConceptSetSpec,
+    sweep: SweepSpec,
+    overrides: dict[str, Any],
+) -> tuple[TuneRecipe, list[EvalConcept], list[MethodPlan]]:
+    """Resolves the base recipe, the concepts and every method's plan.
+
+    Args:
+        out: output folder (tuned methods export their final artefacts under ``out/artifacts/<method>``).
+        tune_config: base tune YAML.
+        methods: the methods.
+        concepts: the concept set.
+        sweep: the default settings.
+        overrides: run-wide tune overrides (dotted keys).
+
+    Returns:
+        (base recipe: backbone and placeholder, concepts, method plans).
+
+    Raises:
+        EvaluationConfigError: any configuration that cannot run.
+    """
+    _check_methods(methods)
+    base = resolve_recipe(tune_config, MethodSpec(name="base"), overrides, str(out), check_checkpoint=False)
+    concept_list = load_concepts(concepts, base.placeholder)
+    plans = []
+    for spec in methods:
+        recipe = None
+        if spec.artifacts is None:
+            recipe = resolve_recipe(tune_config, spec, overrides, str(out / "artifacts" / spec.name))
+            if recipe.placeholder != base.placeholder:
+                raise EvaluationConfigError(f"method {spec.name!r} changes the placeholder the prompts use")
+        plans.append(_plan_method(spec, sweep, recipe, concept_list, base.placeholder))
+    return base, concept_list, plans
+
+
+def plan_recipes(plans: list[MethodPlan]) -> dict[str, dict[str, Any]]:
+    """The resolved tune config of each tuned method, by name."""
+    return {p.spec.name: p.recipe.config for p in plans if p.recipe}
+
+
+def plan_inputs(plans: list[MethodPlan]) -> dict[str, Any]:
+    """Identities (size, mtime) of the files each method's rows depend on: checkpoint or artefacts."""
+    inputs: dict[str, Any] = {}
+    for p in plans:
+        if p.recipe is not None:
+            inputs[p.spec.name] = file_identity(p.recipe.encoder_checkpoint)
+        else:
+            folder = Path(p.spec.artifacts or "")
+            inputs[p.spec.name] = {c: file_identity(folder / f"{c}.safetensors") for c in p.artifacts}
+    return inputs

@@ -1,0 +1,79 @@
+"""The metric backbones of a run and per-image scoring of generated images (CLIP-I, CLIP-T, optional DINO)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from evaluation.feature_models import ClipFeatures, DinoFeatures
+from evaluation.metrics import IdentitySimilarity, PromptSimilarity, identity_scores, prompt_scores
+from evaluation.spec import MetricSpec
+from evaluation.tiny_models import write_tiny_eval_models
+
+
+class MetricSuite:
+    """Loads the CLIP (and DINO) backbones once and scores batches of generated images.
+
+    Args:
+        spec: which backbones (or the tiny offline ones, built when missing).
+        device: device of the backbones.
+
+    Raises:
+        OSError: a backbone is neither a local folder nor cached (``HF_HUB_OFFLINE=1``).
+    """
+
+    def __init__(self, spec: MetricSpec, device: str = "cpu") -> None:
+        clip_path, dino_path = spec.clip, spec.dino
+        if spec.tiny_models_dir is not None:
+            tiny = write_tiny_eval_models(spec.tiny_models_dir)
+            clip_path, dino_path = str(tiny["clip"]), str(tiny["dino"])
+        self.clip = ClipFeatures(clip_path, batch_size=spec.batch_size).to(device)
+        self.dino = DinoFeatures(dino_path, batch_size=spec.batch_size).to(device) if dino_path else None
+        self.clip_backbone = str(clip_path)
+        self.dino_backbone = str(dino_path) if dino_path else None
+
+    def describe(self) -> dict[str, Any]:
+        """``{"CLIP-I": ..., "CLIP-T": ..., "DINO": ...}``: backbone, preprocessing and pairing of each metric."""
+        records = {
+            "CLIP-I": IdentitySimilarity(self.clip).describe(),
+            "CLIP-T": PromptSimilarity(self.clip).describe(),
+        }
+        if self.dino is not None:
+            records["DINO"] = IdentitySimilarity(self.dino).describe()
+        return {name: _jsonable(r) for name, r in records.items()}
+
+    def score(
+        self, generated: Tensor, references: Tensor, prompts: list[str], class_noun: str, placeholder: str
+    ) -> dict[str, list[float] | None]:
+        """Per-image scores of one concept's images.
+
+        Args:
+            generated: (N, 3, H, W) generated images in [0, 1] (as saved: uint8-quantised).
+            references: (M, 3, H', W') the concept's real images in [0, 1].
+            prompts: the N prompts, with the placeholder.
+            class_noun: replaces the placeholder for CLIP-T.
+            placeholder: the placeholder in ``prompts``.
+
+        Returns:
+            ``{"clip_i": [N], "clip_t": [N], "dino": [N] or None}``.
+        """
+        out: dict[str, list[float] | None] = {
+            "clip_i": identity_scores(self.clip, generated, references).tolist(),
+            "clip_t": prompt_scores(self.clip, generated, prompts, class_noun, placeholder).tolist(),
+            "dino": None,
+        }
+        if self.dino is not None:
+            out["dino"] = identity_scores(self.dino, generated, references).tolist()
+        return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

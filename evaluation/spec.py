@@ -1,0 +1,132 @@
+"""Typed options of ``evaluate.py run``: what to evaluate (methods, concepts), the swept settings, sampling and
+the metric backbones. jsonargparse turns these dataclasses into documented ``--group.option`` flags and YAML
+sections (``configs/evaluate/*.yaml``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class EvaluationConfigError(ValueError):
+    """A configuration that cannot run (missing file, prompt without placeholder, ...); raised before any work."""
+
+
+@dataclass
+class MethodSpec:
+    """One method or ablation: a tuning recipe (tune YAML + overlay + overrides) or a folder of artefacts.
+
+    Args:
+        name: name in results and plots (e.g. ``date``, ``textual_inversion``); also a folder name.
+        overlay: tune YAML merged over ``tune_config`` (e.g. ``configs/tune/tiny_textual_inversion.yaml``).
+        overrides: values set on the merged tune config, by dotted key
+            (``{"model.init_args.nn_weight": 0.0}``) or as nested sections (``{"model": {"init_args": ...}}``).
+        artifacts: folder of concept artefacts ``<concept>.safetensors`` to evaluate as they are (no tuning);
+            each is one setting with the artefact's own step count.
+        steps: tuning step counts to evaluate for this method (default: ``sweep.steps``, capped at the
+            overlay's ``trainer.max_steps`` when the overlay sets one, as ``tiny_encoder_only.yaml`` does).
+        alphas: dual-path alphas for this method (default: ``sweep.alphas``).
+        guidance_scales: classifier-free guidance scales for this method (default: ``sweep.guidance_scales``).
+    """
+
+    name: str
+    overlay: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    artifacts: str | None = None
+    steps: list[int] | None = None
+    alphas: list[float] | None = None
+    guidance_scales: list[float] | None = None
+
+
+@dataclass
+class ConceptSetSpec:
+    """Which concepts to personalize and with which prompts.
+
+    Args:
+        kind: ``synthetic`` (held-out procedural concepts, offline) or ``dreambench`` (subject folders).
+        synthetic_ids: synthetic concept ids (use ids held out of pretraining: the tiny pretraining holds out
+            the last 4 of 64, i.e. 60-63).
+        synthetic_seed: seed of the synthetic concept set (as in the pretraining config).
+        num_references: real images per synthetic concept for identity metrics: the un-augmented render plus
+            ``num_references - 1`` fixed random crops / flips of it.
+        reference_size: pixel size of the synthetic reference images.
+        prompts: evaluation prompts with the placeholder; required for ``synthetic``; for ``dreambench`` they
+            replace the object / live-subject lists.
+        max_prompts: use only the first N prompts of each concept (None: all).
+        dreambench_root: DreamBench ``dataset/`` folder (one sub-folder per subject).
+        subjects: DreamBench subjects to evaluate, in order (None: all of ``subjects_file``).
+        input_image_index: index of the one image each subject is learned from (sorted file names).
+        prompts_file: DreamBench prompt lists (None: ``evaluation/data/dreambench_prompts.json``).
+        subjects_file: DreamBench subjects and class nouns (None: ``evaluation/data/dreambench_subjects.json``).
+    """
+
+    kind: Literal["synthetic", "dreambench"] = "synthetic"
+    synthetic_ids: list[int] = field(default_factory=lambda: [60, 61])
+    synthetic_seed: int = 0
+    num_references: int = 4
+    reference_size: int = 64
+    prompts: list[str] | None = None
+    max_prompts: int | None = None
+    dreambench_root: str | None = None
+    subjects: list[str] | None = None
+    input_image_index: int = 0
+    prompts_file: str | None = None
+    subjects_file: str | None = None
+
+
+@dataclass
+class SweepSpec:
+    """Settings that make a trade-off curve; every combination is one point per method.
+
+    Args:
+        steps: tuning step counts, snapshotted from one tuning run per concept (0 = the initial prediction).
+        alphas: dual-path blend at sampling (1 = adapted path only, 0 = vanilla model on the hard prompt).
+        guidance_scales: classifier-free guidance scales.
+    """
+
+    steps: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8, 12])
+    alphas: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    guidance_scales: list[float] = field(default_factory=lambda: [7.5])
+
+
+@dataclass
+class SamplingSpec:
+    """How images are generated. Each image starts from the noise of its own seed; batches are fixed slices of
+    a (method, concept, setting) group's (prompt, sample) list, so a missing image is regenerated exactly by
+    regenerating its batch (with ``batch_size: 1``, alone).
+
+    Args:
+        num_inference_steps: denoising steps.
+        sampler: ``ddim`` or ``dpm`` (DPM-Solver++ multistep).
+        samples_per_prompt: images per (concept, prompt, setting).
+        seed: base seed; image seed = SHA-256 of (seed, concept, prompt index, sample index), shared by all
+            methods and settings so that they are compared on the same initial noise.
+        negative_prompt: text of the unconditional branch.
+        batch_size: images per sampling call (1: each image alone; larger is faster on a GPU).
+    """
+
+    num_inference_steps: int = 50
+    sampler: Literal["ddim", "dpm"] = "ddim"
+    samples_per_prompt: int = 4
+    seed: int = 0
+    negative_prompt: str = ""
+    batch_size: int = 1
+
+
+@dataclass
+class MetricSpec:
+    """Backbones of the identity (CLIP-I, DINO) and prompt (CLIP-T) similarities.
+
+    Args:
+        clip: CLIP model folder or cached hub id for CLIP-I and CLIP-T.
+        dino: DINO ViT folder or cached hub id for the DINO score (None: skip DINO).
+        tiny_models_dir: if set, use (and build when missing) the tiny offline CLIP and DINO models in this
+            folder instead of ``clip`` / ``dino``; their numbers only test the plumbing.
+        batch_size: images per metric forward pass.
+    """
+
+    clip: str = "openai/clip-vit-base-patch32"
+    dino: str | None = "facebook/dino-vits16"
+    tiny_models_dir: str | None = None
+    batch_size: int = 32
