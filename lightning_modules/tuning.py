@@ -153,7 +153,9 @@ class ConceptTuning(PersonalizationModule):
         self.cores = nn.Parameter(torch.zeros(1, n_targets, rank, rank), requires_grad="cores" in self.tune)
         self.register_buffer("initialised", torch.tensor(False))
         # Kept to tune several concepts with one module (evaluation): see reset_concept.
-        self._initial_personalizer = {k: v.detach().clone() for k, v in self.personalizer.state_dict().items()}
+        self._initial_personalizer = {
+            k: v.detach().clone() for k, v in self.personalizer.state_dict().items()
+        }
         self.optimizer_factory = optimizer
         self.init, self.init_token, self.init_noise_draws = init, init_token, init_noise_draws
         self.export_dir, self.concept_name, self.export_diffusers = export_dir, concept_name, export_diffusers
