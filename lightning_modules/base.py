@@ -160,8 +160,14 @@ class PersonalizationModule(LightningModule):
             latents = bb.encode_images(batch["pixel_values"]).float()
         noised = add_noise(bb.scheduler, latents, generator=self.step_generator())
         v_star, cores = self.predict_concepts(batch, noised.noisy, noised.timesteps)
-        k = max(self.nn_k, 1)
-        neighbours, neighbour_ids = gather_neighbours(self.token_index, bb.token_embedding_table(), v_star, k)
+        neighbours = neighbour_ids = hard_ids = None
+        # The lookup feeds the hard prompt (alpha < 1) and the regulariser; single-path runs without the
+        # regulariser (the baselines) skip it and its device-to-host sync.
+        if self.alpha < 1.0 or self.nn_weight > 0:
+            k = max(self.nn_k, 1)
+            table = bb.token_embedding_table()
+            neighbours, neighbour_ids = gather_neighbours(self.token_index, table, v_star, k)
+            hard_ids = neighbour_ids[:, 0]
         ids = bb.tokenize(list(batch["prompt"]), require_placeholder=True)
         pred = bb.personalized_unet(
             noised.noisy,
@@ -170,7 +176,7 @@ class PersonalizationModule(LightningModule):
             v_star,
             self.lora_deltas(cores),
             self.alpha,
-            neighbour_ids[:, 0],
+            hard_ids,
         )
         losses = dict(self.diffusion_loss(pred.float(), noised.target.float()))
         total = losses["loss/diffusion"]

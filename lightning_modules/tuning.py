@@ -228,7 +228,14 @@ class ConceptTuning(PersonalizationModule):
         return self.v_star.expand(b, -1), self.cores.expand(b, -1, -1, -1)
 
     def lora_deltas(self, cores: torch.Tensor) -> dict[str, LoraDelta]:
+        if not self.lora_active:
+            return {}  # cores stay exactly zero (e.g. textual inversion): skip the zero LoRA work
         return self.personalizer.deltas(cores)
+
+    @property
+    def lora_active(self) -> bool:
+        """Whether the LoRA offsets can be non-zero: tuned, or predicted by the encoder."""
+        return self.init == "encoder" or bool({"cores", "factors", "encoder"} & set(self.tune))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses, extras = self.model_step(batch)

@@ -115,3 +115,15 @@ def test_uncached_hub_id_fails_fast(monkeypatch):
     with pytest.raises(ModelNotAvailableError, match="does not exist"):
         resolve_model_path("./no/such/folder")
     assert time.perf_counter() - start < 5.0
+
+
+@pytest.mark.parametrize("name, low, high", [("tiny", 0.5e6, 2e6), ("small25m", 20e6, 30e6)])
+def test_backbone_configs_build(name, low, high):
+    from omegaconf import OmegaConf
+
+    from models.tiny import DEFAULT_CONFIG
+
+    cfg = OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG.parent / f"{name}.yaml"), resolve=True)
+    unet = UNet2DConditionModel(**cfg["unet"])
+    assert low < sum(p.numel() for p in unet.parameters()) < high
+    assert unet.config.cross_attention_dim == cfg["text_encoder"]["hidden_size"]
