@@ -14,6 +14,9 @@ import torch  # noqa: E402
 # other processes) two threads each made steps ~5x slower.
 torch.set_num_threads(1)
 
+# Fixtures of the CLI-driven training tests (pretraining checkpoint, tuned module, token-index cache).
+pytest_plugins = ["tests.cli_runs"]
+
 
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
