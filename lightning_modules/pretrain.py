@@ -7,8 +7,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from lightning_modules.base import PersonalizationModule
 from models.attention import LoraDelta
-from models.backbone import DEFAULT_IMAGE_ENCODER
-from models.personalizer import Personalizer, PersonalizerConfig
+from models.personalizer import Personalizer
 
 
 class EncoderPretraining(PersonalizationModule):
@@ -18,66 +17,18 @@ class EncoderPretraining(PersonalizationModule):
     diffusion target. Loss: diffusion loss under dual-path attention + lambda_nn x nearest-neighbour InfoNCE.
 
     Args:
-        pretrained_model_name_or_path: Stable Diffusion folder or hub id (diffusers layout).
-        image_encoder_name_or_path: CLIP vision model folder or id for the encoder's image branch.
-        placeholder: the pseudo-word S* written in prompts.
-        personalizer: sizes of the encoder, token embedder and hypernetwork.
         optimizer: optimizer factory over the trainable parameters (default AdamW, lr 1e-4).
-        alpha: dual-path blend of the adapted path during training.
-        nn_weight: weight of the nearest-neighbour contrastive loss (0 disables it).
-        nn_temperature: InfoNCE temperature.
-        nn_k: nearest real tokens used as positives.
-        token_index_mode: ``exact`` or ``hnsw`` FAISS index, or ``torch`` brute force.
-        token_index_cache: folder caching the built index (None: no cache).
-        norm_penalty: weight of the |v*| - mean token norm penalty.
-        core_penalty: weight of the L2 penalty on the predicted LoRA cores.
-        seed: base seed of the per-step noise and timesteps.
-        sample_every_n_steps: log nearest tokens and sample images of a fixed probe batch every n steps (0: never).
-        sample_inference_steps: denoising steps of those samples.
-        probe_size: number of probe images.
+        probe_size: number of probe images whose nearest tokens and samples are logged.
+        **kwargs: the arguments shared with tuning (weights, alpha, regulariser, seed, sample logging): see
+            :class:`~lightning_modules.base.PersonalizationModule`.
     """
 
     phase = "pretrain"
 
-    def __init__(
-        self,
-        pretrained_model_name_or_path: str,
-        image_encoder_name_or_path: str = DEFAULT_IMAGE_ENCODER,
-        placeholder: str = "<s*>",
-        personalizer: PersonalizerConfig | None = None,
-        optimizer: OptimizerCallable | None = None,
-        alpha: float = 0.5,
-        nn_weight: float = 0.01,
-        nn_temperature: float = 0.07,
-        nn_k: int = 1,
-        token_index_mode: str = "exact",
-        token_index_cache: str | None = ".cache/token_index",
-        norm_penalty: float = 0.0,
-        core_penalty: float = 0.0,
-        seed: int = 0,
-        sample_every_n_steps: int = 0,
-        sample_inference_steps: int = 10,
-        probe_size: int = 4,
-    ) -> None:
-        super().__init__(
-            pretrained_model_name_or_path,
-            image_encoder_name_or_path,
-            placeholder,
-            personalizer,
-            alpha,
-            nn_weight,
-            nn_temperature,
-            nn_k,
-            token_index_mode,
-            token_index_cache,
-            norm_penalty,
-            core_penalty,
-            seed,
-            sample_every_n_steps,
-            sample_inference_steps,
-        )
+    def __init__(self, optimizer: OptimizerCallable | None = None, probe_size: int = 4, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["optimizer"])
-        torch.manual_seed(seed)  # the personalizer's initial weights are a function of the seed
+        torch.manual_seed(self.seed)  # the personalizer's initial weights are a function of the seed
         self.personalizer = Personalizer(self.backbone, self.personalizer_config)
         self.optimizer_factory = optimizer
         self.probe_size = probe_size

@@ -25,7 +25,6 @@ from lightning_modules.base import PersonalizationModule, check_checkpoint, read
 from losses import add_noise
 from models.artifact import ConceptArtifact
 from models.attention import LoraDelta
-from models.backbone import DEFAULT_IMAGE_ENCODER
 from models.personalizer import Personalizer, PersonalizerConfig
 
 Tunable = Literal["embedding", "cores", "factors", "encoder"]
@@ -49,12 +48,8 @@ class ConceptTuning(PersonalizationModule):
     """Predicts v* and the LoRA cores from one image, tunes them for a few steps, and exports the concept.
 
     Args:
-        pretrained_model_name_or_path: Stable Diffusion folder or hub id (diffusers layout).
         encoder_checkpoint: pretraining checkpoint (``EncoderPretraining``); None = untrained modules (only
             sensible with ``init: zero`` or ``token``, i.e. the textual-inversion / LoRA baselines).
-        image_encoder_name_or_path: CLIP vision model folder or id for the encoder's image branch.
-        placeholder: the pseudo-word S* written in prompts.
-        personalizer: module sizes when no checkpoint is given (a checkpoint's own sizes always win).
         optimizer: optimizer factory over the tuned parameters (default AdamW, lr 1e-3, no weight decay).
         tune: what is optimised: ``embedding`` (v*), ``cores`` (M_l), ``factors`` (A_l, B_l), ``encoder`` (E4T-style:
             the encoder weights, predicting v* and cores every step).
@@ -62,70 +57,33 @@ class ConceptTuning(PersonalizationModule):
             ``init_token`` (cores = 0).
         init_token: word used by ``init: token``.
         init_noise_draws: the encoder's initial prediction is averaged over this many noise draws.
-        alpha: dual-path blend during tuning, also written to the artefact for sampling.
-        nn_weight: weight of the nearest-token regulariser (one concept: a pull toward the nearest tokens).
-        nn_temperature: InfoNCE temperature (used when a batch holds several concepts).
-        nn_k: nearest real tokens used.
-        token_index_mode: ``exact`` / ``hnsw`` FAISS index or ``torch``.
-        token_index_cache: folder caching the index.
-        norm_penalty: weight of the |v*| penalty.
-        core_penalty: weight of the LoRA-core penalty.
-        seed: base seed of the per-step noise.
         export_dir: folder the artefact ``<concept>.safetensors`` (and ``<concept>_diffusers/``) is written to.
         concept_name: artefact name; None = the datamodule's concept name.
         export_diffusers: also write the LoRA + textual-inversion pair plain diffusers loads.
         method: name recorded in the artefact (e.g. ``date``, ``textual_inversion``).
-        sample_every_n_steps: log samples to TensorBoard every n steps (0: never).
-        sample_inference_steps: denoising steps of those samples.
+        **kwargs: the arguments shared with pretraining (weights, placeholder, module sizes, alpha, regulariser,
+            seed, sample logging): see :class:`~lightning_modules.base.PersonalizationModule`. Here ``alpha`` is
+            also written to the artefact for sampling, and with one concept per batch the regulariser is a pull
+            toward the nearest tokens.
     """
 
     phase = "tune"
 
     def __init__(
         self,
-        pretrained_model_name_or_path: str,
         encoder_checkpoint: str | None = None,
-        image_encoder_name_or_path: str = DEFAULT_IMAGE_ENCODER,
-        placeholder: str = "<s*>",
-        personalizer: PersonalizerConfig | None = None,
         optimizer: OptimizerCallable | None = None,
         tune: list[Tunable] | None = None,
         init: Literal["encoder", "zero", "token"] = "encoder",
         init_token: str = "object",
         init_noise_draws: int = 4,
-        alpha: float = 0.5,
-        nn_weight: float = 0.01,
-        nn_temperature: float = 0.07,
-        nn_k: int = 1,
-        token_index_mode: str = "exact",
-        token_index_cache: str | None = ".cache/token_index",
-        norm_penalty: float = 0.0,
-        core_penalty: float = 0.0,
-        seed: int = 0,
         export_dir: str = "outputs/concepts",
         concept_name: str | None = None,
         export_diffusers: bool = True,
         method: str = "date",
-        sample_every_n_steps: int = 0,
-        sample_inference_steps: int = 10,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            pretrained_model_name_or_path,
-            image_encoder_name_or_path,
-            placeholder,
-            personalizer,
-            alpha,
-            nn_weight,
-            nn_temperature,
-            nn_k,
-            token_index_mode,
-            token_index_cache,
-            norm_penalty,
-            core_penalty,
-            seed,
-            sample_every_n_steps,
-            sample_inference_steps,
-        )
+        super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["optimizer"])
         self.tune = list(tune) if tune is not None else ["embedding", "cores"]
         if not self.tune:
@@ -136,7 +94,7 @@ class ConceptTuning(PersonalizationModule):
         if encoder_checkpoint is not None:
             meta, state = load_pretraining_checkpoint(encoder_checkpoint, self.backbone)
             self.personalizer_config = PersonalizerConfig(**meta["personalizer"])
-        torch.manual_seed(seed)
+        torch.manual_seed(self.seed)
         self.personalizer = Personalizer(self.backbone, self.personalizer_config)
         if state is not None:
             self.personalizer.load_state_dict(state)

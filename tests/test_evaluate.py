@@ -52,8 +52,8 @@ def pretrain_ckpt(tmp_path_factory, tiny_sd_dir) -> Path:
     """A one-step pretraining checkpoint with the sizes of configs/pretrain/tiny.yaml."""
     cfg = OmegaConf.load("configs/pretrain/tiny.yaml")
     model = EncoderPretraining(
-        str(tiny_sd_dir),
-        str(tiny_sd_dir),
+        pretrained_model_name_or_path=str(tiny_sd_dir),
+        image_encoder_name_or_path=str(tiny_sd_dir),
         personalizer=PersonalizerConfig(**OmegaConf.to_container(cfg.model.init_args.personalizer)),
         token_index_cache=None,
     )
