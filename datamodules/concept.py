@@ -17,10 +17,10 @@ from datamodules.transforms import (
     CLIP_STD,
     DEFAULT_PLACEHOLDER,
     PROMPT_TEMPLATES,
+    ViewSpec,
     check_augment_args,
     item_generator,
     load_rgb,
-    make_item,
     split_index,
     to_rgb,
 )
@@ -67,19 +67,20 @@ class SingleConceptDataset(Dataset):
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        check_augment_args(scale, flip_p)
         self.image = to_rgb(image).copy() if isinstance(image, Image.Image) else load_rgb(image)
-        self.resolution = resolution
-        self.clip_size = clip_size
+        self.views = ViewSpec(
+            resolution,
+            clip_size,
+            tuple(clip_mean),
+            tuple(clip_std),
+            tuple(scale),
+            flip_p,
+            placeholder,
+            tuple(templates) if templates is not None else tuple(PROMPT_TEMPLATES),
+        )
         self.num_samples = num_samples
         self.seed = seed
         self.concept_id = concept_id
-        self.clip_mean = tuple(clip_mean)
-        self.clip_std = tuple(clip_std)
-        self.scale = tuple(scale)
-        self.flip_p = flip_p
-        self.placeholder = placeholder
-        self.templates = tuple(templates) if templates is not None else PROMPT_TEMPLATES
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -102,18 +103,7 @@ class SingleConceptDataset(Dataset):
         epoch, k = split_index(index, self.epoch)
         if not 0 <= k < self.num_samples:
             raise IndexError(f"index {k} out of range for {self.num_samples} samples")
-        item = make_item(
-            self.image,
-            item_generator(self.seed, epoch, k),
-            resolution=self.resolution,
-            clip_size=self.clip_size,
-            clip_mean=self.clip_mean,
-            clip_std=self.clip_std,
-            scale=self.scale,
-            flip_p=self.flip_p,
-            templates=self.templates,
-            placeholder=self.placeholder,
-        )
+        item = self.views.item(self.image, item_generator(self.seed, epoch, k))
         return {**item, "concept_id": self.concept_id, "index": k}
 
 
@@ -175,7 +165,7 @@ class ConceptDataModule(LightningDataModule):
             )
         if batch_size < 1 or steps < 1:
             raise ValueError(f"batch_size and steps must be >= 1, got batch_size={batch_size}, steps={steps}")
-        check_augment_args(scale, flip_p)
+        check_augment_args(scale, flip_p)  # before any work, not at the first batch
         if image is not None:
             self.concept_image: Image.Image = load_rgb(image)
             self.concept_name = Path(image).stem

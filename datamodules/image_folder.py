@@ -17,10 +17,9 @@ from datamodules.transforms import (
     IMAGE_EXTENSIONS,
     PROMPT_TEMPLATES,
     ImageLoadError,
-    check_augment_args,
+    ViewSpec,
     item_generator,
     load_rgb,
-    make_item,
     split_index,
 )
 
@@ -108,18 +107,19 @@ class ImageFolderDataset(Dataset):
             roots = [roots]
         if not roots:
             raise ValueError("ImageFolderDataset needs at least one image root")
-        check_augment_args(scale, flip_p)
         self.roots = [str(r) for r in roots]
         self.files: list[str] = [f for root in self.roots for f in scan_images(root)]
-        self.resolution = resolution
-        self.clip_size = clip_size
-        self.clip_mean = tuple(clip_mean)
-        self.clip_std = tuple(clip_std)
-        self.scale = tuple(scale)
-        self.flip_p = flip_p
+        self.views = ViewSpec(
+            resolution,
+            clip_size,
+            tuple(clip_mean),
+            tuple(clip_std),
+            tuple(scale),
+            flip_p,
+            placeholder,
+            tuple(templates) if templates is not None else tuple(PROMPT_TEMPLATES),
+        )
         self.seed = seed
-        self.placeholder = placeholder
-        self.templates = tuple(templates) if templates is not None else PROMPT_TEMPLATES
         self.epoch = 0
         self.skipped: set[str] = set()
 
@@ -161,16 +161,5 @@ class ImageFolderDataset(Dataset):
         if not 0 <= i < len(self.files):
             raise IndexError(f"index {i} out of range for {len(self.files)} images")
         img, file_index = self._load(i)
-        item = make_item(
-            img,
-            item_generator(self.seed, epoch, i),
-            resolution=self.resolution,
-            clip_size=self.clip_size,
-            clip_mean=self.clip_mean,
-            clip_std=self.clip_std,
-            scale=self.scale,
-            flip_p=self.flip_p,
-            templates=self.templates,
-            placeholder=self.placeholder,
-        )
+        item = self.views.item(img, item_generator(self.seed, epoch, i))
         return {**item, "concept_id": file_index, "index": i}

@@ -20,9 +20,8 @@ from datamodules.transforms import (
     CLIP_STD,
     DEFAULT_PLACEHOLDER,
     PROMPT_TEMPLATES,
-    check_augment_args,
+    ViewSpec,
     item_generator,
-    make_item,
     split_index,
 )
 
@@ -205,7 +204,6 @@ class SyntheticConceptDataset(Dataset):
             raise ValueError(f"num_concepts must be >= 1, got {num_concepts}")
         if samples_per_concept < 1:
             raise ValueError(f"samples_per_concept must be >= 1, got {samples_per_concept}")
-        check_augment_args(scale, flip_p)
         ids = list(range(num_concepts)) if concept_ids is None else [int(c) for c in concept_ids]
         if not ids:
             raise ValueError("concept_ids is empty")
@@ -215,17 +213,19 @@ class SyntheticConceptDataset(Dataset):
         self.num_concepts = num_concepts
         self.concept_ids = ids
         self.samples_per_concept = samples_per_concept
-        self.resolution = resolution
-        self.clip_size = clip_size
+        self.views = ViewSpec(
+            resolution,
+            clip_size,
+            tuple(clip_mean),
+            tuple(clip_std),
+            tuple(scale),
+            flip_p,
+            placeholder,
+            tuple(templates) if templates is not None else tuple(PROMPT_TEMPLATES),
+        )
         self.seed = seed
         self.augment_seed = seed if augment_seed is None else augment_seed
         self.render_size = render_size or 2 * max(resolution, clip_size)
-        self.clip_mean = tuple(clip_mean)
-        self.clip_std = tuple(clip_std)
-        self.scale = tuple(scale)
-        self.flip_p = flip_p
-        self.placeholder = placeholder
-        self.templates = tuple(templates) if templates is not None else PROMPT_TEMPLATES
         self.concept_names = [concept_name(seed, i) for i in range(num_concepts)]
         self.class_nouns = [concept_kind(seed, i) for i in range(num_concepts)]
         self.epoch = 0
@@ -260,16 +260,5 @@ class SyntheticConceptDataset(Dataset):
         if not 0 <= k < len(self):
             raise IndexError(f"index {k} out of range for {len(self)} items")
         cid = self.concept_ids[k % len(self.concept_ids)]
-        item = make_item(
-            self.render(cid),
-            item_generator(self.augment_seed, epoch, k),
-            resolution=self.resolution,
-            clip_size=self.clip_size,
-            clip_mean=self.clip_mean,
-            clip_std=self.clip_std,
-            scale=self.scale,
-            flip_p=self.flip_p,
-            templates=self.templates,
-            placeholder=self.placeholder,
-        )
+        item = self.views.item(self.render(cid), item_generator(self.augment_seed, epoch, k))
         return {**item, "concept_id": cid, "index": k}

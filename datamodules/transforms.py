@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -283,6 +284,49 @@ def to_clip_tensor(
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (x - mean_t) / std_t
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """How one dataset item is made from an image: augmentation, the two tensor views, the prompt.
+
+    Attributes:
+        resolution: side R of ``pixel_values`` (VAE input).
+        clip_size: side C of ``clip_pixel_values`` (image-encoder input).
+        clip_mean: per-channel mean of the image encoder's normalisation.
+        clip_std: per-channel std of the image encoder's normalisation.
+        scale: random-resized-crop area range.
+        flip_p: horizontal-flip probability.
+        placeholder: pseudo-word in the prompts.
+        templates: prompt templates with one ``{}``.
+    """
+
+    resolution: int = 32
+    clip_size: int = 32
+    clip_mean: tuple[float, ...] = CLIP_MEAN
+    clip_std: tuple[float, ...] = CLIP_STD
+    scale: tuple[float, float] = (0.8, 1.0)
+    flip_p: float = 0.5
+    placeholder: str = DEFAULT_PLACEHOLDER
+    templates: tuple[str, ...] = tuple(PROMPT_TEMPLATES)
+
+    def __post_init__(self) -> None:
+        check_augment_args(self.scale, self.flip_p)
+
+    def item(self, img: Image.Image, generator: torch.Generator) -> dict[str, torch.Tensor | str]:
+        """:func:`make_item` with these settings."""
+        return make_item(
+            img,
+            generator,
+            resolution=self.resolution,
+            clip_size=self.clip_size,
+            clip_mean=self.clip_mean,
+            clip_std=self.clip_std,
+            scale=self.scale,
+            flip_p=self.flip_p,
+            templates=self.templates,
+            placeholder=self.placeholder,
+        )
 
 
 def make_item(

@@ -345,7 +345,7 @@ def test_clip_pixel_values_match_manual_and_reference_preprocessing():
     # An item's clip view is the same augmented view as its pixel_values (template draw, then crop/flip).
     ds = SyntheticConceptDataset(num_concepts=2, resolution=R, clip_size=C, samples_per_concept=1)
     gen = item_generator(0, 0, 1)
-    prompt = pick_template(ds.templates, gen).format("<s*>")
+    prompt = pick_template(ds.views.templates, gen).format("<s*>")
     view = augment(ds.render(1), max(R, C), gen)
     item = ds[1]
     assert item["prompt"] == prompt
