@@ -27,7 +27,11 @@ from lightning_modules import EncoderPretraining
 from models.personalizer import PersonalizerConfig
 
 PROMPTS = '["a photo of a <s*>", "a <s*> on the beach"]'
-# configs/evaluate/tiny.yaml has two methods: date (alphas 0.5, 1) and textual_inversion (alpha 1).
+# Two of configs/evaluate/tiny.yaml's methods, given explicitly: date (alphas 0.5, 1), textual_inversion (alpha 1).
+METHODS = (
+    '[{"name": "date"}, {"name": "textual_inversion", "overlay": "configs/tune/tiny_textual_inversion.yaml",'
+    ' "alphas": [1.0]}]'
+)
 N_SETTINGS = 2 * 2 + 2 * 1  # steps [0, 2] x alphas
 N_ROWS = 2 * N_SETTINGS * 2 * 1  # concepts x settings x prompts x samples
 
@@ -92,6 +96,8 @@ def base_args(tiny_sd_dir, pretrain_ckpt, eval_models_dir) -> list[str]:
         '{"model.init_args.token_index_cache": null, "data.init_args.batch_size": 2}',
         "--concepts.prompts",
         PROMPTS,
+        "--methods",
+        METHODS,
         "--sweep.steps",
         "[0, 2]",
         "--sampling.num_inference_steps",
