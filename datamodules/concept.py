@@ -16,7 +16,6 @@ from datamodules.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     DEFAULT_PLACEHOLDER,
-    PROMPT_TEMPLATES,
     ViewSpec,
     check_augment_args,
     item_generator,
@@ -68,15 +67,8 @@ class SingleConceptDataset(Dataset):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.image = to_rgb(image).copy() if isinstance(image, Image.Image) else load_rgb(image)
-        self.views = ViewSpec(
-            resolution,
-            clip_size,
-            tuple(clip_mean),
-            tuple(clip_std),
-            tuple(scale),
-            flip_p,
-            placeholder,
-            tuple(templates) if templates is not None else tuple(PROMPT_TEMPLATES),
+        self.views = ViewSpec.build(
+            resolution, clip_size, clip_mean, clip_std, scale, flip_p, placeholder, templates
         )
         self.num_samples = num_samples
         self.seed = seed

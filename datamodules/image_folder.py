@@ -15,7 +15,6 @@ from datamodules.transforms import (
     CLIP_STD,
     DEFAULT_PLACEHOLDER,
     IMAGE_EXTENSIONS,
-    PROMPT_TEMPLATES,
     ImageLoadError,
     ViewSpec,
     item_generator,
@@ -109,15 +108,8 @@ class ImageFolderDataset(Dataset):
             raise ValueError("ImageFolderDataset needs at least one image root")
         self.roots = [str(r) for r in roots]
         self.files: list[str] = [f for root in self.roots for f in scan_images(root)]
-        self.views = ViewSpec(
-            resolution,
-            clip_size,
-            tuple(clip_mean),
-            tuple(clip_std),
-            tuple(scale),
-            flip_p,
-            placeholder,
-            tuple(templates) if templates is not None else tuple(PROMPT_TEMPLATES),
+        self.views = ViewSpec.build(
+            resolution, clip_size, clip_mean, clip_std, scale, flip_p, placeholder, templates
         )
         self.seed = seed
         self.epoch = 0

@@ -19,7 +19,6 @@ from datamodules.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     DEFAULT_PLACEHOLDER,
-    PROMPT_TEMPLATES,
     ViewSpec,
     item_generator,
     split_index,
@@ -213,15 +212,8 @@ class SyntheticConceptDataset(Dataset):
         self.num_concepts = num_concepts
         self.concept_ids = ids
         self.samples_per_concept = samples_per_concept
-        self.views = ViewSpec(
-            resolution,
-            clip_size,
-            tuple(clip_mean),
-            tuple(clip_std),
-            tuple(scale),
-            flip_p,
-            placeholder,
-            tuple(templates) if templates is not None else tuple(PROMPT_TEMPLATES),
+        self.views = ViewSpec.build(
+            resolution, clip_size, clip_mean, clip_std, scale, flip_p, placeholder, templates
         )
         self.seed = seed
         self.augment_seed = seed if augment_seed is None else augment_seed

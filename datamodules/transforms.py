@@ -313,6 +313,31 @@ class ViewSpec:
     def __post_init__(self) -> None:
         check_augment_args(self.scale, self.flip_p)
 
+    @classmethod
+    def build(
+        cls,
+        resolution: int,
+        clip_size: int,
+        clip_mean: Sequence[float],
+        clip_std: Sequence[float],
+        scale: Sequence[float],
+        flip_p: float,
+        placeholder: str,
+        templates: Sequence[str] | None,
+    ) -> ViewSpec:
+        """From a dataset's arguments (sequences become tuples; ``templates=None`` means the defaults)."""
+        tmpl = PROMPT_TEMPLATES if templates is None else templates
+        return cls(
+            resolution,
+            clip_size,
+            tuple(clip_mean),
+            tuple(clip_std),
+            tuple(scale),
+            flip_p,
+            placeholder,
+            tuple(tmpl),
+        )
+
     def item(self, img: Image.Image, generator: torch.Generator) -> dict[str, torch.Tensor | str]:
         """:func:`make_item` with these settings."""
         return make_item(
