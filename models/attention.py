@@ -92,22 +92,38 @@ class DualPathAttnProcessor:
             return self._attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb, None)
         alpha = float(personalization.alpha)
         adapted = vanilla = None
+        # Both paths read the same hidden state: base projections of the same input tensor (q everywhere, k and
+        # v in self-attention) are computed once and shared; only the adapted path adds its deltas.
+        shared: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if 0.0 < alpha < 1.0 else None
         if alpha > 0.0:
             adapted = self._attend(
-                attn, hidden_states, encoder_hidden_states, attention_mask, temb, personalization.lora
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb, personalization.lora, shared
             )
         if alpha < 1.0:
             # Cross-attention reads the hard prompt on the vanilla path; self-attention reads the image itself.
             context = personalization.hard_context if encoder_hidden_states is not None else None
-            vanilla = self._attend(attn, hidden_states, context, attention_mask, temb, None)
+            vanilla = self._attend(attn, hidden_states, context, attention_mask, temb, None, shared)
         if vanilla is None:
             return adapted
         if adapted is None:
             return vanilla
         return alpha * adapted + (1.0 - alpha) * vanilla
 
-    def _proj(self, linear: torch.nn.Module, key: str, x: torch.Tensor, lora: dict[str, LoraDelta] | None):
-        out = linear(x)
+    def _proj(
+        self,
+        linear: torch.nn.Module,
+        key: str,
+        x: torch.Tensor,
+        lora: dict[str, LoraDelta] | None,
+        shared: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        cached = shared.get(key) if shared is not None else None
+        if cached is not None and cached[0] is x:
+            out = cached[1]
+        else:
+            out = linear(x)
+            if shared is not None:
+                shared[key] = (x, out)
         if lora:
             delta = lora.get(f"{self.name}.{key}")
             if delta is not None:
@@ -122,6 +138,7 @@ class DualPathAttnProcessor:
         attention_mask: torch.Tensor | None,
         temb: torch.Tensor | None,
         lora: dict[str, LoraDelta] | None,
+        shared: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         # Same computation, in the same order, as diffusers' AttnProcessor2_0 (parity is tested), with the
         # projections routed through _proj to add the per-sample deltas.
@@ -141,13 +158,13 @@ class DualPathAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = self._proj(attn.to_q, "to_q", hidden_states, lora)
+        query = self._proj(attn.to_q, "to_q", hidden_states, lora, shared)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = self._proj(attn.to_k, "to_k", encoder_hidden_states, lora)
-        value = self._proj(attn.to_v, "to_v", encoder_hidden_states, lora)
+        key = self._proj(attn.to_k, "to_k", encoder_hidden_states, lora, shared)
+        value = self._proj(attn.to_v, "to_v", encoder_hidden_states, lora, shared)
 
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads

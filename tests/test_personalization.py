@@ -206,3 +206,27 @@ def test_personalizer_state_dict_round_trip(
     assert not any(
         k.startswith(("unet", "vae", "text_encoder", "image_encoder")) for k in personalizer.state_dict()
     )
+
+
+@pytest.mark.parametrize("kind", ["attn1", "attn2"])
+def test_one_layer_blends_the_two_paths_exactly(backbone, personalizer, kind):
+    # At one attention layer the dual path is alpha * adapted + (1 - alpha) * vanilla, where each path alone is
+    # what alpha = 1 and alpha = 0 compute (the blend shares base projections between the paths).
+    name = next(n for n in attention_module_names(backbone.unet) if n.endswith(kind))
+    attn = backbone.unet.get_submodule(name)
+    proc = backbone.unet.attn_processors[f"{name}.processor"]
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 16, attn.to_q.in_features, generator=g)
+    soft = torch.randn(2, 77, backbone.token_dim, generator=g) if kind == "attn2" else None
+    hard = torch.randn(2, 77, backbone.token_dim, generator=g)
+    with torch.no_grad():
+        personalizer.hypernetwork.heads.bias.normal_()
+        cores = personalizer.hypernetwork(torch.randn(2, personalizer.config.feature_dim, generator=g))
+        lora = personalizer.deltas(cores)
+
+        def run(alpha):
+            return proc(attn, hidden, soft, personalization=Personalization(lora, hard, alpha))
+
+        adapted, vanilla, half = run(1.0), run(0.0), run(0.5)
+    assert not torch.allclose(adapted, vanilla, atol=1e-4)
+    torch.testing.assert_close(half, 0.5 * adapted + 0.5 * vanilla, atol=1e-6, rtol=0)
