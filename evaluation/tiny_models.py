@@ -14,10 +14,6 @@ meaningless (random weights); only their plumbing is tested.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +27,7 @@ from transformers import (
 )
 
 from models.clip_tokenizer import CLIP_VOCAB_SIZE, load_clip_tokenizer, write_clip_tokenizer
+from models.io import atomic_write_dir
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -96,20 +93,6 @@ def build_tiny_dino(seed: int = 0) -> tuple[ViTModel, ViTImageProcessorPil]:
     return model, processor
 
 
-def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
-    """Runs ``write(tmp)`` into a sibling temp folder, then renames it to ``out`` (no half-written folders)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _write_clip(folder: Path, seed: int) -> None:
     model, processor = build_tiny_clip(seed)
     model.save_pretrained(folder, safe_serialization=True)
@@ -142,7 +125,7 @@ def write_tiny_eval_models(out_dir: str | Path, seed: int = 0, overwrite: bool =
         complete = (path / "config.json").exists() and (path / "preprocessor_config.json").exists()
         if complete and not overwrite:
             continue
-        _write_atomically(path, lambda tmp, w=writers[name]: w(tmp, seed))
+        atomic_write_dir(path, lambda tmp, w=writers[name]: w(tmp, seed))
     return paths
 
 

@@ -13,8 +13,6 @@ the project loads it through exactly the same ``from_pretrained`` code as real w
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from transformers import (
 )
 
 from models.clip_tokenizer import load_clip_tokenizer, write_clip_tokenizer
+from models.io import atomic_write_dir
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "backbone" / "tiny.yaml"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -76,24 +75,15 @@ def write_tiny_backbone(
     prediction_type: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Writes the tiny pipeline folder atomically (built in a sibling temp folder, then renamed).
+    """Writes the tiny pipeline folder atomically (built in a sibling temp folder, then swapped in).
 
     Returns the folder. An existing complete folder is kept unless ``overwrite``.
     """
     out = Path(out_dir)
     if (out / "model_index.json").exists() and not overwrite:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     pipe = build_tiny_pipeline(config_path, prediction_type)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_dir(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
     return out
 
 
