@@ -187,6 +187,7 @@ class TokenIndex:
         ef_construction: int = 80,
         ef_search: int = 64,
         num_threads: int | None = None,
+        vocabulary: Iterable[str] | str | Path | None = None,
     ) -> TokenIndex:
         """Indexes the text encoder's input-embedding table, optionally through an on-disk cache.
 
@@ -203,6 +204,10 @@ class TokenIndex:
             ef_construction: HNSW build breadth.
             ef_search: HNSW search breadth (applied after loading too; not part of the cache key).
             num_threads: FAISS threads; None means ``torch.get_num_threads()``.
+            vocabulary: a vocabulary filter: only the tokens of these words are searchable (a list of words, or
+                the path of a text file with one word per line; see :func:`vocabulary_ids`). Use it when rows of
+                the table were never trained (a small text encoder trained on a few hundred words: the other
+                rows are initialisation noise) or to restrict neighbours to, e.g., English nouns. None: no filter.
 
         Returns:
             The index; ``loaded_from_cache`` tells whether the cache was used.
@@ -216,6 +221,9 @@ class TokenIndex:
         excluded = set(int(i) for i in exclude_ids)
         if not excluded:
             excluded = set(tokenizer.all_special_ids) | set(range(tokenizer.vocab_size, num_rows))
+        if vocabulary is not None:
+            allowed = set(vocabulary_ids(tokenizer, vocabulary))
+            excluded |= set(range(num_rows)) - allowed
         if mode == "torch" or cache_dir is None:
             return cls.build(
                 weight, tokens, excluded, mode, hnsw_m, ef_construction, ef_search, num_threads=num_threads
@@ -320,6 +328,30 @@ def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def read_vocabulary(vocabulary: Iterable[str] | str | Path) -> list[str]:
+    """Words of a vocabulary filter: a list as given, or a file's non-empty lines (``#`` starts a comment)."""
+    if isinstance(vocabulary, (str, Path)):
+        path = Path(vocabulary)
+        if not path.is_file():
+            raise FileNotFoundError(f"vocabulary file {path} does not exist")
+        lines = (line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines())
+        words = [w for w in lines if w]
+    else:
+        words = [str(w).strip() for w in vocabulary if str(w).strip()]
+    if not words:
+        raise ValueError(f"the vocabulary filter {vocabulary!r} has no words")
+    return words
+
+
+def vocabulary_ids(tokenizer: Any, vocabulary: Iterable[str] | str | Path) -> list[int]:
+    """Sorted vocabulary ids of the tokens of ``vocabulary``'s words (every BPE piece of a word, no specials)."""
+    special = set(tokenizer.all_special_ids)
+    ids: set[int] = set()
+    for word in read_vocabulary(vocabulary):
+        ids |= {int(i) for i in tokenizer(word, add_special_tokens=False).input_ids if int(i) not in special}
+    return sorted(ids)
 
 
 def _prepare(embeddings: Tensor, tokens: list[str], exclude_ids: Iterable[int]) -> tuple[Tensor, np.ndarray]:

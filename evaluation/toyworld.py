@@ -1,0 +1,185 @@
+"""Measurements on the toy world: the base model's prompt adherence, read by the attribute checker.
+
+    python -m evaluation.toyworld base-adherence --n 256 --seed 0     # per-attribute accuracy of the base model
+
+The committed models live in ``assets/toyworld/`` (see its README); they load with plain ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from datamodules.toyworld import ATTRIBUTES, ToyWorldStream, sample_prompts
+from models.checker import AttributeChecker
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "toyworld"
+PIPELINE_DIR = ASSETS / "pipeline"
+CHECKER_DIR = ASSETS / "checker"
+CLIP_DIR = ASSETS / "clip"
+VOCABULARY_FILE = ASSETS / "vocabulary.txt"
+SAMPLE_STEPS = 25
+GUIDANCE = 3.0
+
+
+def clip_tokenizer():
+    """The real CLIP tokenizer (49,408 entries), built offline from the committed BPE file."""
+    import tempfile
+
+    from models.clip_tokenizer import load_clip_tokenizer, write_clip_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_clip_tokenizer(write_clip_tokenizer(tmp))
+
+
+def load_pipeline(path: str | Path = PIPELINE_DIR, dtype: torch.dtype = torch.float32):
+    """The toy world's base model as a plain diffusers ``StableDiffusionPipeline``."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sample(
+    pipe,
+    prompts: list[str],
+    seed: int,
+    steps: int = SAMPLE_STEPS,
+    guidance: float = GUIDANCE,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Images for ``prompts`` as ``(N, 3, H, W)`` in [-1, 1]; image ``i`` depends on (seed, i) only."""
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(chunk))]
+        images = pipe(
+            chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pt"
+        ).images
+        out.append(images.float() * 2 - 1)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def read_attributes(checker: AttributeChecker, images: torch.Tensor) -> dict[str, list[str]]:
+    """The checker's reading of every attribute of ``images`` in [-1, 1]."""
+    return checker.predict(images.float())
+
+
+def adherence(readings: dict[str, list[str]], wanted: list[dict]) -> dict[str, float]:
+    """Share of images whose attribute equals the one asked for, per attribute."""
+    n = len(wanted)
+    return {a: sum(readings[a][i] == wanted[i][a] for i in range(n)) / n for a in ATTRIBUTES}
+
+
+def base_adherence(
+    n: int = 256,
+    seed: int = 0,
+    pipeline_dir: str | Path = PIPELINE_DIR,
+    checker_dir: str | Path = CHECKER_DIR,
+    steps: int = SAMPLE_STEPS,
+    guidance: float = GUIDANCE,
+) -> dict[str, float]:
+    """Per-attribute accuracy of the base model on ``n`` base-distribution prompts (every attribute stated)."""
+    rows = sample_prompts(n, seed)
+    pipe = load_pipeline(pipeline_dir)
+    checker = AttributeChecker.from_pretrained(checker_dir)
+    images = sample(pipe, [r["prompt"] for r in rows], seed, steps, guidance)
+    return adherence(read_attributes(checker, images), [r["attributes"] for r in rows])
+
+
+def attribute_accuracy(checker, n: int = 2000, seed: int = 12345, noise: float = 0.0) -> dict[str, float]:
+    """The checker's accuracy per attribute on ``n`` fresh renders of the whole world (novel shapes included)."""
+    stream = ToyWorldStream(250, seed=seed, split="all")
+    correct = {a: 0 for a in ATTRIBUTES}
+    g = torch.Generator().manual_seed(seed)
+    checker.eval()
+    with torch.no_grad():
+        for i in range(n // 250):
+            batch = stream.batch(i)
+            x = batch["pixels"]
+            if noise:
+                x = (x + noise * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+            logits = checker(x)
+            for a in ATTRIBUTES:
+                correct[a] += int((logits[a].argmax(-1) == batch["labels"][a]).sum())
+    return {a: correct[a] / (n // 250 * 250) for a in ATTRIBUTES}
+
+
+ZERO_SHOT_TEMPLATES = {
+    "shape": "a {}",
+    "colour": "a {} object",
+    "pattern": "a {} object",
+    "background": "an object on a {} background",
+    "position": "an object {}",
+    "size": "a {} object",
+}
+
+
+def zero_shot_accuracy(model, tokenizer, n: int = 1000, seed: int = 4321) -> dict[str, float]:
+    """Zero-shot accuracy per attribute: each image gets the value whose one-attribute prompt is most similar."""
+    from datamodules.toyworld import POSITION_PHRASE, VALUES
+
+    stream = ToyWorldStream(250, seed=seed, split="all")
+    correct = {a: 0 for a in ATTRIBUTES}
+    model.eval()
+    with torch.no_grad():
+        text = {}
+        for a in ATTRIBUTES:
+            words = [POSITION_PHRASE[v] if a == "position" else v for v in VALUES[a]]
+            prompts = [ZERO_SHOT_TEMPLATES[a].format(w) for w in words]
+            ids = tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+            text[a] = F.normalize(model.get_text_features(input_ids=ids).pooler_output, dim=-1)
+        for i in range(n // 250):
+            batch = stream.batch(i)
+            img = F.normalize(
+                model.get_image_features(pixel_values=clip_pixels(batch["pixels"])).pooler_output, dim=-1
+            )
+            for a in ATTRIBUTES:
+                correct[a] += int(((img @ text[a].T).argmax(-1) == batch["labels"][a]).sum())
+    return {a: correct[a] / (n // 250 * 250) for a in ATTRIBUTES}
+
+
+def clip_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> CLIP-normalised pixel values (the processor's mean and std)."""
+    from models.tiny import CLIP_MEAN, CLIP_STD
+
+    x = (pixels + 1) / 2
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluation.toyworld",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("base-adherence", help="checker accuracy of base-model samples per attribute")
+    b.add_argument("--n", type=int, default=256, help="number of prompts")
+    b.add_argument("--seed", type=int, default=0, help="prompt and sampling seed")
+    b.add_argument("--pipeline", default=str(PIPELINE_DIR), help="base model folder (diffusers layout)")
+    b.add_argument("--checker", default=str(CHECKER_DIR), help="attribute checker folder")
+    b.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="DDIM steps")
+    b.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale")
+    args = parser.parse_args(argv)
+    for name in ("pipeline", "checker"):
+        if not (
+            Path(getattr(args, name)) / ("model_index.json" if name == "pipeline" else "config.json")
+        ).exists():
+            parser.error(f"--{name} {getattr(args, name)} is not a {name} folder")
+    acc = base_adherence(args.n, args.seed, args.pipeline, args.checker, args.steps, args.guidance)
+    sys.stdout.write(json.dumps(acc) + "\n")
+
+
+if __name__ == "__main__":
+    main()
