@@ -6,12 +6,17 @@
 
 Both phases are ``fit``: the model's ``class_path`` picks the phase (``lightning_modules.EncoderPretraining`` or
 ``lightning_modules.ConceptTuning``) and the data's the dataset. ``--ckpt_path`` resumes exactly.
+
+A mistake in the input (an unreadable or too small image, a missing or foreign checkpoint, an impossible
+configuration: any :class:`models.errors.TuningEncoderError`) prints ``train.py: error: <message>`` and exits
+with status 2; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import sys
 import traceback
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -21,6 +26,7 @@ from lightning import LightningDataModule, LightningModule  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from lightning_modules.base import check_checkpoint, read_checkpoint  # noqa: E402
+from models.errors import TuningEncoderError  # noqa: E402
 
 # ``--ckpt_path`` values Lightning resolves itself (not files).
 _SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
@@ -93,5 +99,16 @@ def main(args: list[str] | None = None, run: bool = True) -> TuningEncoderCLI:
     )
 
 
+def cli(args: list[str] | None = None) -> int:
+    """Command-line entry point: :func:`main`, with the project's own errors as one line and status 2."""
+    try:
+        main(args)
+    except TuningEncoderError as err:
+        message = " ".join(str(err).split())  # one line, whatever the message's own line breaks
+        print(f"train.py: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

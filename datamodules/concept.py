@@ -18,11 +18,13 @@ from datamodules.transforms import (
     DEFAULT_PLACEHOLDER,
     ViewSpec,
     check_augment_args,
+    check_image_size,
     item_generator,
     load_rgb,
     split_index,
     to_rgb,
 )
+from models.errors import ConfigurationError
 
 
 class SingleConceptDataset(Dataset):
@@ -125,9 +127,11 @@ class ConceptDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
 
     Raises:
-        ValueError: both or neither of ``image`` and ``synthetic_concept`` are given, or a count is < 1.
-        FileNotFoundError: ``image`` does not exist.
+        ConfigurationError: both or neither of ``image`` and ``synthetic_concept`` are given, or a count is < 1.
+        MissingFileError: ``image`` does not exist.
         ImageLoadError: ``image`` cannot be decoded.
+        ImageTooSmallError: ``image``'s short side is below ``min_image_side(resolution)``; between that and
+            ``resolution`` a :class:`SmallImageWarning` is issued.
     """
 
     def __init__(
@@ -151,15 +155,18 @@ class ConceptDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         if (image is None) == (synthetic_concept is None):
-            raise ValueError(
+            raise ConfigurationError(
                 "ConceptDataModule needs exactly one of image=<path> or synthetic_concept=<id>, "
                 f"got image={image!r}, synthetic_concept={synthetic_concept!r}"
             )
         if batch_size < 1 or steps < 1:
-            raise ValueError(f"batch_size and steps must be >= 1, got batch_size={batch_size}, steps={steps}")
+            raise ConfigurationError(
+                f"batch_size and steps must be >= 1, got batch_size={batch_size}, steps={steps}"
+            )
         check_augment_args(scale, flip_p)  # before any work, not at the first batch
         if image is not None:
             self.concept_image: Image.Image = load_rgb(image)
+            check_image_size(self.concept_image.size, resolution, image)
             self.concept_name = Path(image).stem
             self.concept_id = 0
             self.class_noun = class_noun
@@ -174,6 +181,8 @@ class ConceptDataModule(LightningDataModule):
         self.steps = steps
         self.num_workers = num_workers
         self.seed = seed
+        # The size check above used it; ConceptTuning checks again if the model's resolution differs.
+        self.resolution = resolution
         self._dataset_args = dict(
             resolution=resolution,
             clip_size=clip_size,

@@ -8,6 +8,7 @@ the same in every process, worker and run; this is what makes resuming mid-epoch
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from models.errors import ConfigurationError, MissingFileError, TuningEncoderError
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -52,11 +55,17 @@ PROMPT_TEMPLATES: tuple[str, ...] = (
     "a photo of a small {}",
 )
 
+# A concept image is upscaled at most this much to the model's resolution, and never used below MIN_IMAGE_SIDE:
+# past that, bicubic interpolation blur is what the VAE and the image encoder see, not the concept (at 16 px an
+# SD latent is 2 x 2 cells).
+MAX_UPSCALE = 4
+MIN_IMAGE_SIDE = 16
+
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _MASK64 = (1 << 64) - 1
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(TuningEncoderError, ValueError):
     """An image file that exists but cannot be decoded (corrupt, truncated, unsupported).
 
     Args:
@@ -68,6 +77,49 @@ class ImageLoadError(ValueError):
         self.path = str(path)
         self.reason = " ".join(str(reason).split()) or "unknown error"
         super().__init__(f"cannot load image {self.path}: {self.reason}")
+
+
+class ImageTooSmallError(TuningEncoderError, ValueError):
+    """A concept image too small to tune on (see :func:`check_image_size`)."""
+
+
+class SmallImageWarning(UserWarning):
+    """A concept image smaller than the model's resolution: it is upscaled, so detail is interpolated."""
+
+
+def min_image_side(resolution: int) -> int:
+    """Smallest accepted short side at ``resolution``: ``resolution / MAX_UPSCALE``, at least ``MIN_IMAGE_SIDE``
+    (never above ``resolution`` itself)."""
+    return min(int(resolution), max(MIN_IMAGE_SIDE, math.ceil(resolution / MAX_UPSCALE)))
+
+
+def check_image_size(size: tuple[int, int], resolution: int, source: str) -> None:
+    """Warns if an image's short side is below ``resolution``; refuses it below :func:`min_image_side`.
+
+    Args:
+        size: ``(width, height)`` in pixels.
+        resolution: the model's pixel resolution (the short side is resized to it).
+        source: what the image is, for the message (e.g. its path).
+
+    Raises:
+        ImageTooSmallError: the short side is below ``min_image_side(resolution)``.
+    """
+    w, h = (int(v) for v in size)
+    floor = min_image_side(resolution)
+    if min(w, h) < floor:
+        raise ImageTooSmallError(
+            f"concept image {source} is {w}x{h} px, too small for resolution {resolution}: its short side must be "
+            f">= {floor} px (upscaling more than {MAX_UPSCALE}x, or below {MIN_IMAGE_SIDE} px, leaves only "
+            f"interpolation blur to learn from)"
+        )
+    if min(w, h) < resolution:
+        warnings.warn(
+            SmallImageWarning(
+                f"concept image {source} is {w}x{h} px, smaller than the model's resolution {resolution}: "
+                f"it is upscaled {resolution / min(w, h):.1f}x, so fine detail is interpolated"
+            ),
+            stacklevel=2,
+        )
 
 
 def _splitmix64(x: int) -> int:
@@ -114,11 +166,11 @@ def split_index(index: int | tuple[int, int], default_epoch: int) -> tuple[int, 
 
 
 def check_augment_args(scale: tuple[float, float], flip_p: float) -> None:
-    """Raises ``ValueError`` unless ``0 < scale[0] <= scale[1] <= 1`` and ``0 <= flip_p <= 1``."""
+    """Raises ``ConfigurationError`` unless ``0 < scale[0] <= scale[1] <= 1`` and ``0 <= flip_p <= 1``."""
     if not (0.0 < scale[0] <= scale[1] <= 1.0):
-        raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
+        raise ConfigurationError(f"scale must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
     if not (0.0 <= flip_p <= 1.0):
-        raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
+        raise ConfigurationError(f"flip_p must be in [0, 1], got {flip_p}")
 
 
 def pick_template(templates: Sequence[str], generator: torch.Generator) -> str:
@@ -180,7 +232,7 @@ def load_rgb(path: str | Path) -> Image.Image:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
+        raise MissingFileError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
             img.load()  # decoding is lazy: truncation and corruption only surface here

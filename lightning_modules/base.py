@@ -26,6 +26,7 @@ from losses import (
 )
 from models.attention import LoraDelta
 from models.backbone import DEFAULT_IMAGE_ENCODER, DiffusionBackbone
+from models.errors import MissingFileError, TuningEncoderError
 from models.personalizer import PersonalizerConfig
 from models.sampling import sample_personalized
 from models.token_index import TokenIndex
@@ -33,7 +34,7 @@ from models.token_index import TokenIndex
 CHECKPOINT_KEY = "tuning_encoder"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(TuningEncoderError, ValueError):
     """A checkpoint that is not ours, of the wrong phase, or made on another base model."""
 
 
@@ -254,7 +255,7 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
         CheckpointMismatchError: the file is not a readable PyTorch checkpoint.
     """
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
+        raise MissingFileError(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises several error types (pickle, zip, EOF) for foreign bytes

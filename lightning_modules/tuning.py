@@ -17,6 +17,7 @@ from torch import nn
 from datamodules.transforms import (
     CLIP_MEAN,
     CLIP_STD,
+    check_image_size,
     resize_center_crop,
     to_clip_tensor,
     to_diffusion_tensor,
@@ -60,6 +61,10 @@ class ConceptTuning(PersonalizationModule):
         export_dir: folder the artefact ``<concept>.safetensors`` (and ``<concept>_diffusers/``) is written to.
         concept_name: artefact name; None = the datamodule's concept name.
         export_diffusers: also write the LoRA + textual-inversion pair plain diffusers loads.
+        export_kohya: also write ``<concept>_kohya/``: the LoRA in kohya's key layout with its alpha
+            (``<concept>_lora.safetensors``, for Automatic1111 / Forge ``models/Lora`` and ComfyUI ``models/loras``)
+            and v* as ``<concept>.safetensors`` (``emb_params``) and ``<concept>.pt`` (A1111 ``string_to_param``)
+            for their ``embeddings`` folders; the prompt word there is ``<concept>``.
         method: name recorded in the artefact (e.g. ``date``, ``textual_inversion``).
         **kwargs: the arguments shared with pretraining (weights, placeholder, module sizes, alpha, regulariser,
             seed, sample logging): see :class:`~lightning_modules.base.PersonalizationModule`. Here ``alpha`` is
@@ -80,6 +85,7 @@ class ConceptTuning(PersonalizationModule):
         export_dir: str = "outputs/concepts",
         concept_name: str | None = None,
         export_diffusers: bool = True,
+        export_kohya: bool = False,
         method: str = "date",
         **kwargs,
     ) -> None:
@@ -117,6 +123,7 @@ class ConceptTuning(PersonalizationModule):
         self.optimizer_factory = optimizer
         self.init, self.init_token, self.init_noise_draws = init, init_token, init_noise_draws
         self.export_dir, self.concept_name, self.export_diffusers = export_dir, concept_name, export_diffusers
+        self.export_kohya = export_kohya
         self.method = method
         self.artifact_path: Path | None = None
 
@@ -131,6 +138,13 @@ class ConceptTuning(PersonalizationModule):
 
     # ----- initial prediction from the one image -----
     def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        image = getattr(dm, "concept_image", None)
+        if image is not None and getattr(dm, "resolution", None) != self.backbone.resolution:
+            # The datamodule checked the image against its own configured resolution; the model's decides.
+            check_image_size(
+                image.size, self.backbone.resolution, repr(getattr(dm, "concept_name", "concept"))
+            )
         if bool(self.initialised):
             return  # resumed: the tuned values come from the checkpoint
         with torch.no_grad():
@@ -254,4 +268,12 @@ class ConceptTuning(PersonalizationModule):
         if self.export_diffusers:
             out = artifact.export_diffusers(Path(self.export_dir) / f"{name}_diffusers")
             msg += f" (+ diffusers LoRA / embedding in {out})"
+        if self.export_kohya:
+            files = artifact.export_kohya(
+                Path(self.export_dir) / f"{name}_kohya",
+                name,
+                prediction_type=str(self.backbone.scheduler.config.prediction_type),
+                resolution=self.backbone.resolution,
+            )
+            msg += f" (+ A1111 / ComfyUI LoRA and embeddings in {files['lora'].parent})"
         rank_zero_info(msg)

@@ -1,4 +1,4 @@
-"""Concept artefacts: one safetensors file per tuned concept, and the pair plain diffusers loads.
+"""Concept artefacts: one safetensors file per tuned concept, the pair plain diffusers loads, and kohya's files.
 
 The artefact holds v*, its nearest real token, the concept's LoRA as static factors (``down' = M·A``, ``up = B``
 for each target linear), the dual-path alpha, the base model and its fingerprint, and the tuning steps.
@@ -16,6 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models.attention import LoraDelta
+from models.errors import MissingFileError
+from models.export_kohya import write_kohya
 from models.io import atomic_write
 
 FORMAT = "tuning-encoder/concept"
@@ -82,7 +84,7 @@ class ConceptArtifact:
         """Reads an artefact; a missing file or a safetensors file of another kind is a clear error."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"concept artefact {path} does not exist")
+            raise MissingFileError(f"concept artefact {path} does not exist")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
@@ -130,3 +132,34 @@ class ConceptArtifact:
         emb = {self.placeholder: self.v_star.detach().float().cpu().reshape(-1).contiguous()}
         atomic_write(out / "learned_embeds.safetensors", lambda tmp: save_file(emb, tmp, metadata=meta))
         return out
+
+    def export_kohya(
+        self,
+        out_dir: str | Path,
+        name: str,
+        alpha: float | None = None,
+        prediction_type: str = "epsilon",
+        resolution: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> dict[str, Path]:
+        """Writes the files Automatic1111, Forge and ComfyUI read (diffusers reads them too).
+
+        ``<name>_lora.safetensors``: the LoRA in kohya's SD 1.x/2.x key layout
+        (``lora_unet_<module path>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``), with
+        ``alpha / rank · up @ down`` equal to the delta this project applies, and kohya ``ss_*`` plus SAI
+        ``modelspec.*`` metadata; ``<name>.safetensors`` (``emb_params``) and ``<name>.pt`` (A1111's
+        ``string_to_param``): v*. Like :meth:`export_diffusers` this is the single-path approximation (alpha = 1).
+        See :mod:`models.export_kohya` for what each tool's loader reads.
+
+        Args:
+            out_dir: folder to write into.
+            name: file stem; A1111 and ComfyUI name the embedding after it (the prompt word).
+            alpha: kohya alpha of every module; None = the rank (scale 1). Any value gives the same delta.
+            prediction_type: the base model's scheduler ``prediction_type`` (metadata only).
+            resolution: the base model's pixel resolution (metadata only).
+            dtype: tensor dtype of the LoRA file.
+
+        Returns:
+            ``{"lora": path, "embedding": path, "embedding_pt": path}``.
+        """
+        return write_kohya(self, out_dir, name, alpha, prediction_type, resolution, dtype)

@@ -7,8 +7,10 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from models.errors import TuningEncoderError
 
-class ModelNotAvailableError(OSError):
+
+class ModelNotAvailableError(TuningEncoderError, OSError):
     """A hub id that is neither cached locally nor downloadable from here."""
 
 

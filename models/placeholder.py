@@ -12,13 +12,15 @@ import torch
 from torch import nn
 from transformers import CLIPTokenizer
 
+from models.errors import TuningEncoderError
+
 try:  # transformers >= 4.48 builds the causal mask through this helper
     from transformers.masking_utils import create_causal_mask
 except ImportError:  # pragma: no cover - older transformers
     create_causal_mask = None
 
 
-class PlaceholderError(ValueError):
+class PlaceholderError(TuningEncoderError, ValueError):
     """A placeholder string that cannot be used, or a prompt that does not contain it."""
 
 
