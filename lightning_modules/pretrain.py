@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from lightning_modules.base import PersonalizationModule
+from losses import add_noise
 from models.attention import LoraDelta
 from models.personalizer import Personalizer
 
@@ -59,13 +60,15 @@ class EncoderPretraining(PersonalizationModule):
         probe = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self._probe.items()}
         with torch.no_grad():
             latents = self.backbone.encode_images(probe["pixel_values"]).float()
-            t = torch.full(
-                (latents.shape[0],),
-                self.backbone.scheduler.config.num_train_timesteps // 2,
-                device=self.device,
+            # Real Gaussian noise at t = T/2, the same draw at every probe (a fixed seed), so the logged nearest
+            # tokens and samples are comparable across steps. (A zero-noise z_t is no latent the encoder sees.)
+            noised = add_noise(
+                self.backbone.scheduler,
+                latents,
+                generator=torch.Generator().manual_seed(self.seed),
+                timesteps=self.backbone.scheduler.config.num_train_timesteps // 2,
             )
-            noisy = self.backbone.scheduler.add_noise(latents, torch.zeros_like(latents), t)
-            v_star, cores = self.predict_concepts(probe, noisy, t)
+            v_star, cores = self.predict_concepts(probe, noised.noisy, noised.timesteps)
             self.log_samples(list(probe["prompt"]), v_star, cores, tag="probe")
 
     def configure_optimizers(self):
