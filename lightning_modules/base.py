@@ -63,7 +63,8 @@ class PersonalizationModule(LightningModule):
         sample_inference_steps: denoising steps of those samples.
         torch_dtype: dtype the frozen backbone (UNet, VAE, text and image encoders) is loaded and kept in:
             ``float32`` (default), ``bfloat16`` or ``float16``. The trainable modules always stay float32;
-            combine a reduced dtype with ``trainer.precision: bf16-mixed`` / ``16-mixed``.
+            combine ``bfloat16`` with ``trainer.precision: bf16-mixed`` and ``float16`` with ``16-mixed`` (bf16
+            autocast feeds bf16 activations to float16 norm layers, which fails).
         variant: weight-file variant of the Stable Diffusion folder, e.g. ``fp16`` for the
             ``*.fp16.safetensors`` files many hub models ship (half the download); None = the plain files.
         gradient_checkpointing: recompute the frozen UNet's activations in the backward pass instead of

@@ -182,7 +182,11 @@ class DiffusionBackbone(nn.Module):
                     {k: v for k, v in dict(cfg).items() if not k.startswith("_")}, sort_keys=True, default=str
                 ).encode()
             )
-        text_cfg = {k: v for k, v in self.text_encoder.config.to_dict().items() if "version" not in k}
+        text_cfg = {
+            k: v
+            for k, v in self.text_encoder.config.to_dict().items()
+            if "version" not in k and k not in {"dtype", "torch_dtype"}  # the load dtype is not the model
+        }
         h.update(json.dumps(text_cfg, sort_keys=True, default=str).encode())
         for t in (
             self.unet.conv_in.weight,
