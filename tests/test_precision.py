@@ -52,7 +52,9 @@ def _run_pretrain(root, sd, index, precision: str, model: dict | None = None, st
 def _assert_close(a: dict[str, float], b: dict[str, float], rtol: float) -> None:
     assert a.keys() == b.keys()
     for name in a:
-        print(f"{name}: {a[name]:.6g} vs fp32 {b[name]:.6g} (rel {abs(a[name] - b[name]) / abs(b[name]):.2e})")
+        print(
+            f"{name}: {a[name]:.6g} vs fp32 {b[name]:.6g} (rel {abs(a[name] - b[name]) / abs(b[name]):.2e})"
+        )
         assert abs(a[name] - b[name]) <= rtol * abs(b[name]), (name, a[name], b[name])
 
 
@@ -308,3 +310,24 @@ def test_contrastive_is_float32_under_bf16_autocast():
         out = NearestNeighbourContrastiveLoss()(v.bfloat16(), n.bfloat16())["loss/nn_contrastive"]
     assert out.dtype == torch.float32
     assert abs(out.item() - ref.item()) <= 0.02 * ref.item()  # only the bf16 rounding of the inputs remains
+
+
+def test_averaged_initial_v_star_has_the_token_norm(tiny_sd_dir, index_dir, pretrain_ckpt, tmp_path):
+    from tests.cli_runs import Snapshot
+
+    snap = Snapshot()
+    cli = fit(tune_args(tmp_path, tiny_sd_dir, index_dir, pretrain_ckpt, steps=1), snap)
+    embedder = cli.model.personalizer.token_embedder
+    assert embedder.rescale and cli.model.init_noise_draws > 1
+    norm = snap.params["v_star"].norm(dim=-1)
+    torch.testing.assert_close(norm, embedder.target_norm.expand_as(norm), rtol=1e-5, atol=0)
+
+
+def test_default_num_workers_leaves_a_core_and_caps_at_8(monkeypatch):
+    from datamodules.pretrain import default_num_workers
+
+    for cores, expected in ((1, 0), (2, 1), (16, 8), (None, 0)):
+        monkeypatch.setattr("os.cpu_count", lambda c=cores: c)
+        assert default_num_workers() == expected
+    dm = PretrainDataModule(synthetic_concepts=8, synthetic_holdout=1, num_workers=None)
+    assert dm.num_workers == default_num_workers()
