@@ -14,6 +14,7 @@ Order and content of every batch are pure functions of ``(seed, epoch)``:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -108,6 +109,11 @@ class ResumableDataLoader(DataLoader):
         self._batches = batches
 
 
+def default_num_workers() -> int:
+    """``min(8, cpu_count - 1)`` DataLoader workers (0 on a single core): one core stays with the main process."""
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
 def world_info(module: LightningDataModule) -> tuple[int, int]:
     """``(world_size, global_rank)`` of the attached trainer, ``(1, 0)`` without one."""
     trainer = getattr(module, "trainer", None)
@@ -138,7 +144,9 @@ class PretrainDataModule(LightningDataModule):
         scale: Random-resized-crop area range (fraction of the largest square that fits).
         flip_p: Horizontal-flip probability.
         batch_size: Items per batch (per device); >= 2 for the contrastive regulariser.
-        num_workers: DataLoader worker processes (persistent when > 0).
+        num_workers: DataLoader worker processes (persistent when > 0). None (the SD configs): one per CPU core
+            but one, at most 8 (:func:`default_num_workers`): decoding and cropping 512 px images in the main
+            process would starve the GPU. The tiny configs use 0 (32 px synthetic renders cost microseconds).
         placeholder: Pseudo-word string in the prompts, e.g. ``"a photo of a <s*>"``.
         seed: Seed of the shuffling order and of every crop, flip and template.
         drop_last: Drop the last incomplete batch (keeps every batch at ``batch_size`` concepts).
@@ -158,7 +166,7 @@ class PretrainDataModule(LightningDataModule):
         scale: tuple[float, float] = (0.8, 1.0),
         flip_p: float = 0.5,
         batch_size: int = 8,
-        num_workers: int = 0,
+        num_workers: int | None = 0,
         placeholder: str = DEFAULT_PLACEHOLDER,
         seed: int = 0,
         drop_last: bool = True,
@@ -201,7 +209,7 @@ class PretrainDataModule(LightningDataModule):
                 f" (held out: {self.heldout_concept_ids})"
             )
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.seed = seed
         self.drop_last = drop_last
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import torch
 from lightning import LightningModule
@@ -23,6 +24,9 @@ from losses import (
     add_noise,
     check_finite,
     gather_neighbours,
+    gather_rows,
+    nearest_pull,
+    world_and_rank,
 )
 from models.attention import LoraDelta
 from models.backbone import DEFAULT_IMAGE_ENCODER, DiffusionBackbone
@@ -58,6 +62,16 @@ class PersonalizationModule(LightningModule):
             reproduces an uninterrupted run exactly.
         sample_every_n_steps: log sample images to TensorBoard every n steps (0 disables).
         sample_inference_steps: denoising steps of those samples.
+        torch_dtype: dtype the frozen backbone (UNet, VAE, text and image encoders) is loaded and kept in:
+            ``float32`` (default), ``bfloat16`` or ``float16``. The trainable modules always stay float32;
+            combine ``bfloat16`` with ``trainer.precision: bf16-mixed`` and ``float16`` with ``16-mixed`` (bf16
+            autocast feeds bf16 activations to float16 norm layers, which fails).
+        variant: weight-file variant of the Stable Diffusion folder, e.g. ``fp16`` for the
+            ``*.fp16.safetensors`` files many hub models ship (half the download); None = the plain files.
+        gradient_checkpointing: recompute the frozen UNet's activations in the backward pass instead of
+            storing them (less memory at 512 px, about one more UNet forward per step; same loss and
+            gradients). The frozen text encoder is not checkpointed (transformers only checkpoints modules in
+            training mode, and it is small next to the UNet).
     """
 
     strict_loading = False
@@ -80,13 +94,23 @@ class PersonalizationModule(LightningModule):
         seed: int = 0,
         sample_every_n_steps: int = 0,
         sample_inference_steps: int = 10,
+        torch_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        variant: str | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
         self.backbone = DiffusionBackbone.from_pretrained(
-            pretrained_model_name_or_path, image_encoder_name_or_path, placeholder=placeholder
+            pretrained_model_name_or_path,
+            image_encoder_name_or_path,
+            placeholder=placeholder,
+            torch_dtype=getattr(torch, torch_dtype) if torch_dtype else None,
+            variant=variant,
         )
+        self.gradient_checkpointing = gradient_checkpointing
+        if gradient_checkpointing:
+            self.backbone.unet.enable_gradient_checkpointing()
         self.personalizer_config = personalizer or PersonalizerConfig()
         self.alpha = alpha
         self.nn_k = nn_k
@@ -106,7 +130,32 @@ class PersonalizationModule(LightningModule):
     # ----- checkpoints hold trainable weights and the config only -----
     def state_dict(self, *args, **kwargs):
         full = super().state_dict(*args, **kwargs)
-        return type(full)((k, v) for k, v in full.items() if not k.startswith("backbone."))
+        return type(full)((k, v) for k, v in full.items() if self.checkpointed_key(k))
+
+    @staticmethod
+    def checkpointed_key(key: str) -> bool:
+        """Whether a state-dict key enters checkpoints: everything but the frozen backbone.
+
+        Also used by :class:`~lightning_modules.fsdp.PersonalizationFSDPStrategy`, whose FSDP state dict does not
+        go through :meth:`state_dict`.
+        """
+        return not key.startswith("backbone.")
+
+    def fsdp_wrap_modules(self) -> list[torch.nn.Module]:
+        """Modules FSDP shards as units: each uses its parameters only inside its own ``forward``.
+
+        The trainable feature encoder, token embedder and hypernetwork trunk / heads (when this phase has a
+        personalizer) and the frozen UNet's down, mid and up blocks.
+        """
+        unet = self.backbone.unet
+        units: list[torch.nn.Module] = [*unet.down_blocks, *unet.up_blocks]
+        if unet.mid_block is not None:
+            units.append(unet.mid_block)
+        personalizer = getattr(self, "personalizer", None)
+        if personalizer is not None:
+            hyper = personalizer.hypernetwork
+            units += [personalizer.encoder, personalizer.token_embedder, hyper.trunk, hyper.heads]
+        return units
 
     def checkpoint_metadata(self) -> dict:
         return {
@@ -182,16 +231,15 @@ class PersonalizationModule(LightningModule):
         losses = dict(self.diffusion_loss(pred.float(), noised.target.float()))
         total = losses["loss/diffusion"]
         if self.nn_weight > 0:
-            if len(set(_concept_ids(batch))) >= 2 and v_star.shape[0] >= 2:
-                terms = self.nn_loss(v_star, neighbours, neighbour_ids)
+            concept_ids = batch_concept_ids(batch, v_star.device)
+            if count_concepts(concept_ids) >= 2:
+                terms = self.nn_loss(v_star, neighbours, neighbour_ids, concept_ids)
                 losses["loss/nn_contrastive"] = terms["loss/nn_contrastive"]
                 total = total + terms["loss/nn_contrastive_weighted"]
             else:
                 # One concept (inference-time tuning): no negatives exist, so only the pull toward the
                 # nearest tokens remains (1 - cosine), with the same weight.
-                pull = (
-                    1 - torch.nn.functional.cosine_similarity(v_star.unsqueeze(1), neighbours, dim=-1).mean()
-                )
+                pull = nearest_pull(v_star, neighbours)
                 losses["loss/nn_pull"] = pull
                 total = total + self.nn_weight * pull
         if self.norm_penalty.weight > 0:
@@ -240,11 +288,22 @@ class PersonalizationModule(LightningModule):
         writer.add_images(f"{tag}/samples", images.cpu(), self.global_step)
 
 
-def _concept_ids(batch: dict) -> list[int]:
+def batch_concept_ids(batch: dict, device: torch.device) -> torch.Tensor:
+    """(B,) the batch's ``concept_id`` (every datamodule sets it); without one, each row is its own concept.
+
+    Rows without ids are numbered by their global row (``rank * B + i``), so they stay distinct across ranks.
+    """
     ids = batch.get("concept_id")
     if ids is None:
-        return list(range(len(batch["prompt"])))
-    return [int(i) for i in (ids.tolist() if torch.is_tensor(ids) else ids)]
+        _, rank = world_and_rank()
+        n = len(batch["prompt"])
+        return torch.arange(n, device=device) + rank * n
+    return torch.as_tensor(ids, dtype=torch.long).to(device)
+
+
+def count_concepts(concept_ids: torch.Tensor) -> int:
+    """Distinct concepts in the global batch (all ranks), so every rank takes the same loss branch."""
+    return int(gather_rows(concept_ids).unique().numel())
 
 
 def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:

@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from lightning_modules.base import PersonalizationModule
+from losses import add_noise
 from models.attention import LoraDelta
 from models.personalizer import Personalizer
 
@@ -59,14 +60,22 @@ class EncoderPretraining(PersonalizationModule):
         probe = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self._probe.items()}
         with torch.no_grad():
             latents = self.backbone.encode_images(probe["pixel_values"]).float()
-            t = torch.full(
-                (latents.shape[0],),
-                self.backbone.scheduler.config.num_train_timesteps // 2,
-                device=self.device,
-            )
-            noisy = self.backbone.scheduler.add_noise(latents, torch.zeros_like(latents), t)
-            v_star, cores = self.predict_concepts(probe, noisy, t)
+            noised = self.probe_noised(latents)
+            v_star, cores = self.predict_concepts(probe, noised.noisy, noised.timesteps)
             self.log_samples(list(probe["prompt"]), v_star, cores, tag="probe")
+
+    def probe_noised(self, latents: torch.Tensor):
+        """z_t of the probe latents (B, C, h, w) at t = T/2 with real Gaussian noise, the same draw every time.
+
+        A fixed seed keeps the logged nearest tokens and samples comparable across steps; a zero-noise z_t (the
+        scaled clean latent) is no input the encoder ever sees in training.
+        """
+        return add_noise(
+            self.backbone.scheduler,
+            latents,
+            generator=torch.Generator().manual_seed(self.seed),
+            timesteps=self.backbone.scheduler.config.num_train_timesteps // 2,
+        )
 
     def configure_optimizers(self):
         params = [p for p in self.personalizer.parameters() if p.requires_grad]

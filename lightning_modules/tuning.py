@@ -187,7 +187,13 @@ class ConceptTuning(PersonalizationModule):
             )
             vs.append(pred.v_star)
             cs.append(pred.cores)
-        return torch.stack(vs).mean(0), torch.stack(cs).mean(0)
+        v = torch.stack(vs).mean(0)
+        embedder = self.personalizer.token_embedder
+        if embedder.rescale:
+            # Each draw has the token norm, but their mean is shorter (the draws point in different
+            # directions): put the average back on the scale of real words, as every prediction is.
+            v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-6) * embedder.target_norm
+        return v, torch.stack(cs).mean(0)
 
     # ----- the step -----
     def predict_concepts(self, batch: dict, noisy: torch.Tensor, timesteps: torch.Tensor):

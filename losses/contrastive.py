@@ -15,7 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["NearestNeighbourContrastiveLoss", "NeighbourIndex", "NeighbourSearchResult", "gather_neighbours"]
+from losses.distributed import gather_rows, world_and_rank
+from losses.precision import full_precision, loss_dtype
+
+__all__ = [
+    "NearestNeighbourContrastiveLoss",
+    "NeighbourIndex",
+    "NeighbourSearchResult",
+    "gather_neighbours",
+    "nearest_pull",
+]
 
 
 class NeighbourSearchResult(Protocol):
@@ -70,25 +79,49 @@ def gather_neighbours(
     return neighbours.to(v_star.device), ids.to(v_star.device)
 
 
+def nearest_pull(v_star: Tensor, neighbours: Tensor) -> Tensor:
+    """``1 - mean cos(v*_i, n_ip)``: the regulariser when the batch holds one concept (no negatives exist).
+
+    Args:
+        v_star: (B, D) word embeddings.
+        neighbours: (B, k, D) their nearest tokens; detached here.
+
+    Returns:
+        A float32 (or float64) scalar, computed with autocast disabled.
+    """
+    dtype = loss_dtype(v_star)
+    with full_precision(v_star):
+        n = neighbours.detach().to(device=v_star.device, dtype=dtype)
+        return 1 - F.cosine_similarity(v_star.to(dtype).unsqueeze(1), n, dim=-1).mean()
+
+
 class NearestNeighbourContrastiveLoss(nn.Module):
     r"""Multi-positive InfoNCE between each v* and its nearest vocabulary tokens.
 
-    Let ``B`` be the number of concepts, ``k`` the neighbours per concept, ``v_i = v*_i / ||v*_i||`` and
-    ``n_ip = neighbour_ip / ||neighbour_ip||`` (``p = 1..k``), and ``s(a, b) = <a, b> / temperature``
-    (cosine similarity over the temperature). For anchor ``v_i``:
+    Let ``N`` be the number of rows of the (global) batch, ``c_i`` the concept id of row ``i``, ``k`` the
+    neighbours per row, ``v_i = v*_i / ||v*_i||`` and ``n_ip = neighbour_ip / ||neighbour_ip||``
+    (``p = 1..k``), and ``s(a, b) = <a, b> / temperature``. For anchor ``v_i``:
 
     * positives ``P_i = { n_ip : p = 1..k }`` (its own neighbours), with logits ``s_ip = s(v_i, n_ip)``;
-    * negatives ``N_i = { v_j : j != i } ∪ { n_jq : j != i, q = 1..k }`` (the other concepts and all their
-      neighbours), with logits ``s_in``.
+    * negatives ``N_i = { v_j : c_j != c_i } ∪ { n_jq : c_j != c_i, q = 1..k }`` (the rows of the *other
+      concepts* and all their neighbours: two augmentations of one concept in a batch are not pushed apart),
+      with logits ``s_in``.
 
     Then::
 
         L_i = -(1/k) * sum_p log( exp(s_ip) / (exp(s_ip) + sum_{n in N_i} exp(s_in)) )
-        L   = (1/B) * sum_i L_i
+        L   = mean_i L_i   over this rank's anchors
 
     Each positive is contrasted against the negatives only (not against the other positives), so k > 1
-    neighbours do not compete with each other. Computed with ``logaddexp`` / ``logsumexp`` for stability, in
-    float32 at least (float64 stays float64).
+    neighbours do not compete with each other. Computed with ``logaddexp`` / ``logsumexp``, with autocast
+    disabled, in float32 (float64 inputs stay float64): under bf16 autocast the logits would be bf16 and the
+    masking constant would overflow.
+
+    Distributed (DDP/FSDP, ``gather_distributed=True``): the negatives are the rows of *every* rank. v* rows
+    are all-gathered with gradient (``torch.distributed.nn.functional.all_gather``), so a local row also gets
+    the gradient of being a negative of remote anchors; neighbours and ids are gathered without gradient
+    (they are frozen). The anchors stay local and each rank averages over its own rows, so the mean over ranks
+    (what DDP's gradient averaging optimises) equals the loss of one process holding the whole batch.
 
     Gradients: the neighbours are detached inside ``forward`` (frozen anchors); gradients reach v* both as an
     anchor and as a negative of the other anchors, which is what pushes concepts apart.
@@ -100,9 +133,12 @@ class NearestNeighbourContrastiveLoss(nn.Module):
     Args:
         temperature: Softmax temperature (paper default 0.07).
         weight: lambda_nn, the factor of the ``"loss/nn_contrastive_weighted"`` term (default 0.01).
+        gather_distributed: Gather the negatives across ranks when a process group is initialised.
     """
 
-    def __init__(self, temperature: float = 0.07, weight: float = 0.01) -> None:
+    def __init__(
+        self, temperature: float = 0.07, weight: float = 0.01, gather_distributed: bool = True
+    ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -110,23 +146,30 @@ class NearestNeighbourContrastiveLoss(nn.Module):
             raise ValueError(f"weight must be >= 0, got {weight}")
         self.temperature = float(temperature)
         self.weight = float(weight)
+        self.gather_distributed = gather_distributed
 
     def forward(
-        self, v_star: Tensor, neighbours: Tensor, neighbour_ids: Tensor | None = None
+        self,
+        v_star: Tensor,
+        neighbours: Tensor,
+        neighbour_ids: Tensor | None = None,
+        concept_ids: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Computes the contrastive loss.
 
         Args:
-            v_star: Predicted word embeddings, shape ``(B, D)``, ``B >= 2``.
-            neighbours: Embeddings of each concept's nearest tokens, shape ``(B, k, D)``; detached here.
+            v_star: Predicted word embeddings of this rank's rows, shape ``(B, D)``.
+            neighbours: Embeddings of each row's nearest tokens, shape ``(B, k, D)``; detached here.
             neighbour_ids: Optional vocabulary ids of the neighbours, shape ``(B, k)``; when given, negatives
                 that are the same token as one of the anchor's positives are masked out.
+            concept_ids: Optional concept id of each row, shape ``(B,)`` (the batch's ``concept_id``); rows of
+                the same concept are not negatives of each other. None: every row is its own concept.
 
         Returns:
             ``{"loss/nn_contrastive": L, "loss/nn_contrastive_weighted": weight * L}``, scalars.
 
         Raises:
-            ValueError: If ``B < 2`` (no negatives) or the shapes disagree.
+            ValueError: If the (global) batch has fewer than 2 rows or 2 concepts, or the shapes disagree.
         """
         if v_star.ndim != 2 or neighbours.ndim != 3:
             raise ValueError(
@@ -134,11 +177,6 @@ class NearestNeighbourContrastiveLoss(nn.Module):
                 f"and {tuple(neighbours.shape)}"
             )
         batch, dim = v_star.shape
-        if batch < 2:
-            raise ValueError(
-                "the nearest-neighbour contrastive loss needs >= 2 concepts per batch (its negatives are the "
-                f"other concepts), got batch size {batch}"
-            )
         if neighbours.shape[0] != batch or neighbours.shape[2] != dim or neighbours.shape[1] < 1:
             raise ValueError(
                 f"neighbours shape {tuple(neighbours.shape)} does not match v_star ({batch}, {dim})"
@@ -146,40 +184,59 @@ class NearestNeighbourContrastiveLoss(nn.Module):
         k = neighbours.shape[1]
         if neighbour_ids is not None and neighbour_ids.shape != (batch, k):
             raise ValueError(f"neighbour_ids shape {tuple(neighbour_ids.shape)} != ({batch}, {k})")
+        if concept_ids is not None and tuple(concept_ids.shape) != (batch,):
+            raise ValueError(f"concept_ids shape {tuple(concept_ids.shape)} != ({batch},)")
+        world, rank = world_and_rank() if self.gather_distributed else (1, 0)
+        if batch * world < 2:
+            raise ValueError(
+                "the nearest-neighbour contrastive loss needs >= 2 concepts per batch (its negatives are the "
+                f"other concepts), got batch size {batch * world}"
+            )
+        device = v_star.device
+        rows = torch.arange(batch, device=device) + rank * batch  # global row index of each anchor
+        cids = rows if concept_ids is None else concept_ids.to(device=device, dtype=torch.long)
 
-        dtype = torch.promote_types(v_star.dtype, torch.float32)
-        anchors = F.normalize(v_star.to(dtype), dim=-1)  # (B, D)
-        positives = F.normalize(
-            neighbours.detach().to(device=v_star.device, dtype=dtype), dim=-1
-        )  # (B, k, D)
+        dtype = loss_dtype(v_star)
+        with full_precision(v_star):
+            anchors = F.normalize(v_star.to(dtype), dim=-1)  # (B, D)
+            positives = F.normalize(neighbours.detach().to(device=device, dtype=dtype), dim=-1)  # (B, k, D)
+            if world > 1:
+                all_v = gather_rows(anchors, with_grad=True)  # (N, D), N = W * B
+                all_n = gather_rows(positives)  # (N, k, D)
+                all_c = gather_rows(cids)
+                all_ids = gather_rows(neighbour_ids.to(device)) if neighbour_ids is not None else None
+            else:
+                all_v, all_n, all_c = anchors, positives, cids
+                all_ids = neighbour_ids.to(device) if neighbour_ids is not None else None
+            total = all_v.shape[0]
 
-        # Positive logits s_ip: (B, k).
-        pos_logits = torch.einsum("bd,bkd->bk", anchors, positives) / self.temperature
+            # Positive logits s_ip: (B, k).
+            pos_logits = torch.einsum("bd,bkd->bk", anchors, positives) / self.temperature
+            # Negative logits against every v*_j and every neighbour n_jq: (B, N) and (B, N, k).
+            neg_v = anchors @ all_v.T / self.temperature
+            neg_n = torch.einsum("id,jqd->ijq", anchors, all_n) / self.temperature
 
-        # Negative logits against every v*_j and every neighbour n_jq: (B, B) and (B, B, k).
-        neg_v = anchors @ anchors.T / self.temperature
-        neg_n = torch.einsum("id,jqd->ijq", anchors, positives) / self.temperature
+            other = cids[:, None] != all_c[None, :]  # (B, N): row j belongs to another concept
+            if not bool(other.any(dim=1).all()):
+                raise ValueError(
+                    "the nearest-neighbour contrastive loss needs >= 2 concepts per batch (its negatives are "
+                    f"the other concepts), got {int(all_c.unique().numel())} distinct concept(s) in {total} rows"
+                )
+            mask_n = other[:, :, None].expand(batch, total, k)
+            if all_ids is not None:
+                ids = all_ids[rows]  # this rank's anchors' positive ids, (B, k)
+                # same[i, j, q]: token n_jq is one of anchor i's positive tokens -> a false negative.
+                same = (all_ids[None, :, :, None] == ids[:, None, None, :]).any(dim=-1)
+                mask_n = mask_n & ~same
+            neg_inf = torch.finfo(dtype).min
+            neg_all = torch.cat(
+                [neg_v.masked_fill(~other, neg_inf), neg_n.masked_fill(~mask_n, neg_inf).reshape(batch, -1)],
+                dim=1,
+            )  # (B, N + N*k); masked entries contribute exp(-inf) = 0
+            # (B, 1), finite: every anchor has at least one other-concept v*_j (checked above).
+            neg_lse = torch.logsumexp(neg_all, dim=1, keepdim=True)
 
-        other = ~torch.eye(batch, dtype=torch.bool, device=v_star.device)  # j != i
-        mask_n = other[:, :, None].expand(batch, batch, k)
-        if neighbour_ids is not None:
-            ids = neighbour_ids.to(v_star.device)
-            # same[i, j, q]: token n_jq is one of anchor i's positive tokens -> a false negative.
-            same = (ids[None, :, :, None] == ids[:, None, None, :]).any(dim=-1)
-            mask_n = mask_n & ~same
-        neg_inf = torch.finfo(dtype).min
-        neg_all = torch.cat(
-            [
-                neg_v.masked_fill(~other, neg_inf),
-                neg_n.masked_fill(~mask_n, neg_inf).reshape(batch, batch * k),
-            ],
-            dim=1,
-        )  # (B, B + B*k); masked entries contribute exp(-inf) = 0
-        neg_lse = torch.logsumexp(
-            neg_all, dim=1, keepdim=True
-        )  # (B, 1), finite: v*_j (j != i) is never masked
-
-        # log( exp(s_ip) / (exp(s_ip) + sum_n exp(s_in)) ) for every positive.
-        log_prob = pos_logits - torch.logaddexp(pos_logits, neg_lse)  # (B, k)
-        loss = -log_prob.mean(dim=1).mean()
+            # log( exp(s_ip) / (exp(s_ip) + sum_n exp(s_in)) ) for every positive.
+            log_prob = pos_logits - torch.logaddexp(pos_logits, neg_lse)  # (B, k)
+            loss = -log_prob.mean(dim=1).mean()
         return {"loss/nn_contrastive": loss, "loss/nn_contrastive_weighted": self.weight * loss}

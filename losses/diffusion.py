@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from losses.precision import full_precision
+
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
 
@@ -160,7 +162,8 @@ class DiffusionLoss(nn.Module):
             raise ValueError(
                 f"prediction and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}"
             )
-        mse = F.mse_loss(pred.float(), target.float(), reduction="mean")
+        with full_precision(pred):
+            mse = F.mse_loss(pred.float(), target.float(), reduction="mean")
         return {"loss/diffusion": mse}
 
 

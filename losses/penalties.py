@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from losses.precision import full_precision
+
 __all__ = ["CorePenalty", "EmbeddingNormPenalty"]
 
 
@@ -48,8 +50,9 @@ class EmbeddingNormPenalty(nn.Module):
         dtype = torch.promote_types(v_star.dtype, torch.float32)
         if self.weight == 0.0:
             return {"loss/norm_penalty": torch.zeros((), device=v_star.device, dtype=dtype)}
-        norms = torch.linalg.vector_norm(v_star.to(dtype), dim=-1)  # (B,)
-        return {"loss/norm_penalty": self.weight * (norms - self.target_norm).pow(2).mean()}
+        with full_precision(v_star):
+            norms = torch.linalg.vector_norm(v_star.to(dtype), dim=-1)  # (B,)
+            return {"loss/norm_penalty": self.weight * (norms - self.target_norm).pow(2).mean()}
 
 
 class CorePenalty(nn.Module):
@@ -88,5 +91,6 @@ class CorePenalty(nn.Module):
             return {"loss/core_penalty": torch.zeros((), device=device, dtype=dtype)}
         if not tensors:
             raise ValueError("CorePenalty got no cores but its weight is > 0")
-        per_layer = torch.stack([m.to(dtype).pow(2).mean() for m in tensors])  # (L,)
-        return {"loss/core_penalty": self.weight * per_layer.mean()}
+        with full_precision(tensors[0]):
+            per_layer = torch.stack([m.to(dtype).pow(2).mean() for m in tensors])  # (L,)
+            return {"loss/core_penalty": self.weight * per_layer.mean()}

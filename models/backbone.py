@@ -17,7 +17,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPVisionModelWithP
 
 from models.attention import PERSONALIZATION_KWARG, LoraDelta, Personalization, install_dual_path
 from models.clip_tokenizer import load_clip_tokenizer
-from models.hub import resolve_model_path
+from models.hub import missing_variant_folders, resolve_model_path
 from models.placeholder import (
     add_placeholder_token,
     check_prompts,
@@ -87,6 +87,7 @@ class DiffusionBackbone(nn.Module):
         placeholder: str = "<s*>",
         revision: str | None = None,
         torch_dtype: torch.dtype | None = None,
+        variant: str | None = None,
     ) -> DiffusionBackbone:
         """Loads every component with ``from_pretrained``.
 
@@ -96,22 +97,30 @@ class DiffusionBackbone(nn.Module):
                 ``image_encoder/`` and ``feature_extractor/``, as the tiny backbone is) is read from those.
             placeholder: the pseudo-word S* to add to the tokenizer.
             revision: hub revision of the Stable Diffusion weights.
-            torch_dtype: dtype to load the frozen weights in (default float32).
+            torch_dtype: dtype to load the frozen weights in (default float32). The weights are cast on load,
+                so ``bfloat16`` from float32 files gives the same model as from a bf16 copy.
+            variant: weight-file variant of the Stable Diffusion folder (``"fp16"``: the
+                ``*.fp16.safetensors`` files); the image encoder uses it too when its folder has such files,
+                else its plain files (``openai/clip-vit-large-patch14`` has no variants).
         """
-        sd = resolve_model_path(pretrained_model_name_or_path)
-        kw = {"revision": revision} if revision else {}
+        sd = resolve_model_path(pretrained_model_name_or_path, variant=variant, revision=revision)
+        kw: dict = {"revision": revision} if revision else {}
         if torch_dtype is not None:
             kw["torch_dtype"] = torch_dtype
+        if variant is not None:
+            kw["variant"] = variant
         vae = AutoencoderKL.from_pretrained(sd, subfolder="vae", **kw)
         unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet", **kw)
         text_encoder = CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", **kw)
         tokenizer = load_clip_tokenizer(sd, subfolder="tokenizer")
         scheduler = DDPMScheduler.from_pretrained(sd, subfolder="scheduler")
-        enc = resolve_model_path(image_encoder_name_or_path)
+        enc = resolve_model_path(image_encoder_name_or_path, variant=variant, accept_plain=True)
         enc_sub, proc_sub = "", ""
         if (Path(enc) / "image_encoder").is_dir():
             enc_sub, proc_sub = "image_encoder", "feature_extractor"
-        dkw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        dkw: dict = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        if variant is not None and not missing_variant_folders(Path(enc) / enc_sub, (variant,)):
+            dkw["variant"] = variant
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(enc, subfolder=enc_sub, **dkw)
         image_processor = CLIPImageProcessor.from_pretrained(enc, subfolder=proc_sub)
         return cls(
@@ -161,6 +170,10 @@ class DiffusionBackbone(nn.Module):
 
         Checkpoints and concept artefacts record it, so loading them on another base model (another size, or
         the same architecture with other weights) is refused, whatever path or hub id it was loaded from.
+        The weights are hashed rounded to bfloat16, so the same float32 files loaded in float32 or cast to
+        bfloat16 (``torch_dtype``) give one fingerprint: an encoder pretrained on a bf16 backbone can be tuned on
+        a float32 one. Float16 weights (cast, or an ``fp16`` variant) are rounded differently (double rounding
+        fp32 -> fp16 -> bf16) and generally hash differently: keep one of those for both phases.
         """
         h = hashlib.sha256()
         for cfg in (self.unet.config, self.vae.config):
@@ -169,14 +182,18 @@ class DiffusionBackbone(nn.Module):
                     {k: v for k, v in dict(cfg).items() if not k.startswith("_")}, sort_keys=True, default=str
                 ).encode()
             )
-        text_cfg = {k: v for k, v in self.text_encoder.config.to_dict().items() if "version" not in k}
+        text_cfg = {
+            k: v
+            for k, v in self.text_encoder.config.to_dict().items()
+            if "version" not in k and k not in {"dtype", "torch_dtype"}  # the load dtype is not the model
+        }
         h.update(json.dumps(text_cfg, sort_keys=True, default=str).encode())
         for t in (
             self.unet.conv_in.weight,
             self.token_embedding_table()[:256],
             self.vae.encoder.conv_in.weight,
         ):
-            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+            h.update(t.detach().to(torch.bfloat16).float().cpu().contiguous().numpy().tobytes())
         h.update(str(self.prediction_type).encode())
         return h.hexdigest()[:16]
 

@@ -26,15 +26,74 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def resolve_model_path(name_or_path: str | Path) -> str:
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
+
+
+def _weight_variant(filename: str) -> str | None | bool:
+    """The variant of a weight file name: ``None`` for plain weights, e.g. ``"fp16"``, or False if not weights.
+
+    Plain: ``model.safetensors``, ``diffusion_pytorch_model.bin``, ``model-00001-of-00002.safetensors``,
+    ``model.safetensors.index.json``. Variant: ``model.fp16.safetensors``,
+    ``diffusion_pytorch_model.safetensors.index.fp16.json``, ``model.fp16-00001-of-00002.safetensors``.
+    """
+    for suffix in _INDEX_SUFFIXES:
+        if filename.endswith(suffix):
+            stem = filename[: -len(suffix)]
+            return stem.split(".", 1)[1] if "." in stem else None
+    if ".index." in filename and filename.endswith(".json"):  # diffusers' ``x.safetensors.index.fp16.json``
+        return filename[: -len(".json")].rsplit(".", 1)[1]
+    for suffix in _WEIGHT_SUFFIXES:
+        if filename.endswith(suffix):
+            stem = filename[: -len(suffix)]
+            if "." not in stem:
+                return None
+            return stem.split(".", 1)[1].split("-", 1)[0]
+    return False
+
+
+def missing_variant_folders(folder: str | Path, variants: tuple[str | None, ...]) -> list[str]:
+    """Sub-folders of a model folder that hold weights, but none of any of ``variants``.
+
+    A folder (the root, or a pipeline component such as ``unet/``) that holds weight files must hold at least
+    one of the requested variant (``None`` = the plain files) for ``from_pretrained`` to load it.
+
+    Returns:
+        Relative folder names (``"."`` for the root), empty when every weight folder has the variant.
+    """
+    root = Path(folder)
+    missing = []
+    for sub in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
+        found = {_weight_variant(f.name) for f in sub.iterdir() if f.is_file()} - {False}
+        if found and not found & set(variants):
+            missing.append("." if sub == root else sub.name)
+    return missing
+
+
+def resolve_model_path(
+    name_or_path: str | Path,
+    variant: str | None = None,
+    revision: str | None = None,
+    accept_plain: bool = False,
+) -> str:
     """Returns a local folder for ``name_or_path``, or the hub id when it can really be downloaded.
 
-    A local folder is returned as is. A hub id is returned as its cached snapshot folder when cached; if it is
-    not cached and the hub is offline (``HF_HUB_OFFLINE=1``) or unreachable, this fails at once with a message
-    that says to pass a local folder, instead of the minutes of retries ``from_pretrained`` would spend.
+    A local folder is returned as is. A hub id is returned as its cached snapshot folder when cached with the
+    weights ``from_pretrained`` will ask for (``variant``, e.g. ``fp16``; None = the plain files): a snapshot
+    that holds only ``*.fp16.safetensors`` does not count as cached for a float32 load, and the reverse. If it
+    is not cached and the hub is offline (``HF_HUB_OFFLINE=1``) or unreachable, this fails at once with a
+    message that says to pass a local folder, instead of the minutes of retries ``from_pretrained`` would spend.
+
+    The cache folder is read from ``HF_HUB_CACHE`` at call time (default: huggingface_hub's).
+
+    Args:
+        name_or_path: local folder or hub id.
+        variant: weight-file variant the caller will load.
+        revision: hub revision (default: ``main``).
+        accept_plain: also accept the plain files when the variant is absent (the caller falls back to them).
 
     Raises:
-        ModelNotAvailableError: the id is not cached and cannot be downloaded.
+        ModelNotAvailableError: the id is not cached (with that variant) and cannot be downloaded.
     """
     name = str(name_or_path)
     if Path(name).expanduser().is_dir():
@@ -44,15 +103,28 @@ def resolve_model_path(name_or_path: str | Path) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    variants = (variant, None) if accept_plain else (variant,)
+    what = f"with {variant!r} weights" if variant else "with plain (non-variant) weights"
+    cached_without_variant: list[str] = []
     try:
-        return snapshot_download(name, local_files_only=True)
+        folder = snapshot_download(
+            name, revision=revision, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE") or None
+        )
+        cached_without_variant = missing_variant_folders(folder, variants)
+        if not cached_without_variant:
+            return folder
     except (LocalEntryNotFoundError, OSError, ValueError):
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
     if offline or not _hub_reachable():
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
+        cached = (
+            f"is cached, but not {what} (missing in {', '.join(cached_without_variant)})"
+            if cached_without_variant
+            else "is not in the local cache"
+        )
         raise ModelNotAvailableError(
-            f"model {name!r} is not in the local cache and {why}: pass a local folder "
+            f"model {name!r} {cached} and {why}: pass a local folder "
             f"(a diffusers/transformers model directory) instead of a hub id"
         )
     return name
