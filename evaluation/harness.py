@@ -173,8 +173,9 @@ class _Run:
         ]
 
     def _sampling_backbone(self, tuner: ConceptTuner | None) -> DiffusionBackbone:
-        if self.backbone is None and tuner is not None and tuner.built:
-            self.backbone = tuner.module.backbone  # same weights: reuse instead of loading again
+        if self.backbone is None and tuner is not None and tuner.built and not tuner.module.modifies_backbone:
+            # Same weights: reuse instead of loading again (never a UNet carrying a method's peft adapter).
+            self.backbone = tuner.module.backbone
         if self.backbone is None:
             kw = self.base.model_kwargs
             self.backbone = DiffusionBackbone.from_pretrained(
@@ -256,7 +257,7 @@ class _Run:
             arrays = generate_images(
                 backbone,
                 art,
-                [concept.prompts[i] for i, _ in batch],
+                [sampling_prompt(art, concept.prompts[i], concept.class_noun) for i, _ in batch],
                 seeds,
                 setting,
                 self.sampling.num_inference_steps,
@@ -355,6 +356,15 @@ class _Run:
         return EvaluationResult(
             self.out, aggregates, len(self.store), self.n_generated, self.n_tuned, dict(self.walls), table
         )
+
+
+def sampling_prompt(art: ConceptArtifact, prompt: str, class_noun: str) -> str:
+    """The prompt a method samples with: DreamBench's, or for an instance-prompt method (one-shot LoRA) the same
+    prompt with "sks <class noun>" where it says the placeholder (v* is the embedding of "sks", so
+    ``"<s*> dog"`` is the text "sks dog"). CLIP-T always scores the DreamBench prompt with the class noun."""
+    if art.extra.get("instance_prompt"):
+        return prompt.replace(art.placeholder, f"{art.placeholder} {class_noun}")
+    return prompt
 
 
 def _accelerator(device: str) -> str:
