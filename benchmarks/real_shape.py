@@ -118,7 +118,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # 1. pretraining, batch 2
     probe = StepProbe(device)
     begin = time.perf_counter()
-    module = EncoderPretraining(**_model_kwargs("configs/pretrain/sd15.yaml", None, backbone, {"probe_size": 0}))
+    module = EncoderPretraining(
+        **_model_kwargs("configs/pretrain/sd15.yaml", None, backbone, {"probe_size": 0})
+    )
     load_s = time.perf_counter() - begin
     data = PretrainDataModule(
         roots=None, synthetic_concepts=8, samples_per_concept=2, resolution=module.backbone.resolution,
@@ -143,7 +145,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             extra["encoder_checkpoint"] = str(ckpt)
         module = ConceptTuning(**_model_kwargs("configs/tune/sd15.yaml", overlay, backbone, extra))
         res, clip = module.backbone.resolution, module.backbone.clip_image_size
-        data = ConceptDataModule(synthetic_concept=0, resolution=res, clip_size=clip, batch_size=batch, steps=1)
+        data = ConceptDataModule(
+            synthetic_concept=0, resolution=res, clip_size=clip, batch_size=batch, steps=1
+        )
         _fit(module, data, args, probe)
         results["phases"][name] = {
             "batch": batch, **probe.steps[0], "fit_start_to_first_step_s": probe.to_first_step,
@@ -184,11 +188,17 @@ def render(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default=".cache/sd15-shape", help="SD-1.5-shaped folder (built if missing)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--backbone", default=".cache/sd15-shape", help="SD-1.5-shaped folder (built if missing)"
+    )
     parser.add_argument("--backbone-config", default="configs/backbone/sd15_shape.yaml", help="its shapes")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--precision", default="bf16-mixed", help="Lightning precision (the SD configs' value)")
+    parser.add_argument(
+        "--precision", default="bf16-mixed", help="Lightning precision (the SD configs' value)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave as is)")
     parser.add_argument("--out", default="outputs/bench_real_shape.json")
     args = parser.parse_args(argv)
