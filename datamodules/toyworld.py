@@ -64,6 +64,15 @@ HELD_OUT_COMBOS: tuple[tuple[str, str, str], ...] = (
     ("diamond", "blue", "checkered"),
     ("cross", "orange", "striped"),
 )
+# The personalization concepts: every held-out shape in two looks, and every held-out combination. Each has one
+# input image: the object large, in the center, on a contrasting background (`concept_scene`).
+HELD_OUT_CONCEPTS: tuple[tuple[str, str, str], ...] = (
+    ("heart", "red", "plain"),
+    ("heart", "blue", "striped"),
+    ("moon", "yellow", "plain"),
+    ("moon", "purple", "checkered"),
+    *HELD_OUT_COMBOS,
+)
 POSITION_PHRASE = {"left": "on the left", "center": "in the center", "right": "on the right"}
 _X = {"left": 0.32, "center": 0.50, "right": 0.68}
 _RADIUS = {"small": 0.20, "large": 0.30}
@@ -130,6 +139,23 @@ def caption(
 
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
+
+
+def concept_name(shape: str, colour: str, pattern: str) -> str:
+    """File-safe name of a concept, e.g. ``"red_striped_star"``."""
+    return f"{colour}_{pattern}_{shape}"
+
+
+def concept_scene(shape: str, colour: str, pattern: str) -> Scene:
+    """The input-image scene of a concept: large, in the center, on white (blue for yellow objects)."""
+    return Scene(
+        shape, colour, pattern, "blue" if colour in ("yellow", "white") else "white", "center", "large"
+    )
+
+
+def concept_template(shape: str, colour: str, pattern: str) -> str:
+    """The caption of a concept's input image with ``{}`` for the placeholder (the tuning prompt)."""
+    return caption(concept_scene(shape, colour, pattern), identity="{}")
 
 
 def is_held_out(scene: Scene) -> bool:
@@ -443,6 +469,34 @@ def save_grid(images: Sequence[np.ndarray] | np.ndarray, path: str, cols: int = 
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
+def write_concepts(out: str) -> str:
+    """Writes ``<name>.png`` (32 px, no jitter) for every held-out concept and ``concepts.json`` describing them."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for shape, colour, pattern in HELD_OUT_CONCEPTS:
+        name = concept_name(shape, colour, pattern)
+        scene = concept_scene(shape, colour, pattern)
+        Image.fromarray(render(scene)).save(folder / f"{name}.png")
+        rows.append(
+            {
+                "name": name,
+                "image": f"{name}.png",
+                "kind": "novel_shape" if shape in HELD_OUT_SHAPES else "held_out_combination",
+                "class_noun": "object" if shape in HELD_OUT_SHAPES else shape,
+                "words": identity_phrase(colour, pattern, shape),
+                "template": concept_template(shape, colour, pattern),
+                "attributes": asdict(scene),
+            }
+        )
+    (folder / "concepts.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return str(folder)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m datamodules.toyworld",
@@ -453,12 +507,17 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("sample-prompts", help="print N base-distribution prompts as JSON lines")
     p.add_argument("--n", type=int, default=8, help="number of prompts")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    c = sub.add_parser("write-concepts", help="write the held-out concepts' input images and concepts.json")
+    c.add_argument("--out", default="assets/toyworld/concepts", help="output folder")
     r = sub.add_parser("render", help="render N random scenes into a PNG grid and print their captions")
     r.add_argument("--n", type=int, default=16, help="number of scenes")
     r.add_argument("--seed", type=int, default=0, help="random seed")
     r.add_argument("--split", choices=["base", "all"], default="all", help="scene distribution")
     r.add_argument("--out", default="toyworld_grid.png", help="output PNG")
     args = parser.parse_args(argv)
+    if args.command == "write-concepts":
+        print(write_concepts(args.out))
+        return
     if args.n < 1:
         parser.error(f"--n must be >= 1, got {args.n}")
     if args.command == "sample-prompts":

@@ -108,8 +108,10 @@ class DiffusionBackbone(nn.Module):
         """
         sd = resolve_model_path(pretrained_model_name_or_path, variant=variant, revision=revision)
         kw: dict = {"revision": revision} if revision else {}
-        if torch_dtype is not None:
-            kw["torch_dtype"] = torch_dtype
+        # Always explicit: transformers 5 would otherwise load in the dtype the files were saved in (fp16
+        # weights, such as the committed toy world's, would come back fp16 and meet fp32 trainable modules).
+        torch_dtype = torch_dtype or torch.float32
+        kw["torch_dtype"] = torch_dtype
         if variant is not None:
             kw["variant"] = variant
         vae = AutoencoderKL.from_pretrained(sd, subfolder="vae", **kw)
@@ -121,7 +123,7 @@ class DiffusionBackbone(nn.Module):
         enc_sub, proc_sub = "", ""
         if (Path(enc) / "image_encoder").is_dir():
             enc_sub, proc_sub = "image_encoder", "feature_extractor"
-        dkw: dict = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        dkw: dict = {"torch_dtype": torch_dtype}
         if variant is not None and not missing_variant_folders(Path(enc) / enc_sub, (variant,)):
             dkw["variant"] = variant
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(enc, subfolder=enc_sub, **dkw)
