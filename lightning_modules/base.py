@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import torch
 from lightning import LightningModule
@@ -26,6 +27,7 @@ from losses import (
 )
 from models.attention import LoraDelta
 from models.backbone import DEFAULT_IMAGE_ENCODER, DiffusionBackbone
+from models.backbone_sdxl import load_backbone
 from models.errors import MissingFileError, TuningEncoderError
 from models.personalizer import PersonalizerConfig
 from models.sampling import sample_personalized
@@ -58,6 +60,10 @@ class PersonalizationModule(LightningModule):
             reproduces an uninterrupted run exactly.
         sample_every_n_steps: log sample images to TensorBoard every n steps (0 disables).
         sample_inference_steps: denoising steps of those samples.
+        torch_dtype: dtype the frozen backbone is loaded and kept in (``float32`` default, ``bfloat16``,
+            ``float16``); the trainable modules stay float32. Combine ``bfloat16`` with ``bf16-mixed``.
+        gradient_checkpointing: recompute the frozen UNet's activations in the backward pass instead of storing
+            them (less memory, about one more UNet forward per step; same loss and gradients).
     """
 
     strict_loading = False
@@ -80,13 +86,21 @@ class PersonalizationModule(LightningModule):
         seed: int = 0,
         sample_every_n_steps: int = 0,
         sample_inference_steps: int = 10,
+        torch_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-        self.backbone = DiffusionBackbone.from_pretrained(
-            pretrained_model_name_or_path, image_encoder_name_or_path, placeholder=placeholder
+        # An SDXL folder or hub id gets models.backbone_sdxl.SDXLDiffusionBackbone (by its model_index.json).
+        self.backbone = load_backbone(
+            pretrained_model_name_or_path,
+            image_encoder_name_or_path,
+            placeholder=placeholder,
+            torch_dtype=getattr(torch, torch_dtype) if torch_dtype else None,
         )
+        if gradient_checkpointing:
+            self.backbone.unet.enable_gradient_checkpointing()
         self.personalizer_config = personalizer or PersonalizerConfig()
         self.alpha = alpha
         self.nn_k = nn_k
@@ -126,19 +140,13 @@ class PersonalizationModule(LightningModule):
     # ----- set-up -----
     def setup(self, stage: str) -> None:
         if self.token_index is None:
-            self.token_index = TokenIndex.from_text_encoder(
-                self.backbone.text_encoder,
-                self.backbone.tokenizer,
-                exclude_ids=self.backbone.special_token_ids(),
-                mode=self.token_index_mode,
-                cache_dir=self.token_index_cache,
-            )
+            self.token_index = self.backbone.build_token_index(self.token_index_mode, self.token_index_cache)
 
     def empty_context(self) -> torch.Tensor:
         """(1, L, D) text states of the empty prompt (input of the UNet feature branch), computed once."""
         if self._empty_context is None or self._empty_context.device != self.device:
             with torch.no_grad():
-                self._empty_context = self.backbone.encode_text(self.backbone.tokenize([""]))
+                self._empty_context = self.backbone.empty_context()
         return self._empty_context
 
     def step_generator(self) -> torch.Generator:
@@ -169,6 +177,8 @@ class PersonalizationModule(LightningModule):
             table = bb.token_embedding_table()
             neighbours, neighbour_ids = gather_neighbours(self.token_index, table, v_star, k)
             hard_ids = neighbour_ids[:, 0]
+            # The regulariser's cosine is the index's similarity (SDXL: mean of the two encoders' cosines).
+            nn_v_star, neighbours = bb.similarity_space(v_star), bb.similarity_space(neighbours)
         ids = bb.tokenize(list(batch["prompt"]), require_placeholder=True)
         pred = bb.personalized_unet(
             noised.noisy,
@@ -183,14 +193,15 @@ class PersonalizationModule(LightningModule):
         total = losses["loss/diffusion"]
         if self.nn_weight > 0:
             if len(set(_concept_ids(batch))) >= 2 and v_star.shape[0] >= 2:
-                terms = self.nn_loss(v_star, neighbours, neighbour_ids)
+                terms = self.nn_loss(nn_v_star, neighbours, neighbour_ids)
                 losses["loss/nn_contrastive"] = terms["loss/nn_contrastive"]
                 total = total + terms["loss/nn_contrastive_weighted"]
             else:
                 # One concept (inference-time tuning): no negatives exist, so only the pull toward the
                 # nearest tokens remains (1 - cosine), with the same weight.
                 pull = (
-                    1 - torch.nn.functional.cosine_similarity(v_star.unsqueeze(1), neighbours, dim=-1).mean()
+                    1
+                    - torch.nn.functional.cosine_similarity(nn_v_star.unsqueeze(1), neighbours, dim=-1).mean()
                 )
                 losses["loss/nn_pull"] = pull
                 total = total + self.nn_weight * pull

@@ -239,6 +239,8 @@ class ConceptTuning(PersonalizationModule):
         extra = {"method": self.method, "tuned": ",".join(self.tune), "init": self.init}
         if getattr(dm, "class_noun", None):
             extra["class_noun"] = str(dm.class_noun)
+        if parts := self.backbone.embedding_parts():  # SDXL: v* = [v_l, v_g]
+            extra["embedding_parts"] = ",".join(f"{k}:{v}" for k, v in parts.items())
         return ConceptArtifact(
             v_star=v_star[0].float().cpu(),
             lora={
