@@ -51,7 +51,7 @@ def sample_personalized(
         sampler: ``"ddim"`` or ``"dpm"`` (DPM-Solver++ multistep).
         generator: CPU generator for the initial noise (fixed seeds make every image reproducible alone).
         latents: optional (B, C, h, w) initial noise instead of drawing it.
-        negative_prompt: text of the unconditional branch.
+        negative_prompt: text of the unconditional branch (on SDXL, "" is the all-zero conditioning).
 
     Returns:
         (B, 3, H, W) images in [0, 1].

@@ -304,3 +304,50 @@ def test_plain_diffusers_sdxl_loads_the_exports_and_samples_as_the_single_path(s
 
 def test_sd_path_still_loads_the_sd_backbone(tiny_sd_dir):
     assert type(load_backbone(str(tiny_sd_dir), str(tiny_sd_dir))) is DiffusionBackbone
+
+
+def test_evaluation_runs_on_the_tiny_sdxl(sdxl_dir, sdxl_pretrained, tmp_path):
+    import evaluate
+    from evaluation.tiny_models import write_tiny_eval_models
+
+    _, _, ckpt, _ = sdxl_pretrained
+    out = tmp_path / "eval"
+    write_tiny_eval_models(tmp_path / "metrics")
+    argv = [
+        "run",
+        "--config",
+        str(REPO / "configs" / "evaluate" / "tiny_sdxl.yaml"),
+        "--pretrained_model_name_or_path",
+        str(sdxl_dir),
+        "--image_encoder_name_or_path",
+        str(sdxl_dir),
+        "--encoder_checkpoint",
+        str(ckpt),
+        "--metrics.tiny_models_dir",
+        str(tmp_path / "metrics"),
+        "--tune_overrides",
+        '{"model.init_args.token_index_cache": null, "data.init_args.batch_size": 2}',
+        "--concepts.synthetic_ids",
+        "[60]",
+        "--concepts.prompts",
+        '["a <s*> on the beach"]',
+        "--methods",
+        '[{"name": "date"}]',
+        "--sweep.steps",
+        "[0, 1]",
+        "--sweep.alphas",
+        "[0.5, 1.0]",
+        "--sampling.num_inference_steps",
+        "2",
+        "--bootstrap_samples",
+        "50",
+        "--grids",
+        "false",
+        "--progress",
+        "false",
+        "--out_dir",
+        str(out),
+    ]
+    result = evaluate.main(argv)
+    assert result.n_rows == 4  # 2 steps x 2 alphas x 1 prompt x 1 sample
+    assert (out / "results.csv").is_file()
