@@ -36,6 +36,7 @@ from evaluation.spec import (
 from evaluation.tuning import ConceptTuner, TuneRecipe, snapshot_path
 from models.artifact import ConceptArtifact
 from models.backbone import DEFAULT_IMAGE_ENCODER, DiffusionBackbone
+from models.backbone_sdxl import load_backbone
 
 
 @dataclass
@@ -194,7 +195,7 @@ class _Run:
             self.backbone = tuner.module.backbone
         if self.backbone is None:
             kw = self.base.model_kwargs
-            self.backbone = DiffusionBackbone.from_pretrained(
+            self.backbone = load_backbone(  # SD 1.x / 2.x or SDXL, by the folder's model_index.json
                 kw["pretrained_model_name_or_path"],
                 kw.get("image_encoder_name_or_path", DEFAULT_IMAGE_ENCODER),
                 placeholder=self.base.placeholder,

@@ -30,6 +30,7 @@ from losses import (
 )
 from models.attention import LoraDelta
 from models.backbone import DEFAULT_IMAGE_ENCODER, DiffusionBackbone
+from models.backbone_sdxl import load_backbone
 from models.errors import MissingFileError, TuningEncoderError
 from models.personalizer import PersonalizerConfig
 from models.sampling import sample_personalized
@@ -106,12 +107,13 @@ class PersonalizationModule(LightningModule):
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-        self.backbone = DiffusionBackbone.from_pretrained(
+        # An SDXL folder or hub id gets models.backbone_sdxl.SDXLDiffusionBackbone (by its model_index.json).
+        self.backbone = load_backbone(
             pretrained_model_name_or_path,
             image_encoder_name_or_path,
             placeholder=placeholder,
             torch_dtype=getattr(torch, torch_dtype) if torch_dtype else None,
-            variant=variant,
+            **({"variant": variant} if variant else {}),
         )
         self.token_vocabulary = token_vocabulary
         if token_vocabulary is not None:
@@ -183,20 +185,13 @@ class PersonalizationModule(LightningModule):
     # ----- set-up -----
     def setup(self, stage: str) -> None:
         if self.token_index is None:
-            self.token_index = TokenIndex.from_text_encoder(
-                self.backbone.text_encoder,
-                self.backbone.tokenizer,
-                exclude_ids=self.backbone.special_token_ids(),
-                mode=self.token_index_mode,
-                cache_dir=self.token_index_cache,
-                vocabulary=self.token_vocabulary,
-            )
+            self.token_index = self.backbone.build_token_index(self.token_index_mode, self.token_index_cache)
 
     def empty_context(self) -> torch.Tensor:
         """(1, L, D) text states of the empty prompt (input of the UNet feature branch), computed once."""
         if self._empty_context is None or self._empty_context.device != self.device:
             with torch.no_grad():
-                self._empty_context = self.backbone.encode_text(self.backbone.tokenize([""]))
+                self._empty_context = self.backbone.empty_context()
         return self._empty_context
 
     def step_generator(self) -> torch.Generator:
@@ -227,6 +222,8 @@ class PersonalizationModule(LightningModule):
             table = bb.token_embedding_table()
             neighbours, neighbour_ids = gather_neighbours(self.token_index, table, v_star, k)
             hard_ids = neighbour_ids[:, 0]
+            # The regulariser's cosine is the index's similarity (SDXL: mean of the two encoders' cosines).
+            nn_v_star, neighbours = bb.similarity_space(v_star), bb.similarity_space(neighbours)
         ids = bb.tokenize(list(batch["prompt"]), require_placeholder=True)
         pred = bb.personalized_unet(
             noised.noisy,
@@ -242,13 +239,13 @@ class PersonalizationModule(LightningModule):
         if self.nn_weight > 0:
             concept_ids = batch_concept_ids(batch, v_star.device)
             if count_concepts(concept_ids) >= 2:
-                terms = self.nn_loss(v_star, neighbours, neighbour_ids, concept_ids)
+                terms = self.nn_loss(nn_v_star, neighbours, neighbour_ids, concept_ids)
                 losses["loss/nn_contrastive"] = terms["loss/nn_contrastive"]
                 total = total + terms["loss/nn_contrastive_weighted"]
             else:
                 # One concept (inference-time tuning): no negatives exist, so only the pull toward the
                 # nearest tokens remains (1 - cosine), with the same weight.
-                pull = nearest_pull(v_star, neighbours)
+                pull = nearest_pull(nn_v_star, neighbours)
                 losses["loss/nn_pull"] = pull
                 total = total + self.nn_weight * pull
         if self.norm_penalty.weight > 0:

@@ -235,11 +235,9 @@ class ConceptTuning(PersonalizationModule):
             vs.append(pred.v_star)
             cs.append(pred.cores)
         v = torch.stack(vs).mean(0)
-        embedder = self.personalizer.token_embedder
-        if embedder.rescale:
-            # Each draw has the token norm, but their mean is shorter (the draws point in different
-            # directions): put the average back on the scale of real words, as every prediction is.
-            v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-6) * embedder.target_norm
+        # Each draw has the token norm, but their mean is shorter (the draws point in different directions):
+        # put the average back on the scale of real words, as every prediction is (SDXL: per encoder's part).
+        v = self.personalizer.token_embedder.renormalize(v)
         return v, torch.stack(cs).mean(0)
 
     # ----- the step -----
@@ -306,6 +304,8 @@ class ConceptTuning(PersonalizationModule):
         extra = {"method": self.method, "tuned": ",".join(self.tune), "init": self.init}
         if getattr(dm, "class_noun", None):
             extra["class_noun"] = str(dm.class_noun)
+        if parts := self.backbone.embedding_parts():  # SDXL: v* = [v_l, v_g]
+            extra["embedding_parts"] = ",".join(f"{k}:{v}" for k, v in parts.items())
         if self.instance_prompt is not None:
             # Sampling writes "<s*> <class noun>" where prompts say "<s*>": with v* = the identifier's
             # embedding that is exactly "sks <class noun>" (evaluation/harness.py).

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from models.attention import LoraDelta
 from models.errors import MissingFileError
 from models.export_kohya import write_kohya
+from models.export_sdxl import write_diffusers_sdxl, write_kohya_sdxl
 from models.io import atomic_write
 
 FORMAT = "tuning-encoder/concept"
@@ -51,6 +52,11 @@ class ConceptArtifact:
     fingerprint: str
     steps: int
     extra: dict[str, str] = field(default_factory=dict)
+
+    def embedding_parts(self) -> dict[str, int]:
+        """Names and widths of v*'s parts (SDXL: ``{"clip_l": 768, "clip_g": 1280}``); empty for one encoder."""
+        spec = self.extra.get("embedding_parts", "")
+        return {k: int(v) for k, v in (item.split(":") for item in spec.split(",") if item)}
 
     def deltas(self) -> dict[str, LoraDelta]:
         """LoRA deltas for the dual-path processors (core = identity, batch 1)."""
@@ -120,6 +126,8 @@ class ConceptArtifact:
         ``learned_embeds.safetensors`` (``{placeholder: v*}``, read by ``pipe.load_textual_inversion``). What it
         loses: the vanilla path (it is alpha = 1: no blending with the base model on the hard prompt).
         """
+        if self.embedding_parts():
+            return write_diffusers_sdxl(self, out_dir)  # clip_l / clip_g embedding, SDXL LoRA loader
         out = Path(out_dir)
         lora_sd = {}
         for name, (down, up) in self.lora.items():
@@ -162,4 +170,6 @@ class ConceptArtifact:
         Returns:
             ``{"lora": path, "embedding": path, "embedding_pt": path}``.
         """
+        if self.embedding_parts():  # SDXL: no .pt, the embedding as clip_l / clip_g
+            return write_kohya_sdxl(self, out_dir, name, alpha, prediction_type, resolution, dtype)
         return write_kohya(self, out_dir, name, alpha, prediction_type, resolution, dtype)

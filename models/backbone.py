@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,8 +25,27 @@ from models.placeholder import (
     encode_with_placeholder,
     replace_placeholder_ids,
 )
+from models.token_index import TokenIndex
 
 DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
+
+
+@dataclass
+class TextConditioning:
+    """What the UNet reads from a batch of prompts.
+
+    Attributes:
+        context: (B, L, D) ``encoder_hidden_states`` of cross-attention.
+        pooled: (B, P) pooled text embedding (SDXL's ``text_embeds``); None for SD 1.x / 2.x.
+    """
+
+    context: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def cat(self, other: TextConditioning) -> TextConditioning:
+        """The two batches one after the other (classifier-free guidance: unconditional first)."""
+        pooled = None if self.pooled is None else torch.cat([self.pooled, other.pooled])
+        return TextConditioning(torch.cat([self.context, other.context]), pooled)
 
 
 def unet_feature_dim(block_out_channels: tuple[int, ...], layers_per_block: int) -> int:
@@ -293,8 +313,7 @@ class DiffusionBackbone(nn.Module):
         unet = self.unet
         sample = noisy_latents.to(unet.dtype)
         context = encoder_hidden_states.to(unet.dtype)
-        t_emb = unet.time_proj(timesteps.reshape(-1).expand(sample.shape[0])).to(sample.dtype)
-        emb = unet.time_embedding(t_emb)
+        emb = self.unet_time_embedding(sample, timesteps, context)
         sample = unet.conv_in(sample)
         pooled = [sample.mean(dim=(2, 3))]
         for block in unet.down_blocks:
@@ -310,6 +329,13 @@ class DiffusionBackbone(nn.Module):
                 sample = unet.mid_block(sample, emb)
             pooled.append(sample.mean(dim=(2, 3)))
         return torch.cat(pooled, dim=1).float()
+
+    def unet_time_embedding(
+        self, sample: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, E) the embedding the UNet's ResNets read for timesteps (B,) or (), sample (B, C, h, w)."""
+        t_emb = self.unet.time_proj(timesteps.reshape(-1).expand(sample.shape[0])).to(sample.dtype)
+        return self.unet.time_embedding(t_emb)
 
     # ----- the personalized UNet -----
     def personalized_unet(
@@ -336,16 +362,86 @@ class DiffusionBackbone(nn.Module):
         Returns:
             (B, C, h, w) the UNet output (epsilon or v, as the scheduler's prediction type).
         """
-        soft = self.encode_text(input_ids, placeholder_embeds)
+        soft = self.conditioning(input_ids, placeholder_embeds)
         hard = None
         if alpha < 1.0:
             if hard_token_ids is None:
                 raise ValueError(f"alpha={alpha} < 1 needs hard_token_ids (the nearest real token of v*)")
-            hard = self.encode_text(replace_placeholder_ids(input_ids, self.placeholder_id, hard_token_ids))
-        personalization = Personalization(lora=lora or {}, hard_context=hard, alpha=alpha)
+            hard = self.conditioning(self.hard_prompt_ids(input_ids, hard_token_ids))
+        return self.denoise(noisy_latents, timesteps, soft, hard, lora, alpha)
+
+    # ----- hooks a backbone with another text conditioning overrides (models.backbone_sdxl) -----
+    @property
+    def token_dims(self) -> tuple[int, ...]:
+        """Width of v* per text encoder; v* is their concatenation (one encoder here: ``(token_dim,)``)."""
+        return (self.token_dim,)
+
+    def mean_token_norms(self) -> tuple[float, ...]:
+        """:meth:`mean_token_norm` per text encoder, in :attr:`token_dims` order."""
+        return (self.mean_token_norm(),)
+
+    def embedding_parts(self) -> dict[str, int]:
+        """Names and widths of v*'s parts for the exports; empty when v* is one text encoder's word."""
+        return {}
+
+    def similarity_space(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(..., D) embeddings mapped where cosine is the nearest-word similarity; identity with one encoder."""
+        return embeddings
+
+    def index_exclude_ids(self) -> list[int]:
+        """Token ids the nearest-word search never returns: special tokens, the placeholder and, under a
+        vocabulary filter (``restrict_vocabulary``), every token outside it."""
+        excluded = set(self.special_token_ids())
+        if self.vocabulary_ids is not None:
+            excluded |= set(range(self.token_embedding_table().shape[0])) - set(self.vocabulary_ids)
+        return sorted(excluded)
+
+    def build_token_index(self, mode: str = "exact", cache_dir: str | None = None) -> TokenIndex:
+        """Nearest-word index over the real tokens (special tokens and the placeholder excluded; only the
+        vocabulary filter's tokens when one is set)."""
+        return TokenIndex.from_text_encoder(
+            self.text_encoder,
+            self.tokenizer,
+            exclude_ids=self.index_exclude_ids(),
+            mode=mode,
+            cache_dir=cache_dir,
+        )
+
+    def empty_context(self) -> torch.Tensor:
+        """(1, L, D) text states of the empty prompt: the context of the UNet feature branch (E4T)."""
+        return self.encode_text(self.tokenize([""]))
+
+    def conditioning(
+        self, input_ids: torch.Tensor, placeholder_embeds: torch.Tensor | None = None
+    ) -> TextConditioning:
+        """The UNet's text conditioning of tokenized prompts, with v* injected at the placeholder."""
+        return TextConditioning(self.encode_text(input_ids, placeholder_embeds))
+
+    def hard_prompt_ids(self, input_ids: torch.Tensor, hard_token_ids: torch.Tensor) -> torch.Tensor:
+        """The hard prompt's ids: S* replaced by each sample's nearest real token (B,)."""
+        return replace_placeholder_ids(input_ids, self.placeholder_id, hard_token_ids)
+
+    def unconditional(self, n: int, negative_prompt: str = "") -> TextConditioning:
+        """Conditioning of the classifier-free-guidance branch: ``n`` copies of the negative prompt."""
+        return self.conditioning(self.tokenize([negative_prompt] * n))
+
+    def denoise(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        soft: TextConditioning,
+        hard: TextConditioning | None = None,
+        lora: dict[str, LoraDelta] | None = None,
+        alpha: float = 1.0,
+    ) -> torch.Tensor:
+        """(B, C, h, w) UNet output under dual-path attention: soft conditioning on the adapted path, hard on the
+        vanilla path (required when ``alpha < 1``)."""
+        personalization = Personalization(
+            lora=lora or {}, hard_context=None if hard is None else hard.context, alpha=alpha
+        )
         return self.unet(
             noisy_latents.to(self.unet.dtype),
             timesteps,
-            encoder_hidden_states=soft.to(self.unet.dtype),
+            encoder_hidden_states=soft.context.to(self.unet.dtype),
             cross_attention_kwargs={PERSONALIZATION_KWARG: personalization},
         ).sample

@@ -92,10 +92,54 @@ class TokenEmbedder(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, F) -> (B, D) v*."""
-        v = self.mlp(features)
-        if self.rescale:
-            v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.target_norm
-        return v
+        return self.renormalize(self.mlp(features))
+
+    def renormalize(self, v: torch.Tensor) -> torch.Tensor:
+        """(B, D) v rescaled to the target norm (unchanged without rescaling)."""
+        if not self.rescale:
+            return v
+        return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.target_norm
+
+
+class MultiTokenEmbedder(nn.Module):
+    """One :class:`TokenEmbedder` head per text encoder (SDXL: CLIP ViT-L and OpenCLIP bigG); v* is their
+    concatenation, each part rescaled to its own encoder's mean token norm.
+
+    Args:
+        feature_dim: width of f.
+        token_dims: width of each encoder's word embedding, e.g. ``(768, 1280)``.
+        hidden_dim: hidden width of each head.
+        target_norms: per-encoder target norm, or None for no rescaling.
+        negative_slope: LeakyReLU slope.
+    """
+
+    def __init__(
+        self,
+        feature_dim: int,
+        token_dims: tuple[int, ...],
+        hidden_dim: int = 1024,
+        target_norms: tuple[float, ...] | None = None,
+        negative_slope: float = 0.2,
+    ) -> None:
+        super().__init__()
+        norms = target_norms if target_norms is not None else (None,) * len(token_dims)
+        if len(norms) != len(token_dims):
+            raise ValueError(f"{len(norms)} target norms for {len(token_dims)} token widths")
+        self.token_dims = tuple(int(d) for d in token_dims)
+        self.heads = nn.ModuleList(
+            TokenEmbedder(feature_dim, d, hidden_dim, n, negative_slope)
+            for d, n in zip(self.token_dims, norms)
+        )
+        self.rescale = target_norms is not None
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, F) -> (B, sum(token_dims)) v*."""
+        return torch.cat([head(features) for head in self.heads], dim=-1)
+
+    def renormalize(self, v: torch.Tensor) -> torch.Tensor:
+        """(B, sum(token_dims)) v with every part rescaled to its own target norm."""
+        parts = torch.split(v, list(self.token_dims), dim=-1)
+        return torch.cat([head.renormalize(p) for head, p in zip(self.heads, parts)], dim=-1)
 
 
 class HyperNetwork(nn.Module):

@@ -9,7 +9,7 @@ from torch import nn
 
 from models.attention import DEFAULT_PROJECTIONS, LoraDelta, lora_targets
 from models.backbone import DiffusionBackbone
-from models.encoder import FeatureEncoder, HyperNetwork, TokenEmbedder
+from models.encoder import FeatureEncoder, HyperNetwork, MultiTokenEmbedder, TokenEmbedder
 
 
 @dataclass
@@ -77,13 +77,22 @@ class Personalizer(nn.Module):
             unet_hidden_dim=cfg.unet_hidden_dim,
             negative_slope=cfg.negative_slope,
         )
-        self.token_embedder = TokenEmbedder(
-            feature_dim=cfg.feature_dim,
-            token_dim=backbone.token_dim,
-            hidden_dim=cfg.token_hidden_dim,
-            target_norm=backbone.mean_token_norm() if cfg.rescale_token_norm else None,
-            negative_slope=cfg.negative_slope,
-        )
+        if len(backbone.token_dims) == 1:
+            self.token_embedder = TokenEmbedder(
+                feature_dim=cfg.feature_dim,
+                token_dim=backbone.token_dim,
+                hidden_dim=cfg.token_hidden_dim,
+                target_norm=backbone.mean_token_norm() if cfg.rescale_token_norm else None,
+                negative_slope=cfg.negative_slope,
+            )
+        else:  # SDXL: one head per text encoder, v* = their concatenation
+            self.token_embedder = MultiTokenEmbedder(
+                feature_dim=cfg.feature_dim,
+                token_dims=backbone.token_dims,
+                hidden_dim=cfg.token_hidden_dim,
+                target_norms=backbone.mean_token_norms() if cfg.rescale_token_norm else None,
+                negative_slope=cfg.negative_slope,
+            )
         targets = lora_targets(backbone.unet, tuple(cfg.lora_projections), tuple(cfg.lora_attention))
         self.hypernetwork = HyperNetwork(
             feature_dim=cfg.feature_dim,

@@ -54,25 +54,19 @@ def check_prompts(prompts: list[str], placeholder: str) -> None:
             raise PlaceholderError(f"prompt {prompt!r} does not contain the placeholder {placeholder!r}")
 
 
-def encode_with_placeholder(
+def placeholder_input_embeds(
     text_encoder: nn.Module,
     input_ids: torch.Tensor,
     placeholder_id: int | None = None,
     placeholder_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Runs a CLIP text encoder, replacing the placeholder's input embedding by a per-sample v*.
-
-    Reproduces ``CLIPTextModel.forward(input_ids).last_hidden_state`` exactly when no placeholder is given
-    (tested), through the model's own public sub-modules: embeddings, causal mask, encoder, final layer norm.
+    """(B, L, D) token embeddings of ``input_ids`` with v* at the placeholder positions (before positions are added).
 
     Args:
-        text_encoder: a ``transformers.CLIPTextModel``.
+        text_encoder: a ``transformers`` CLIP text model (its ``get_input_embeddings()`` table is read).
         input_ids: (B, L) token ids; may contain ``placeholder_id``, which may lie beyond the embedding table.
         placeholder_id: id of S* in the tokenizer.
-        placeholder_embeds: (B, D) v* per sample (D = text hidden size); required when a prompt holds S*.
-
-    Returns:
-        (B, L, D) last hidden states, the UNet's ``encoder_hidden_states``.
+        placeholder_embeds: (B, D) v* per sample; required when a prompt holds S*.
     """
     table = text_encoder.get_input_embeddings()
     ids = input_ids
@@ -96,6 +90,30 @@ def encode_with_placeholder(
                 f"placeholder_embeds has shape {tuple(v.shape)}, expected {(ids.shape[0], embeds.shape[-1])}"
             )
         embeds = torch.where(mask.unsqueeze(-1), v.unsqueeze(1).expand_as(embeds), embeds)
+    return embeds
+
+
+def encode_with_placeholder(
+    text_encoder: nn.Module,
+    input_ids: torch.Tensor,
+    placeholder_id: int | None = None,
+    placeholder_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Runs a CLIP text encoder, replacing the placeholder's input embedding by a per-sample v*.
+
+    Reproduces ``CLIPTextModel.forward(input_ids).last_hidden_state`` exactly when no placeholder is given
+    (tested), through the model's own public sub-modules: embeddings, causal mask, encoder, final layer norm.
+
+    Args:
+        text_encoder: a ``transformers.CLIPTextModel``.
+        input_ids: (B, L) token ids; may contain ``placeholder_id``, which may lie beyond the embedding table.
+        placeholder_id: id of S* in the tokenizer.
+        placeholder_embeds: (B, D) v* per sample (D = text hidden size); required when a prompt holds S*.
+
+    Returns:
+        (B, L, D) last hidden states, the UNet's ``encoder_hidden_states``.
+    """
+    embeds = placeholder_input_embeds(text_encoder, input_ids, placeholder_id, placeholder_embeds)
     hidden = text_encoder.embeddings(inputs_embeds=embeds)
     attn_mask = None
     if create_causal_mask is not None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from models.attention import PERSONALIZATION_KWARG, LoraDelta, Personalization
+from models.attention import LoraDelta
 from models.backbone import DiffusionBackbone
-from models.placeholder import replace_placeholder_ids
 
 SAMPLERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
 
@@ -52,12 +51,12 @@ def sample_personalized(
         sampler: ``"ddim"`` or ``"dpm"`` (DPM-Solver++ multistep).
         generator: CPU generator for the initial noise (fixed seeds make every image reproducible alone).
         latents: optional (B, C, h, w) initial noise instead of drawing it.
-        negative_prompt: text of the unconditional branch.
+        negative_prompt: text of the unconditional branch (on SDXL, "" is the all-zero conditioning).
 
     Returns:
         (B, 3, H, W) images in [0, 1].
     """
-    device, dtype = backbone.unet.device, backbone.unet.dtype
+    device = backbone.unet.device
     n = len(prompts)
     ids = backbone.tokenize(prompts, require_placeholder=True)
     v = v_star.expand(n, -1) if v_star.shape[0] == 1 else v_star
@@ -79,30 +78,24 @@ def sample_personalized(
         latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
     latents = latents * sched.init_noise_sigma
     use_cfg = guidance_scale > 1.0
-    soft = backbone.encode_text(ids, v)
-    hard_ctx = None
+    soft = backbone.conditioning(ids, v)
+    hard_cond = None
     if alpha < 1.0:
         if hard is None:
             raise ValueError(f"alpha={alpha} < 1 needs hard_token_ids (the nearest real token of v*)")
-        hard_ctx = backbone.encode_text(replace_placeholder_ids(ids, backbone.placeholder_id, hard))
+        hard_cond = backbone.conditioning(backbone.hard_prompt_ids(ids, hard))
     if use_cfg:
         # The weight offsets act on both branches, as a LoRA loaded into diffusers would; the unconditional
-        # prompt holds no S*, so its soft and hard contexts coincide.
-        uncond = backbone.encode_text(backbone.tokenize([negative_prompt] * n))
-        soft = torch.cat([uncond, soft])
-        hard_ctx = torch.cat([uncond, hard_ctx]) if hard_ctx is not None else None
+        # prompt holds no S*, so its soft and hard conditionings coincide.
+        uncond = backbone.unconditional(n, negative_prompt)
+        soft = uncond.cat(soft)
+        hard_cond = uncond.cat(hard_cond) if hard_cond is not None else None
         lora = _repeat_lora(lora, 2) if lora else lora
-    personalization = Personalization(lora=lora, hard_context=hard_ctx, alpha=alpha)
     for t in sched.timesteps:
         model_in = sched.scale_model_input(latents, t)
         if use_cfg:
             model_in = torch.cat([model_in, model_in])
-        pred = backbone.unet(
-            model_in.to(dtype),
-            t.to(device),
-            encoder_hidden_states=soft.to(dtype),
-            cross_attention_kwargs={PERSONALIZATION_KWARG: personalization},
-        ).sample.float()
+        pred = backbone.denoise(model_in, t.to(device), soft, hard_cond, lora, alpha).float()
         if use_cfg:
             pred_uncond, pred_cond = pred.chunk(2)
             pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
