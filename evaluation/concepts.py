@@ -35,6 +35,8 @@ class EvalConcept:
         data_args: the concept's ``ConceptDataModule`` arguments (``image=...`` or ``synthetic_concept=...``).
         load_input: returns the one image the concept is learned from.
         load_references: returns the real images, (M, 3, H, W) float in [0, 1].
+        input_reference_index: which of the references is the input image (None: none is); identity is also
+            reported without it, since comparing with the input image rewards copying it.
     """
 
     name: str
@@ -43,6 +45,7 @@ class EvalConcept:
     data_args: dict[str, Any]
     load_input: Callable[[], Image.Image] = field(repr=False)
     load_references: Callable[[], Tensor] = field(repr=False)
+    input_reference_index: int | None = None
 
 
 def synthetic_references(seed: int, concept_id: int, num: int, size: int) -> Tensor:
@@ -81,6 +84,7 @@ def _synthetic(spec: ConceptSetSpec, placeholder: str) -> list[EvalConcept]:
                 data_args={"synthetic_concept": cid, "synthetic_seed": s},
                 load_input=lambda s=s, cid=cid, size=size: render_concept(s, cid, size),
                 load_references=lambda s=s, cid=cid, n=n, size=size: synthetic_references(s, cid, n, size),
+                input_reference_index=0,  # the un-augmented render: the image the concept is tuned from
             )
         )
     return concepts
@@ -116,6 +120,7 @@ def _dreambench(spec: ConceptSetSpec, placeholder: str) -> list[EvalConcept]:
                 data_args={"image": str(sub.input_image), "class_noun": sub.class_noun},
                 load_input=lambda p=sub.input_image: load_rgb(p),
                 load_references=lambda paths=paths, size=size: _load_references(paths, size),
+                input_reference_index=paths.index(sub.input_image),
             )
         )
     return concepts

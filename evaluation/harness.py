@@ -8,10 +8,11 @@ configs), so configuration errors are one line and cost nothing. Reruns skip the
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from evaluation.concepts import EvalConcept
 from evaluation.generate import Setting, from_uint8, generate_images, image_relpath, image_seed, save_png
 from evaluation.plan import MethodPlan, make_plans, plan_inputs, plan_recipes
-from evaluation.plot import REFERENCE_POINTS, plot_tradeoff
+from evaluation.plot import REFERENCE_POINTS, REFERENCE_PROTOCOLS, plot_tradeoff
 from evaluation.report import aggregate, format_table, log_tensorboard, write_grids, write_json
 from evaluation.results import METRICS_INFO, ResultsStore
 from evaluation.run_state import RECORD_FILE, check_run_record, merge_records, run_record
@@ -64,6 +65,7 @@ def run_evaluation(
     tune_overrides: dict[str, Any] | None = None,
     device: str = "cpu",
     precision: str = "32-true",
+    inference_autocast: Literal["auto", "bf16", "fp16", "off"] = "auto",
     num_threads: int | None = 1,
     bootstrap_samples: int = 1000,
     grids: bool = True,
@@ -90,6 +92,9 @@ def run_evaluation(
             e.g. ``{"data.init_args.batch_size": 2}``).
         device: device for tuning, sampling and metrics (``cpu``, ``cuda``).
         precision: Lightning precision of tuning (``32-true``, ``bf16-mixed``).
+        inference_autocast: ``torch.autocast`` dtype of sampling and scoring: ``auto`` = bf16 on CUDA and off on
+            the CPU (where bf16 is slow on many cores and changes the reference numbers), or ``bf16`` / ``fp16`` /
+            ``off`` on any device. With CUDA present, TF32 matmuls are enabled either way.
         num_threads: torch CPU threads (None: leave as is); 1 is fastest for tiny models on a shared machine.
         bootstrap_samples: bootstrap resamples of the 95 % intervals (over concepts).
         grids: write an image grid per method x setting.
@@ -131,7 +136,11 @@ def run_evaluation(
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / RECORD_FILE, merge_records(out / RECORD_FILE, record))
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.set_float32_matmul_precision("high")
         run = _Run(out, base, sampling, MetricSuite(metrics, device), device, precision, progress)
+        run.autocast_dtype = autocast_dtype(inference_autocast, device)
         write_json(out / METRICS_INFO, run.suite.describe())
         run.walls["load"] = time.perf_counter() - start
         run.execute(plans, concept_list)
@@ -161,6 +170,13 @@ class _Run:
         self.walls = {"load": 0.0, "tuning": 0.0, "generation": 0.0, "scoring": 0.0}
         self.n_generated = self.n_tuned = 0
         self.backbone: DiffusionBackbone | None = None
+        self.autocast_dtype: torch.dtype | None = None
+
+    def inference_context(self) -> contextlib.AbstractContextManager:
+        """Autocast for sampling and scoring (a no-op when ``autocast_dtype`` is None)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=self.autocast_dtype)
 
     def pending(self, plan: MethodPlan, concept: EvalConcept, setting: Setting) -> list[tuple[int, int]]:
         """(prompt index, sample) pairs of this group that have no row yet."""
@@ -173,8 +189,9 @@ class _Run:
         ]
 
     def _sampling_backbone(self, tuner: ConceptTuner | None) -> DiffusionBackbone:
-        if self.backbone is None and tuner is not None and tuner.built:
-            self.backbone = tuner.module.backbone  # same weights: reuse instead of loading again
+        if self.backbone is None and tuner is not None and tuner.built and not tuner.module.modifies_backbone:
+            # Same weights: reuse instead of loading again (never a UNet carrying a method's peft adapter).
+            self.backbone = tuner.module.backbone
         if self.backbone is None:
             kw = self.base.model_kwargs
             self.backbone = DiffusionBackbone.from_pretrained(
@@ -253,16 +270,17 @@ class _Run:
                 continue
             seeds = [image_seed(self.sampling.seed, concept.name, i, k) for i, k in batch]
             begin = time.perf_counter()
-            arrays = generate_images(
-                backbone,
-                art,
-                [concept.prompts[i] for i, _ in batch],
-                seeds,
-                setting,
-                self.sampling.num_inference_steps,
-                self.sampling.sampler,
-                self.sampling.negative_prompt,
-            )
+            with self.inference_context():
+                arrays = generate_images(
+                    backbone,
+                    art,
+                    [sampling_prompt(art, concept.prompts[i], concept.class_noun) for i, _ in batch],
+                    seeds,
+                    setting,
+                    self.sampling.num_inference_steps,
+                    self.sampling.sampler,
+                    self.sampling.negative_prompt,
+                )
             for (prompt_idx, sample), seed, array in zip(batch, seeds, arrays):
                 if (prompt_idx, sample) not in missing:
                     continue  # regenerated only as a batch-mate; its row and PNG already exist
@@ -296,13 +314,15 @@ class _Run:
             self.walls["generation"] += time.perf_counter() - begin
         begin = time.perf_counter()
         prompts = [r["prompt"] for r in rows]
-        scores = self.suite.score(
-            torch.stack(images).to(self.device),
-            references,
-            prompts,
-            concept.class_noun,
-            self.base.placeholder,
-        )
+        with self.inference_context():
+            scores = self.suite.score(
+                torch.stack(images).to(self.device),
+                references,
+                prompts,
+                concept.class_noun,
+                self.base.placeholder,
+                concept.input_reference_index,
+            )
         self.walls["scoring"] += time.perf_counter() - begin
         for i, row in enumerate(rows):
             row.update({k: (v[i] if v is not None else None) for k, v in scores.items()})
@@ -337,12 +357,17 @@ class _Run:
             "config": record,
             "wall_seconds": self.walls,
             "counts": {"rows": len(self.store), "generated": self.n_generated, "tuned": self.n_tuned},
+            "deduplicated_settings": {p.spec.name: p.aliases for p in plans if p.aliases},
+            "inference_autocast": str(self.autocast_dtype).replace("torch.", "")
+            if self.autocast_dtype
+            else "off",
             "environment": {"torch": torch.__version__, "num_threads": torch.get_num_threads()},
         }
         if reference_points:
             summary["reference_points"] = {
                 "source": "DreamBench (METHOD.md), SD 1.x scale",
-                **REFERENCE_POINTS,
+                "points": REFERENCE_POINTS,
+                "protocols": REFERENCE_PROTOCOLS,
             }
         write_json(self.out / "summary.json", summary)
         table = format_table(aggregates)
@@ -355,6 +380,22 @@ class _Run:
         return EvaluationResult(
             self.out, aggregates, len(self.store), self.n_generated, self.n_tuned, dict(self.walls), table
         )
+
+
+def sampling_prompt(art: ConceptArtifact, prompt: str, class_noun: str) -> str:
+    """The prompt a method samples with: DreamBench's, or for an instance-prompt method (one-shot LoRA) the same
+    prompt with "sks <class noun>" where it says the placeholder (v* is the embedding of "sks", so
+    ``"<s*> dog"`` is the text "sks dog"). CLIP-T always scores the DreamBench prompt with the class noun."""
+    if art.extra.get("instance_prompt"):
+        return prompt.replace(art.placeholder, f"{art.placeholder} {class_noun}")
+    return prompt
+
+
+def autocast_dtype(mode: str, device: str) -> torch.dtype | None:
+    """The autocast dtype of ``inference_autocast`` on ``device`` (None: no autocast)."""
+    if mode == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
 
 
 def _accelerator(device: str) -> str:

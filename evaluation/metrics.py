@@ -34,19 +34,33 @@ PROMPT_PAIRING = (
 )
 
 
-def identity_scores(features: ClipFeatures | DinoFeatures, generated: Tensor, references: Tensor) -> Tensor:
+def identity_scores(
+    features: ClipFeatures | DinoFeatures, generated: Tensor, references: Tensor, exclude: int | None = None
+) -> Tensor:
     """Per-image identity similarity of generated images to the real images of one subject.
 
     Args:
         features: CLIP (CLIP-I) or DINO (DINO score) feature extractor.
         generated: (N, 3, H, W) generated images of one subject, float in [0, 1].
         references: (M, 3, H', W') real images of the same subject, float in [0, 1].
+        exclude: index of a reference to leave out (the method's input image: comparing with it rewards
+            copying the one image the concept was learned from).
 
     Returns:
-        (N,) mean cosine of each generated image to the M reference images.
+        (N,) mean cosine of each generated image to the M (or M - 1) reference images.
+
+    Raises:
+        ValueError: ``exclude`` would leave no reference.
     """
-    gen = features.image_embeds(generated)  # (N, P)
-    ref = features.image_embeds(references)  # (M, P)
+    if exclude is not None:
+        keep = [i for i in range(references.shape[0]) if i != exclude]
+        if not keep:
+            raise ValueError("excluding the input image leaves no reference image")
+        references = references[keep]
+    gen = features.image_embeds(
+        generated
+    ).float()  # (N, P); float: cosines are averaged in fp32 under autocast
+    ref = features.image_embeds(references).float()  # (M, P)
     return (gen @ ref.T).mean(dim=1)
 
 
@@ -85,8 +99,8 @@ def prompt_scores(
         (N,) cosine similarities in [-1, 1].
     """
     texts = fill_prompts(prompts, class_nouns, generated.shape[0], placeholder)
-    image = features.image_embeds(generated)  # (N, P)
-    text = features.text_embeds(texts)  # (N, P)
+    image = features.image_embeds(generated).float()  # (N, P)
+    text = features.text_embeds(texts).float()  # (N, P)
     return (image * text).sum(dim=-1)
 
 

@@ -24,6 +24,8 @@ class MethodPlan:
     settings: list[Setting]
     recipe: TuneRecipe | None = None
     artifacts: dict[str, ConceptArtifact] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+    """Settings dropped because another method's identical point is evaluated: ``label -> "method/label"``."""
 
     @property
     def steps(self) -> list[int]:
@@ -53,6 +55,14 @@ def _plan_method(
     alphas = spec.alphas or sweep.alphas
     guidances = spec.guidance_scales or sweep.guidance_scales
     where = f"method {spec.name!r}"
+    grids = [
+        (
+            g.steps,
+            spec.alphas or g.alphas or sweep.alphas,
+            spec.guidance_scales or g.guidance_scales or guidances,
+        )
+        for g in sweep.grids
+    ]
     if recipe is None:
         assert spec.artifacts is not None
         paths = {c.name: Path(spec.artifacts) / f"{c.name}.safetensors" for c in concepts}
@@ -64,10 +74,63 @@ def _plan_method(
             raise EvaluationConfigError(f"{where}: artefacts use another placeholder than {placeholder!r}")
         steps = sorted({a.steps for a in arts.values()})
         return MethodPlan(spec, _settings(steps, alphas, guidances, where), artifacts=arts)
-    steps = list(spec.steps) if spec.steps is not None else list(sweep.steps)
-    if spec.steps is None and recipe.max_steps_cap is not None:
-        steps = [s for s in steps if s <= recipe.max_steps_cap] or [recipe.max_steps_cap]
-    return MethodPlan(spec, _settings(steps, alphas, guidances, where), recipe=recipe)
+
+    def method_steps(grid_steps: list[int] | None) -> list[int]:
+        steps = list(spec.steps) if spec.steps is not None else list(grid_steps or sweep.steps)
+        if spec.steps is None and recipe.max_steps_cap is not None:
+            steps = [s for s in steps if s <= recipe.max_steps_cap] or [recipe.max_steps_cap]
+        return steps
+
+    settings = set(_settings(method_steps(None), alphas, guidances, where))
+    for g_steps, g_alphas, g_guidances in grids:
+        settings.update(_settings(method_steps(g_steps), g_alphas, g_guidances, f"{where} (sweep.grids)"))
+    return MethodPlan(spec, sorted(settings), recipe=recipe)
+
+
+# The arguments that decide a tuned method's step-0 concept (its initial prediction) and how it is sampled; two
+# methods equal in all of them produce the same step-0 images (e.g. encoder_only and date).
+_STEP0_KEYS = (
+    "pretrained_model_name_or_path",
+    "image_encoder_name_or_path",
+    "encoder_checkpoint",
+    "placeholder",
+    "personalizer",
+    "init",
+    "init_token",
+    "init_noise_draws",
+    "instance_prompt",
+    "seed",
+)
+
+
+def _step0_key(recipe: TuneRecipe) -> str:
+    kw = recipe.model_kwargs
+    return repr(
+        [(k, kw.get(k)) for k in _STEP0_KEYS] + [("tune_encoder", "encoder" in (kw.get("tune") or []))]
+    )
+
+
+def dedupe_step0(plans: list[MethodPlan]) -> None:
+    """Drops the step-0 settings a method shares with an earlier method of the same initial prediction.
+
+    The dropped points are recorded in ``aliases`` (reported in summary.json), so no image is generated twice
+    and no curve carries a copy of another method's point.
+    """
+    owners: dict[tuple[str, Any], str] = {}
+    for plan in plans:
+        if plan.recipe is None:
+            continue
+        key = _step0_key(plan.recipe)
+        kept = []
+        for setting in plan.settings:
+            owner = owners.get((key, setting)) if setting.steps == 0 else None
+            if owner is None:
+                kept.append(setting)
+                if setting.steps == 0:
+                    owners[(key, setting)] = plan.spec.name
+            else:
+                plan.aliases[setting.label] = f"{owner}/{setting.label}"
+        plan.settings = kept
 
 
 def _check_methods(methods: list[MethodSpec]) -> None:
@@ -121,6 +184,7 @@ def make_plans(
             if recipe.placeholder != base.placeholder:
                 raise EvaluationConfigError(f"method {spec.name!r} changes the placeholder the prompts use")
         plans.append(_plan_method(spec, sweep, recipe, concept_list, base.placeholder))
+    dedupe_step0(plans)
     return base, concept_list, plans
 
 

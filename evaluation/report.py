@@ -21,8 +21,15 @@ from PIL import Image
 
 from evaluation.generate import Setting, load_png
 
-METRIC_COLUMNS: tuple[str, ...] = ("clip_i", "clip_t", "dino")
-METRIC_NAMES = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO"}
+METRIC_COLUMNS: tuple[str, ...] = ("clip_i", "clip_t", "dino", "clip_i_no_input", "dino_no_input")
+# "w/o input": identity against the subject's real images without the one the method learned from.
+METRIC_NAMES = {
+    "clip_i": "CLIP-I",
+    "clip_t": "CLIP-T",
+    "dino": "DINO",
+    "clip_i_no_input": "CLIP-I w/o input",
+    "dino_no_input": "DINO w/o input",
+}
 GRIDS_DIR = "grids"
 
 

@@ -32,6 +32,8 @@ COLUMNS: tuple[str, ...] = (
     "clip_i",
     "clip_t",
     "dino",
+    "clip_i_no_input",
+    "dino_no_input",
     "tune_seconds",
     "sampler",
     "inference_steps",
@@ -40,7 +42,16 @@ COLUMNS: tuple[str, ...] = (
     "metrics_info",
 )
 INT_COLUMNS = ("steps", "prompt_idx", "sample", "seed", "inference_steps")
-FLOAT_COLUMNS = ("alpha", "guidance", "clip_i", "clip_t", "dino", "tune_seconds")
+FLOAT_COLUMNS = (
+    "alpha",
+    "guidance",
+    "clip_i",
+    "clip_t",
+    "dino",
+    "clip_i_no_input",
+    "dino_no_input",
+    "tune_seconds",
+)
 METRICS_INFO = "metrics.json"  # backbone, preprocessing and pairing of every metric column
 
 RowKey = tuple[str, str, int, float, float, int, int]
@@ -62,7 +73,7 @@ def row_key(row: dict[str, Any]) -> RowKey:
 def _format(value: Any, column: str) -> str:
     if value is None or value == "":
         return ""
-    if column in ("clip_i", "clip_t", "dino"):
+    if column in ("clip_i", "clip_t", "dino", "clip_i_no_input", "dino_no_input"):
         return f"{float(value):.6f}"
     if column == "tune_seconds":
         return f"{float(value):.3f}"

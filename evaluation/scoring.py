@@ -45,7 +45,13 @@ class MetricSuite:
         return {name: _jsonable(r) for name, r in records.items()}
 
     def score(
-        self, generated: Tensor, references: Tensor, prompts: list[str], class_noun: str, placeholder: str
+        self,
+        generated: Tensor,
+        references: Tensor,
+        prompts: list[str],
+        class_noun: str,
+        placeholder: str,
+        input_index: int | None = None,
     ) -> dict[str, list[float] | None]:
         """Per-image scores of one concept's images.
 
@@ -55,17 +61,27 @@ class MetricSuite:
             prompts: the N prompts, with the placeholder.
             class_noun: replaces the placeholder for CLIP-T.
             placeholder: the placeholder in ``prompts``.
+            input_index: which reference is the input image the concept was learned from (None: none is).
 
         Returns:
-            ``{"clip_i": [N], "clip_t": [N], "dino": [N] or None}``.
+            ``{"clip_i", "clip_t", "dino", "clip_i_no_input", "dino_no_input"}``, each [N] or None: identity
+            against all references and against the references without the input image (None when there is no
+            input among them or it is the only one).
         """
+        exclude = input_index if input_index is not None and references.shape[0] > 1 else None
         out: dict[str, list[float] | None] = {
             "clip_i": identity_scores(self.clip, generated, references).tolist(),
             "clip_t": prompt_scores(self.clip, generated, prompts, class_noun, placeholder).tolist(),
             "dino": None,
+            "clip_i_no_input": None,
+            "dino_no_input": None,
         }
+        if exclude is not None:
+            out["clip_i_no_input"] = identity_scores(self.clip, generated, references, exclude).tolist()
         if self.dino is not None:
             out["dino"] = identity_scores(self.dino, generated, references).tolist()
+            if exclude is not None:
+                out["dino_no_input"] = identity_scores(self.dino, generated, references, exclude).tolist()
         return out
 
 

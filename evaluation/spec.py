@@ -76,6 +76,21 @@ class ConceptSetSpec:
 
 
 @dataclass
+class SweepGrid:
+    """One more cartesian grid of settings (e.g. an alpha grid at one step count); None = the sweep's list.
+
+    Args:
+        steps: tuning step counts.
+        alphas: dual-path alphas.
+        guidance_scales: guidance scales.
+    """
+
+    steps: list[int] | None = None
+    alphas: list[float] | None = None
+    guidance_scales: list[float] | None = None
+
+
+@dataclass
 class SweepSpec:
     """Settings that make a trade-off curve; every combination is one point per method.
 
@@ -83,11 +98,15 @@ class SweepSpec:
         steps: tuning step counts, snapshotted from one tuning run per concept (0 = the initial prediction).
         alphas: dual-path blend at sampling (1 = adapted path only, 0 = vanilla model on the hard prompt).
         guidance_scales: classifier-free guidance scales.
+        grids: further grids whose settings are added to ``steps x alphas x guidance_scales`` (duplicates are
+            evaluated once); a method's own ``steps`` / ``alphas`` / ``guidance_scales`` replace the same list in
+            every grid.
     """
 
     steps: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8, 12])
     alphas: list[float] = field(default_factory=lambda: [0.5, 1.0])
     guidance_scales: list[float] = field(default_factory=lambda: [7.5])
+    grids: list[SweepGrid] = field(default_factory=list)
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Phase 2: inference-time tuning of one concept in a few steps, and its export (METHOD.md, "Inference-time tuning").
 
-Also runs the baselines as configs: textual inversion (embedding only, zero init), one-shot LoRA (LoRA only),
-encoder only (0 steps) and no regulariser (``nn_weight: 0``).
+Also runs the baselines as configs (``configs/tune/*_<baseline>.yaml``): textual inversion (diffusers'
+``textual_inversion.py``: embedding only, initialised from the class noun), one-shot LoRA (diffusers'
+``train_dreambooth_lora.py``: a peft LoRA on the UNet, instance prompt "a photo of sks <class noun>"), encoder only
+(0 steps) and no regulariser (an encoder pretrained with ``nn_weight: 0``, tuned without it).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from losses import add_noise
 from models.artifact import ConceptArtifact
 from models.attention import LoraDelta
 from models.personalizer import Personalizer, PersonalizerConfig
+from models.unet_lora import add_unet_lora, lora_parameters, lora_snapshot, restore_lora, save_diffusers_lora
+from models.unet_lora import static_factors as unet_lora_factors
 
-Tunable = Literal["embedding", "cores", "factors", "encoder"]
+Tunable = Literal["embedding", "cores", "factors", "encoder", "unet_lora"]
 
 
 def load_pretraining_checkpoint(path: str, backbone) -> tuple[dict, dict]:
@@ -53,10 +57,17 @@ class ConceptTuning(PersonalizationModule):
             sensible with ``init: zero`` or ``token``, i.e. the textual-inversion / LoRA baselines).
         optimizer: optimizer factory over the tuned parameters (default AdamW, lr 1e-3, no weight decay).
         tune: what is optimised: ``embedding`` (v*), ``cores`` (M_l), ``factors`` (A_l, B_l), ``encoder`` (E4T-style:
-            the encoder weights, predicting v* and cores every step).
-        init: start from the ``encoder``'s prediction, from ``zero`` (v* = 0, cores = 0) or from the embedding of
-            ``init_token`` (cores = 0).
+            the encoder weights, predicting v* and cores every step), ``unet_lora`` (a static peft LoRA added to
+            the UNet as diffusers' ``train_dreambooth_lora.py`` does: the one-shot LoRA baseline).
+        init: start from the ``encoder``'s prediction, from ``zero`` (v* = 0, cores = 0), from the embedding of
+            ``init_token`` (cores = 0), or from the embedding of the concept's ``class_noun`` (the datamodule's;
+            textual inversion's ``initializer_token``; a multi-word noun uses its last token, the head noun).
         init_token: word used by ``init: token``.
+        instance_prompt: if set, every training prompt is this template instead of the datamodule's random ones:
+            ``{identifier}`` is filled with the placeholder, whose embedding stays ``init_token``'s (so
+            ``"a photo of {identifier} {class_noun}"`` with ``init_token: sks`` is exactly the text
+            "a photo of sks dog"), ``{class_noun}`` with the concept's class noun. Needs ``init: token``.
+        unet_lora_rank: rank (and lora_alpha) of the ``unet_lora`` adapter.
         init_noise_draws: the encoder's initial prediction is averaged over this many noise draws.
         export_dir: folder the artefact ``<concept>.safetensors`` (and ``<concept>_diffusers/``) is written to.
         concept_name: artefact name; None = the datamodule's concept name.
@@ -79,8 +90,10 @@ class ConceptTuning(PersonalizationModule):
         encoder_checkpoint: str | None = None,
         optimizer: OptimizerCallable | None = None,
         tune: list[Tunable] | None = None,
-        init: Literal["encoder", "zero", "token"] = "encoder",
+        init: Literal["encoder", "zero", "token", "class_noun"] = "encoder",
         init_token: str = "object",
+        instance_prompt: str | None = None,
+        unet_lora_rank: int = 4,
         init_noise_draws: int = 4,
         export_dir: str = "outputs/concepts",
         concept_name: str | None = None,
@@ -96,6 +109,10 @@ class ConceptTuning(PersonalizationModule):
             raise ValueError("tune must name at least one of embedding, cores, factors, encoder")
         if init == "encoder" and encoder_checkpoint is None:
             raise ValueError("init='encoder' needs encoder_checkpoint (a pretraining checkpoint)")
+        if instance_prompt is not None and (init != "token" or "embedding" in self.tune):
+            raise ValueError(
+                "instance_prompt needs init='token' and a fixed embedding (no 'embedding' in tune)"
+            )
         state = None
         if encoder_checkpoint is not None:
             meta, state = load_pretraining_checkpoint(encoder_checkpoint, self.backbone)
@@ -110,6 +127,11 @@ class ConceptTuning(PersonalizationModule):
             self.personalizer.hypernetwork.up.requires_grad_(True)
         if "encoder" in self.tune:
             self.personalizer.requires_grad_(True)
+        self._initial_unet_lora: dict[str, torch.Tensor] | None = None
+        if "unet_lora" in self.tune:
+            # After the backbone is frozen: only the adapter's parameters are trainable.
+            add_unet_lora(self.backbone.unet, unet_lora_rank)
+            self._initial_unet_lora = lora_snapshot(self.backbone.unet)
         n_targets, rank = len(self.personalizer.hypernetwork.names), self.personalizer.hypernetwork.rank
         self.v_star = nn.Parameter(
             torch.zeros(1, self.backbone.token_dim), requires_grad="embedding" in self.tune
@@ -122,6 +144,7 @@ class ConceptTuning(PersonalizationModule):
         }
         self.optimizer_factory = optimizer
         self.init, self.init_token, self.init_noise_draws = init, init_token, init_noise_draws
+        self.instance_prompt = instance_prompt
         self.export_dir, self.concept_name, self.export_diffusers = export_dir, concept_name, export_diffusers
         self.export_kohya = export_kohya
         self.method = method
@@ -133,6 +156,8 @@ class ConceptTuning(PersonalizationModule):
         Restores the personalizer weights it was built with and re-runs the initial prediction at the next fit.
         """
         self.personalizer.load_state_dict(self._initial_personalizer)
+        if self._initial_unet_lora is not None:
+            restore_lora(self.backbone.unet, self._initial_unet_lora)
         self.initialised.fill_(False)
         self.concept_name = concept_name
 
@@ -150,17 +175,39 @@ class ConceptTuning(PersonalizationModule):
         with torch.no_grad():
             if self.init == "encoder":
                 v, cores = self._encoder_prediction()
-            elif self.init == "token":
-                ids = self.backbone.tokenizer(self.init_token, add_special_tokens=False).input_ids
-                if len(ids) != 1:
-                    raise ValueError(f"init_token {self.init_token!r} must be one token, got {len(ids)}")
-                v = self.backbone.token_embedding_table()[ids[0]].float().unsqueeze(0)
+            elif self.init in ("token", "class_noun"):
+                v = self.backbone.token_embedding_table()[self.init_token_id()].float().unsqueeze(0)
                 cores = torch.zeros_like(self.cores)
             else:
                 v, cores = torch.zeros_like(self.v_star), torch.zeros_like(self.cores)
             self.v_star.copy_(v)
             self.cores.copy_(cores)
             self.initialised.fill_(True)
+
+    def _class_noun(self) -> str:
+        noun = getattr(getattr(self.trainer, "datamodule", None), "class_noun", None)
+        if not noun:
+            raise ValueError(
+                f"init={self.init!r} / instance_prompt need the concept's class noun: set data.init_args.class_noun"
+            )
+        return str(noun)
+
+    def init_token_id(self) -> int:
+        """Id of the word v* starts from: ``init_token``, or the class noun's (last) token for ``class_noun``."""
+        word = self._class_noun() if self.init == "class_noun" else self.init_token
+        ids = self.backbone.tokenizer(word, add_special_tokens=False).input_ids
+        if not ids or (self.init == "token" and len(ids) != 1):
+            raise ValueError(f"init_token {word!r} must be one token, got {len(ids)}")
+        return int(ids[-1])
+
+    def training_prompts(self, prompts: list[str]) -> list[str]:
+        """The batch's prompts, or the fixed instance prompt (one-shot LoRA) for each of them."""
+        if self.instance_prompt is None:
+            return prompts
+        text = self.instance_prompt.format(
+            identifier=self.backbone.placeholder, class_noun=self._class_noun()
+        )
+        return [text] * len(prompts)
 
     def _concept_views(self) -> tuple[torch.Tensor, torch.Tensor]:
         dm = getattr(self.trainer, "datamodule", None)
@@ -211,11 +258,17 @@ class ConceptTuning(PersonalizationModule):
         return self.personalizer.deltas(cores)
 
     @property
+    def modifies_backbone(self) -> bool:
+        """Whether this module added a trainable adapter to its backbone's UNet (so it is not the base model)."""
+        return self._initial_unet_lora is not None
+
+    @property
     def lora_active(self) -> bool:
         """Whether the LoRA offsets can be non-zero: tuned, or predicted by the encoder."""
         return self.init == "encoder" or bool({"cores", "factors", "encoder"} & set(self.tune))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        batch = {**batch, "prompt": self.training_prompts(list(batch["prompt"]))}
         losses, extras = self.model_step(batch)
         self.log_step(losses, extras, batch_size=len(batch["prompt"]))
         if self.sample_every_n_steps and self.global_step % self.sample_every_n_steps == 0:
@@ -223,6 +276,14 @@ class ConceptTuning(PersonalizationModule):
                 list(batch["prompt"][:1]), extras["v_star"][:1], extras["cores"][:1], tag="concept"
             )
         return losses["loss"]
+
+    def state_dict(self, *args, **kwargs):
+        """Trainable weights only; with ``unet_lora`` these include the adapter inside the frozen UNet."""
+        state = super().state_dict(*args, **kwargs)
+        if self._initial_unet_lora is not None:
+            for name, param in lora_parameters(self.backbone.unet).items():
+                state[f"backbone.unet.{name}"] = param.detach()
+        return state
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -245,12 +306,20 @@ class ConceptTuning(PersonalizationModule):
         extra = {"method": self.method, "tuned": ",".join(self.tune), "init": self.init}
         if getattr(dm, "class_noun", None):
             extra["class_noun"] = str(dm.class_noun)
-        return ConceptArtifact(
-            v_star=v_star[0].float().cpu(),
-            lora={
+        if self.instance_prompt is not None:
+            # Sampling writes "<s*> <class noun>" where prompts say "<s*>": with v* = the identifier's
+            # embedding that is exactly "sks <class noun>" (evaluation/harness.py).
+            extra.update(instance_prompt=self.instance_prompt, identifier=self.init_token)
+        if self._initial_unet_lora is not None:
+            lora = unet_lora_factors(self.backbone.unet)
+        else:
+            lora = {
                 k: (d.cpu(), u.cpu())
                 for k, (d, u) in self.personalizer.hypernetwork.static_lora(cores[0].float()).items()
-            },
+            }
+        return ConceptArtifact(
+            v_star=v_star[0].float().cpu(),
+            lora=lora,
             placeholder=self.backbone.placeholder,
             nearest_token=result.tokens[0][0],
             nearest_token_id=int(result.ids[0, 0]),
@@ -271,7 +340,12 @@ class ConceptTuning(PersonalizationModule):
         artifact = self.build_artifact()
         self.artifact_path = artifact.save(Path(self.export_dir) / f"{name}.safetensors")
         msg = f"concept {name!r}: {artifact.steps} steps, nearest token {artifact.nearest_token!r} -> {self.artifact_path}"
-        if self.export_diffusers:
+        if self.export_diffusers and self._initial_unet_lora is not None:
+            # The script's own output: the peft state dict via save_lora_weights; "sks" is a real word, so
+            # there is no embedding to load.
+            out = save_diffusers_lora(self.backbone.unet, Path(self.export_dir) / f"{name}_diffusers")
+            msg += f" (+ diffusers LoRA in {out})"
+        elif self.export_diffusers:
             out = artifact.export_diffusers(Path(self.export_dir) / f"{name}_diffusers")
             msg += f" (+ diffusers LoRA / embedding in {out})"
         if self.export_kohya:

@@ -162,10 +162,19 @@ def moved(module, before: dict[str, torch.Tensor]) -> set[str]:
     return {n for n, p in module.named_parameters() if not torch.equal(p.detach(), before[n])}
 
 
-def assert_backbone_unchanged(module, snapshot: Snapshot) -> None:
+def is_unet_lora(name: str) -> bool:
+    """A parameter of the peft LoRA adapter the one-shot LoRA baseline adds inside the frozen UNet."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def assert_backbone_unchanged(module, snapshot: Snapshot, adapter: bool = False) -> None:
+    """Every frozen backbone weight is unchanged; with ``adapter`` the peft LoRA weights are exempt (and exist)."""
     after = module.backbone.state_dict()
     assert after.keys() == snapshot.backbone.keys()
-    changed = [k for k, v in after.items() if not torch.equal(v, snapshot.backbone[k])]
+    assert adapter == any(is_unet_lora(k) for k in after)
+    changed = [
+        k for k, v in after.items() if not torch.equal(v, snapshot.backbone[k]) and not is_unet_lora(k)
+    ]
     assert not changed, f"frozen backbone changed: {changed[:5]}"
 
 

@@ -146,3 +146,30 @@ def test_data_help_documents_every_argument(capsys):
     out = " ".join(_exit_output(capsys, ["fit", "--data.help", "datamodules.PretrainDataModule"]).split())
     assert "--data.roots" in out
     assert "Image folders" in out
+
+
+@pytest.mark.parametrize("base", ["tiny", "sd15", "sd21"])
+def test_no_regularizer_ablation_pretrains_its_own_encoder(base):
+    """The ablation removes the regulariser from pretraining too: same recipe, nn_weight 0, own output folder,
+    and the tuning ablation (and DreamBench's method entry) starts from that encoder."""
+    full = yaml.safe_load((CONFIGS / "pretrain" / f"{base}.yaml").read_text())
+    ablation = yaml.safe_load((CONFIGS / "pretrain" / f"{base}_no_regularizer.yaml").read_text())
+    assert full["model"]["init_args"]["nn_weight"] > 0 and ablation["model"]["init_args"]["nn_weight"] == 0
+    out = f"outputs/pretrain_{base}_no_regularizer"
+    renamed = yaml.safe_load(
+        (CONFIGS / "pretrain" / f"{base}.yaml").read_text().replace(f"outputs/pretrain_{base}", out)
+    )
+    renamed["model"]["init_args"]["nn_weight"] = 0.0
+    assert renamed == ablation
+    (checkpoint,) = [
+        c for c in ablation["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")
+    ]
+    tune = yaml.safe_load((CONFIGS / "tune" / f"{base}_no_regularizer.yaml").read_text())["model"][
+        "init_args"
+    ]
+    assert tune["encoder_checkpoint"] == f"{checkpoint['init_args']['dirpath']}/last.ckpt"
+    assert tune["nn_weight"] == 0
+    if base == "sd15":
+        methods = yaml.safe_load((CONFIGS / "evaluate" / "sd15_dreambench.yaml").read_text())["methods"]
+        (entry,) = [m for m in methods if m["name"] == "no_regularizer"]
+        assert entry["overrides"]["model.init_args.encoder_checkpoint"] == tune["encoder_checkpoint"]
