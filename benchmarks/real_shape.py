@@ -182,7 +182,7 @@ def render(results: dict[str, Any]) -> str:
         f"DATE per concept (fit start to first step: the encoder prediction of 4 noise draws and optimizer set-up, "
         f"+ 12 x the measured step): {cost['date_prediction_plus_12_steps']:.0f} s (extrapolated)",
         f"one-shot LoRA per concept (500 x the measured step): {cost['lora_500_steps']:.0f} s (extrapolated)",
-        f"precision {results['precision']}; process peak RSS at the end {results['peak_rss_gib']:.1f} GiB",
+        f"precision {results['precision']}; process RSS at the end {results['peak_rss_gib']:.1f} GiB",
     ]
     return "\n".join(lines)
 

@@ -56,6 +56,10 @@ class PersonalizationModule(LightningModule):
         nn_k: number of nearest real tokens used as positives.
         token_index_mode: ``exact`` or ``hnsw`` FAISS index (or ``torch`` brute force).
         token_index_cache: folder caching the built index (None: no cache).
+        token_vocabulary: vocabulary filter of the nearest-token search: a text file with one word per line (or a
+            list of words); only their tokens are searched, and v* is rescaled to their mean norm. Needed when
+            most rows of the table were never trained (the toy world's text encoder knows ~25 words); on real
+            SD it can restrict neighbours to, e.g., English nouns. None: every non-special token.
         norm_penalty: weight of the L2 penalty pulling |v*| to the mean token norm (0 disables it).
         core_penalty: weight of the L2 penalty on the LoRA cores (0 disables it).
         seed: base seed; each step's noise and timesteps are a function of (seed, step, rank), so resuming
@@ -89,6 +93,7 @@ class PersonalizationModule(LightningModule):
         nn_k: int = 1,
         token_index_mode: str = "exact",
         token_index_cache: str | None = ".cache/token_index",
+        token_vocabulary: str | list[str] | None = None,
         norm_penalty: float = 0.0,
         core_penalty: float = 0.0,
         seed: int = 0,
@@ -108,6 +113,9 @@ class PersonalizationModule(LightningModule):
             torch_dtype=getattr(torch, torch_dtype) if torch_dtype else None,
             variant=variant,
         )
+        self.token_vocabulary = token_vocabulary
+        if token_vocabulary is not None:
+            self.backbone.restrict_vocabulary(token_vocabulary)
         self.gradient_checkpointing = gradient_checkpointing
         if gradient_checkpointing:
             self.backbone.unet.enable_gradient_checkpointing()
@@ -181,6 +189,7 @@ class PersonalizationModule(LightningModule):
                 exclude_ids=self.backbone.special_token_ids(),
                 mode=self.token_index_mode,
                 cache_dir=self.token_index_cache,
+                vocabulary=self.token_vocabulary,
             )
 
     def empty_context(self) -> torch.Tensor:

@@ -74,6 +74,9 @@ class DiffusionBackbone(nn.Module):
         self.name_or_path = name_or_path
         self.placeholder = placeholder
         self.placeholder_id = add_placeholder_token(tokenizer, placeholder)
+        # Rows of the token table that count as real words (None: all but the special tokens); set by
+        # `restrict_vocabulary` when only some rows were trained (the toy world) or should be searched.
+        self.vocabulary_ids: list[int] | None = None
         self.requires_grad_(False)
         self.eval()
         # Plain attention until a call passes `personalization` (see models.attention).
@@ -200,9 +203,20 @@ class DiffusionBackbone(nn.Module):
     def special_token_ids(self) -> list[int]:
         return sorted(set(self.tokenizer.all_special_ids) | {self.placeholder_id})
 
+    def restrict_vocabulary(self, vocabulary) -> list[int]:
+        """Counts only the tokens of ``vocabulary``'s words (a list or a one-word-per-line file) as real words:
+        the token norm v* is rescaled to and the nearest-token search use these rows only. Returns their ids."""
+        from models.token_index import vocabulary_ids
+
+        self.vocabulary_ids = vocabulary_ids(self.tokenizer, vocabulary)
+        return self.vocabulary_ids
+
     def mean_token_norm(self) -> float:
-        """Mean L2 norm of the real token embeddings (special tokens excluded): the scale of real words."""
+        """Mean L2 norm of the real token embeddings (special tokens excluded; only ``vocabulary_ids`` when a
+        vocabulary filter is set): the scale of real words."""
         table = self.token_embedding_table().detach().float()
+        if self.vocabulary_ids is not None:
+            return float(table[torch.tensor(self.vocabulary_ids)].norm(dim=-1).mean())
         keep = torch.ones(table.shape[0], dtype=torch.bool)
         ids = [i for i in self.special_token_ids() if i < table.shape[0]]
         keep[ids] = False

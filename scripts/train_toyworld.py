@@ -387,7 +387,58 @@ def export(
         src = Path(checker_dir if name == "checker" else clip_dir) / "metrics.json"
         if src.exists():
             (out / name / "metrics.json").write_text(src.read_text())
+    from evaluation.toyworld import base_adherence
+
+    t0 = time.time()
+    acc = base_adherence(n=256, seed=0, pipeline_dir=out / "pipeline", checker_dir=out / "checker")
+    adh = {
+        "accuracy": acc,
+        "n": 256,
+        "seed": 0,
+        "steps": cfg["sample"]["steps"],
+        "guidance": cfg["sample"]["guidance"],
+        "wall_s": round(time.time() - t0, 1),
+        "command": "python -m evaluation.toyworld base-adherence --n 256 --seed 0",
+    }
+    (out / "base_adherence.json").write_text(json.dumps(adh, indent=1) + "\n")
+    figure(out)
+    base_log = [json.loads(x) for x in (base / "log.jsonl").read_text().splitlines()]
+    last = [r for r in base_log if r.get("model") == "base"][-1]
+    vae_final = [r for r in base_log if "final_rec_mse" in r][-1]
+    (out / "train_summary.json").write_text(
+        json.dumps(
+            {
+                "base_steps": st["step"],
+                "base_final_loss": last["loss"],
+                "base_wall_s_last_run": last["elapsed_s"],
+                "vae_rec_mse": vae_final["final_rec_mse"],
+                "vae_scaling_factor": vae_final["scaling_factor"],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    print(json.dumps(adh), file=sys.stderr)
     print(f"wrote {out}", file=sys.stderr)
+
+
+def figure(out: Path = ASSETS, n: int = 8, seed: int = 5) -> Path:
+    """``renders_vs_samples.png``: row 1 renders, row 2 base-model samples, for the same ``n`` prompts."""
+    import numpy as np
+
+    from datamodules.toyworld import Scene, render, sample_prompts, save_grid
+    from evaluation.toyworld import load_pipeline, sample
+
+    rows = sample_prompts(n, seed)
+    renders = np.stack([render(Scene(**r["attributes"])) for r in rows])
+    images = sample(load_pipeline(out / "pipeline"), [r["prompt"] for r in rows], seed)
+    samples = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    path = out / "renders_vs_samples.png"
+    save_grid(np.concatenate([renders, samples]), str(path), cols=n, scale=3)
+    (out / "renders_vs_samples.txt").write_text(
+        "\n".join(f"{i + 1}. {r['prompt']}" for i, r in enumerate(rows)) + "\n"
+    )
+    return path
 
 
 def probe(cfg: dict, n: int = 128, checker_dir: str = ".cache/toyworld/checker/checker") -> None:

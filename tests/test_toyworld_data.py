@@ -130,3 +130,25 @@ def test_vocabulary_filter_returns_only_allowed_tokens(tmp_path):
     assert len(unfiltered) == 49408 - len(set(tokenizer.all_special_ids))
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         TokenIndex.from_text_encoder(text_encoder, tokenizer, vocabulary=tmp_path / "missing.txt")
+
+
+def test_vocabulary_filter_sets_the_token_norm_and_the_modules_search(tiny_sd_dir, tmp_path):
+    from lightning_modules import EncoderPretraining
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("red\nstar\nstriped\n")
+    module = EncoderPretraining(
+        pretrained_model_name_or_path=str(tiny_sd_dir),
+        image_encoder_name_or_path=str(tiny_sd_dir),
+        token_vocabulary=str(vocab),
+        token_index_cache=None,
+    )
+    ids = vocabulary_ids(module.backbone.tokenizer, vocab)
+    assert module.backbone.vocabulary_ids == ids
+    table = module.backbone.token_embedding_table().detach().float()
+    assert module.backbone.mean_token_norm() == pytest.approx(float(table[ids].norm(dim=-1).mean()), rel=1e-6)
+    assert module.personalizer.token_embedder.target_norm == pytest.approx(module.backbone.mean_token_norm())
+    module.setup("fit")
+    assert sorted(module.token_index.vocab_ids.tolist()) == ids
+    result = module.token_index.search(torch.randn(16, table.shape[1]), 1)
+    assert set(result.ids.flatten().tolist()) <= set(ids)
