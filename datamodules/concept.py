@@ -125,6 +125,9 @@ class ConceptDataModule(LightningDataModule):
             concept's kind (files: ``None``).
         seed: Seed of every crop, flip and template.
         num_workers: DataLoader worker processes.
+        templates: prompt templates with one ``{}`` for the placeholder (default: ``PROMPT_TEMPLATES``, "a photo
+            of a {}", ...); e.g. the toy world's caption of the concept image, "a large {} in the center on a blue
+            background".
 
     Raises:
         ConfigurationError: both or neither of ``image`` and ``synthetic_concept`` are given, or a count is < 1.
@@ -151,6 +154,7 @@ class ConceptDataModule(LightningDataModule):
         class_noun: str | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        templates: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -193,6 +197,7 @@ class ConceptDataModule(LightningDataModule):
             placeholder=placeholder,
             seed=seed,
             concept_id=self.concept_id,
+            templates=templates,
         )
 
     def train_dataloader(self) -> ResumableDataLoader:
