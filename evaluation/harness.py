@@ -30,7 +30,7 @@ from evaluation.generate import (
     initial_latents,
     save_png,
 )
-from evaluation.plan import MethodPlan, make_plans, plan_inputs, plan_recipes
+from evaluation.plan import MethodPlan, check_metric_files, make_plans, plan_inputs, plan_recipes
 from evaluation.plot import REFERENCE_POINTS, REFERENCE_PROTOCOLS, plot_tradeoff
 from evaluation.report import aggregate, format_table, log_tensorboard, write_grids, write_json
 from evaluation.results import METRICS_INFO, ResultsStore
@@ -136,7 +136,7 @@ def run_evaluation(
     overrides = {f"model.init_args.{k}": v for k, v in given.items() if v is not None}
     overrides.update(tune_overrides or {})
     base, concept_list, plans = make_plans(out, tune_config, methods, concepts, sweep, overrides)
-    _check_metric_files(metrics, concept_list)
+    check_metric_files(metrics, concept_list)
     record = run_record(
         tune_config, overrides, plan_recipes(plans), methods, concepts, sampling, metrics, plan_inputs(plans)
     )
@@ -502,20 +502,3 @@ def autocast_dtype(mode: str, device: str) -> torch.dtype | None:
 
 def _accelerator(device: str) -> str:
     return "cpu" if device == "cpu" else "gpu" if device.startswith("cuda") else device
-
-
-def _check_metric_files(metrics: MetricSpec, concepts: list[EvalConcept]) -> None:
-    """The checker, CLIP helper folders and vocabulary exist, and the checker has attributes to read against."""
-    for what, path in (
-        ("metrics.checker", metrics.checker),
-        ("metrics.clip_tokenizer", metrics.clip_tokenizer),
-        ("metrics.clip_processor", metrics.clip_processor),
-    ):
-        if path is not None and not Path(path).is_dir():
-            raise EvaluationConfigError(f"{what} {path} is not a folder")
-    if metrics.vocabulary is not None and not Path(metrics.vocabulary).is_file():
-        raise EvaluationConfigError(f"metrics.vocabulary {metrics.vocabulary} does not exist")
-    if metrics.checker is not None and any(c.attributes is None for c in concepts):
-        raise EvaluationConfigError(
-            "metrics.checker needs concepts with checked attributes (concepts.kind: toyworld)"
-        )

@@ -11,7 +11,7 @@ from typing import Any
 from evaluation.concepts import EvalConcept, load_concepts
 from evaluation.generate import Setting
 from evaluation.run_state import file_identity
-from evaluation.spec import ConceptSetSpec, EvaluationConfigError, MethodSpec, SweepSpec
+from evaluation.spec import ConceptSetSpec, EvaluationConfigError, MethodSpec, MetricSpec, SweepSpec
 from evaluation.tuning import TuneRecipe, resolve_recipe
 from models.artifact import ConceptArtifact
 
@@ -250,3 +250,20 @@ def plan_inputs(plans: list[MethodPlan]) -> dict[str, Any]:
             folder = Path(p.spec.artifacts or "")
             inputs[p.spec.name] = {c: file_identity(folder / f"{c}.safetensors") for c in p.artifacts}
     return inputs
+
+
+def check_metric_files(metrics: MetricSpec, concepts: list[EvalConcept]) -> None:
+    """The checker, CLIP helper folders and vocabulary exist, and the checker has attributes to read against."""
+    for what, path in (
+        ("metrics.checker", metrics.checker),
+        ("metrics.clip_tokenizer", metrics.clip_tokenizer),
+        ("metrics.clip_processor", metrics.clip_processor),
+    ):
+        if path is not None and not Path(path).is_dir():
+            raise EvaluationConfigError(f"{what} {path} is not a folder")
+    if metrics.vocabulary is not None and not Path(metrics.vocabulary).is_file():
+        raise EvaluationConfigError(f"metrics.vocabulary {metrics.vocabulary} does not exist")
+    if metrics.checker is not None and any(c.attributes is None for c in concepts):
+        raise EvaluationConfigError(
+            "metrics.checker needs concepts with checked attributes (concepts.kind: toyworld)"
+        )

@@ -18,6 +18,7 @@ import evaluate
 from datamodules import PretrainDataModule
 from datamodules.toyworld import VALUES, Scene, caption, render
 from evaluation.checker_metrics import CHECKER_COLUMNS, NearestWords, checker_scores, nearest_word_table
+from evaluation.generate import load_png
 from evaluation.results import read_results
 from evaluation.spec import EvaluationConfigError, ToyWorldSpec
 from evaluation.tiny_models import write_tiny_eval_models
@@ -194,7 +195,7 @@ def toy_inputs(tmp_path_factory, tiny_sd_dir):
 def test_one_concept_run_has_checker_metrics_plain_words_and_export(toy_inputs, tiny_sd_dir, tmp_path):
     out = tmp_path / "out"
     methods = [
-        {"name": "date", "steps": [1], "alphas": [0.5]},
+        {"name": "date", "steps": [1], "alphas": [0.5, 1.0]},
         {"name": "plain_words", "plain_words": True},
         {"name": "date_export", "export_of": "date"},
     ]
@@ -246,17 +247,27 @@ def test_one_concept_run_has_checker_metrics_plain_words_and_export(toy_inputs, 
             "false",
         ]
     )
-    rows = {(r["method"], r["prompt_idx"]): r for r in read_results(out / "results.csv")}
-    assert result.n_rows == 3 * 2 and set(m for m, _ in rows) == {"date", "plain_words", "date_export"}
+    rows = {(r["method"], r["alpha"], r["prompt_idx"]): r for r in read_results(out / "results.csv")}
+    assert result.n_rows == 4 * 2 and set(m for m, _, _ in rows) == {"date", "plain_words", "date_export"}
     for r in rows.values():
         assert all(r[c] in (0.0, 1.0) for c in CHECKER_COLUMNS)
         assert r["identity_acc"] == r["shape_acc"] * r["colour_acc"] * r["pattern_acc"]
         assert r["prompt_acc"] == r["background_acc"] * r["position_acc"] * r["size_acc"]
         assert r["clip_i"] is not None and r["clip_i_no_input"] is not None and r["clip_t"] is not None
         assert r["concept_words"] == "red plain heart" and r["concept_kind"] == "novel_shape"
-    assert rows[("date", 0)]["nearest_word"] in {"red", "plain", "checkered", "star", "object"}
-    assert rows[("plain_words", 0)]["nearest_word"] == "" and rows[("plain_words", 0)]["tune_seconds"] is None
-    assert rows[("date_export", 0)]["alpha"] == 1.0 and rows[("date_export", 0)]["steps"] == 1
+    assert rows[("date", 0.5, 0)]["nearest_word"] in {"red", "plain", "checkered", "star", "object"}
+    assert (
+        rows[("plain_words", 1.0, 0)]["nearest_word"] == ""
+        and rows[("plain_words", 1.0, 0)]["tune_seconds"] is None
+    )
+    assert rows[("date_export", 1.0, 0)]["steps"] == 1
+    # The export in plain diffusers is DATE's single path: the same images as dual-path sampling at alpha 1.
+    for i in range(2):
+        dual = load_png(out / rows[("date", 1.0, i)]["image"]).astype(int)
+        exported = load_png(out / rows[("date_export", 1.0, i)]["image"]).astype(int)
+        assert abs(dual - exported).max() <= 2
+    plain = load_png(out / rows[("plain_words", 1.0, 1)]["image"]).astype(int)
+    assert abs(plain - exported).max() > 2  # same noise, but v* and the LoRA are not the plain words
     assert (
         out / "exports" / "date_export" / "red_plain_heart" / "s1" / "pytorch_lora_weights.safetensors"
     ).is_file()
@@ -264,3 +275,36 @@ def test_one_concept_run_has_checker_metrics_plain_words_and_export(toy_inputs, 
     assert set(summary["aggregates_by_concept_kind"]) == {"novel_shape"}
     assert summary["nearest_words"]["words"]["date/s1_a0.5_g3"]["red_plain_heart"]
     assert all((out / f).is_file() for f in ("tradeoff.png", "tradeoff_clip.png", "nearest_words.md"))
+
+
+def test_committed_toyworld_config_plans_every_method(tmp_path):
+    from evaluation.plan import make_plans
+    from evaluation.spec import ConceptSetSpec, MethodSpec, SweepSpec
+
+    cfg = OmegaConf.to_container(OmegaConf.load("configs/evaluate/toyworld.yaml"))
+    folder = write_concepts(tmp_path / "c", {"red_plain_heart": HEART})
+    concepts = ConceptSetSpec(
+        kind="toyworld", num_references=5, toyworld=ToyWorldSpec(concepts_dir=str(folder), num_prompts=6)
+    )
+    ckpt = tmp_path / "encoder.ckpt"  # planning only checks that the encoders exist; nothing is loaded
+    ckpt.write_bytes(b"")
+    run_wide = {"model.init_args.encoder_checkpoint": str(ckpt)}
+    methods = [MethodSpec(**m) for m in cfg["methods"]]
+    for m in methods:
+        if m.overlay and m.overlay.endswith("_no_regularizer.yaml"):
+            m.overrides = {**m.overrides, **run_wide}  # the overlay names its own encoder
+    sweep = SweepSpec(**cfg["sweep"])
+    _, (concept,), plans = make_plans(tmp_path / "o", cfg["tune_config"], methods, concepts, sweep, run_wide)
+    by = {p.spec.name: p for p in plans}
+    assert {p.kind for p in plans} == {"tuned", "plain_words", "export"}
+    assert [s.alpha for s in by["date"].settings] == [0.3, 0.5, 0.7, 1.0]
+    assert by["textual_inversion"].steps == [100, 500, 3000] and by["lora"].steps == [500]
+    assert [(s.steps, s.alpha, s.guidance) for s in by["date_export"].settings] == [(12, 1.0, 3.0)]
+    assert [(s.steps, s.alpha) for s in by["plain_words"].settings] == [(0, 1.0)]
+    assert len(concept.prompts) == 6 and concept.data_args["class_noun"] == "object"
+    later = [MethodSpec(name="x", export_of="date"), MethodSpec(name="date")]
+    with pytest.raises(EvaluationConfigError, match="earlier tuned method"):
+        make_plans(tmp_path / "o2", cfg["tune_config"], later, concepts, sweep, run_wide)
+    both = [MethodSpec(name="p", plain_words=True, overlay="configs/tune/toyworld_lora.yaml")]
+    with pytest.raises(EvaluationConfigError, match="plain_words / export_of take no"):
+        make_plans(tmp_path / "o3", cfg["tune_config"], both, concepts, sweep, run_wide)
