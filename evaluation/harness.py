@@ -432,7 +432,7 @@ class _Run:
                 self.out / "tradeoff.png",
                 x="prompt_acc",
                 y="identity_acc",
-                title="Identity vs prompt accuracy, read by the attribute checker (points: tuning steps)",
+                title="Checker: identity vs prompt accuracy (points: tuning steps; bars: 95% CI)",
             )
             plot_tradeoff(aggregates, self.out / "tradeoff_clip.png", reference_points=reference_points)
         else:

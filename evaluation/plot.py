@@ -56,7 +56,7 @@ def _errors(points: list[dict[str, Any]], column: str) -> list[list[float]] | No
 
 def _axis_label(kind: str, column: str) -> str:
     if column.endswith("_acc"):  # an attribute checker's accuracy, not a similarity
-        return f"{kind} accuracy ({METRIC_NAMES.get(column, column)}: share of images right)"
+        return f"{kind} accuracy (attribute checker: share of images right)"
     return f"{kind} similarity ({METRIC_NAMES.get(column, column)})"
 
 
