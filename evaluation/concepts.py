@@ -37,6 +37,11 @@ class EvalConcept:
         load_references: returns the real images, (M, 3, H, W) float in [0, 1].
         input_reference_index: which of the references is the input image (None: none is); identity is also
             reported without it, since comparing with the input image rewards copying it.
+        plain_words: the concept said in words (toy world: ``"red striped heart"``): CLIP-T replaces the
+            placeholder by them (by ``class_noun`` when None), and the ``plain_words`` method prompts with them.
+        attributes: per prompt, the scene it asks for (toy world: shape, colour, pattern, background, position,
+            size), which the attribute checker compares its readings with.
+        kind: the concept's kind (toy world: ``novel_shape`` or ``held_out_combo``), for per-kind summaries.
     """
 
     name: str
@@ -46,6 +51,14 @@ class EvalConcept:
     load_input: Callable[[], Image.Image] = field(repr=False)
     load_references: Callable[[], Tensor] = field(repr=False)
     input_reference_index: int | None = None
+    plain_words: str | None = None
+    attributes: list[dict[str, str]] | None = None
+    kind: str | None = None
+
+    @property
+    def words(self) -> str:
+        """What replaces the placeholder in CLIP-T prompts: the plain words, else the class noun."""
+        return self.plain_words or self.class_noun
 
 
 def synthetic_references(seed: int, concept_id: int, num: int, size: int) -> Tensor:
@@ -154,7 +167,14 @@ def load_concepts(spec: ConceptSetSpec, placeholder: str) -> list[EvalConcept]:
         EvaluationConfigError: a prompt without the placeholder, a missing subject folder or root, an empty set,
             or duplicate concept names.
     """
-    concepts = _synthetic(spec, placeholder) if spec.kind == "synthetic" else _dreambench(spec, placeholder)
+    if spec.kind == "toyworld":
+        from evaluation.toyworld_concepts import toyworld_concepts  # imports EvalConcept from here
+
+        concepts = toyworld_concepts(spec.toyworld, spec.num_references, placeholder)
+    elif spec.kind == "synthetic":
+        concepts = _synthetic(spec, placeholder)
+    else:
+        concepts = _dreambench(spec, placeholder)
     names = [c.name for c in concepts]
     if len(set(names)) != len(names):
         raise EvaluationConfigError(f"duplicate concept names {names}")

@@ -214,6 +214,7 @@ class ClipFeatures(_FrozenFeatures):
             ``preprocessor_config.json`` (e.g. ``openai/clip-vit-large-patch14``).
         batch_size: images or prompts encoded per forward pass.
         tokenizer_path: where the tokenizer lives if not in ``name_or_path``.
+        processor_path: where ``preprocessor_config.json`` lives if not in ``name_or_path``.
 
     Raises:
         OSError: the backbone is neither a local folder nor cached ("pass a local folder").
@@ -223,15 +224,22 @@ class ClipFeatures(_FrozenFeatures):
     kind = "clip"
 
     def __init__(
-        self, name_or_path: str | Path, batch_size: int = 64, tokenizer_path: str | Path | None = None
+        self,
+        name_or_path: str | Path,
+        batch_size: int = 64,
+        tokenizer_path: str | Path | None = None,
+        processor_path: str | Path | None = None,
     ) -> None:
         super().__init__(name_or_path, batch_size)
         try:
-            model = CLIPModel.from_pretrained(str(name_or_path))
+            # float32 whatever the files hold (the toy world's CLIP is saved in fp16; CPU fp16 is slow and lossy)
+            model = CLIPModel.from_pretrained(str(name_or_path), dtype=torch.float32)
         except OSError as err:
             raise _not_found(name_or_path, "CLIP model", err) from err
         try:
-            self.image_processor = AutoImageProcessor.from_pretrained(str(name_or_path), backend="pil")
+            self.image_processor = AutoImageProcessor.from_pretrained(
+                str(processor_path or name_or_path), backend="pil"
+            )
             self.tokenizer = load_clip_tokenizer(tokenizer_path or name_or_path)
         except OSError as err:
             raise _not_found(name_or_path, "CLIP tokenizer / preprocessor_config.json", err) from err

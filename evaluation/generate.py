@@ -147,3 +147,37 @@ def generate_images(
         negative_prompt=negative_prompt,
     )
     return [to_uint8(image) for image in images]
+
+
+@torch.no_grad()
+def generate_plain(
+    backbone: DiffusionBackbone,
+    prompts: list[str],
+    seeds: list[int],
+    setting: Setting,
+    num_inference_steps: int,
+    sampler: str = "ddim",
+    negative_prompt: str = "",
+) -> list[np.ndarray]:
+    """Base-model images of prompts without any concept (the plain-words reference), on the same sampler and
+    initial noise as :func:`generate_images`.
+
+    Returns:
+        N (H, W, 3) uint8 images.
+    """
+    device = backbone.unet.device
+    images = sample_personalized(
+        backbone,
+        list(prompts),
+        torch.zeros(1, backbone.token_dim, device=device),
+        None,
+        None,
+        alpha=1.0,  # adapted path only, and with no LoRA it is the base model
+        num_inference_steps=num_inference_steps,
+        guidance_scale=setting.guidance,
+        sampler=sampler,
+        latents=initial_latents(backbone, list(seeds)).to(device),
+        negative_prompt=negative_prompt,
+        require_placeholder=False,
+    )
+    return [to_uint8(image) for image in images]

@@ -17,9 +17,20 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from evaluation.checker_metrics import NearestWords, format_word_table, nearest_word_table, word_of_token
 from evaluation.concepts import EvalConcept
-from evaluation.generate import Setting, from_uint8, generate_images, image_relpath, image_seed, save_png
-from evaluation.plan import MethodPlan, make_plans, plan_inputs, plan_recipes
+from evaluation.exported import ExportedSampler
+from evaluation.generate import (
+    Setting,
+    from_uint8,
+    generate_images,
+    generate_plain,
+    image_relpath,
+    image_seed,
+    initial_latents,
+    save_png,
+)
+from evaluation.plan import MethodPlan, check_metric_files, make_plans, plan_inputs, plan_recipes
 from evaluation.plot import REFERENCE_POINTS, REFERENCE_PROTOCOLS, plot_tradeoff
 from evaluation.report import aggregate, format_table, log_tensorboard, write_grids, write_json
 from evaluation.results import METRICS_INFO, ResultsStore
@@ -126,6 +137,7 @@ def run_evaluation(
     overrides = {f"model.init_args.{k}": v for k, v in given.items() if v is not None}
     overrides.update(tune_overrides or {})
     base, concept_list, plans = make_plans(out, tune_config, methods, concepts, sweep, overrides)
+    check_metric_files(metrics, concept_list)
     record = run_record(
         tune_config, overrides, plan_recipes(plans), methods, concepts, sampling, metrics, plan_inputs(plans)
     )
@@ -142,6 +154,7 @@ def run_evaluation(
             torch.set_float32_matmul_precision("high")
         run = _Run(out, base, sampling, MetricSuite(metrics, device), device, precision, progress)
         run.autocast_dtype = autocast_dtype(inference_autocast, device)
+        run.vocabulary = metrics.vocabulary
         write_json(out / METRICS_INFO, run.suite.describe())
         run.walls["load"] = time.perf_counter() - start
         run.execute(plans, concept_list)
@@ -172,6 +185,9 @@ class _Run:
         self.n_generated = self.n_tuned = 0
         self.backbone: DiffusionBackbone | None = None
         self.autocast_dtype: torch.dtype | None = None
+        self.exported: ExportedSampler | None = None
+        self.vocabulary: str | None = None
+        self.words: NearestWords | None = None
 
     def inference_context(self) -> contextlib.AbstractContextManager:
         """Autocast for sampling and scoring (a no-op when ``autocast_dtype`` is None)."""
@@ -195,10 +211,13 @@ class _Run:
             self.backbone = tuner.module.backbone
         if self.backbone is None:
             kw = self.base.model_kwargs
+            dtype = kw.get("torch_dtype")
             self.backbone = load_backbone(  # SD 1.x / 2.x or SDXL, by the folder's model_index.json
                 kw["pretrained_model_name_or_path"],
                 kw.get("image_encoder_name_or_path", DEFAULT_IMAGE_ENCODER),
                 placeholder=self.base.placeholder,
+                torch_dtype=getattr(torch, dtype) if dtype else None,
+                **({"variant": kw["variant"]} if kw.get("variant") else {}),
             )
         return self.backbone.to(self.device)
 
@@ -214,14 +233,22 @@ class _Run:
                 todo = {s: keys for s in plan.settings if (keys := self.pending(plan, concept, s))}
                 if not todo:
                     continue
+                arts: dict[int, ConceptArtifact | None]
                 if tuner is not None:
                     bar.set_postfix_str(f"{plan.spec.name}/{concept.name}: tuning")
-                    arts = self._snapshots(tuner, plan, concept, {s.steps for s in todo})
+                    arts = dict(self._snapshots(tuner, plan, concept, {s.steps for s in todo}))
+                elif plan.kind == "plain_words":
+                    arts = {0: None}
+                elif plan.kind == "export":
+                    folder = self.out / "artifacts" / str(plan.spec.export_of) / concept.name
+                    arts = {
+                        k: ConceptArtifact.load(snapshot_path(folder, k)) for k in {s.steps for s in todo}
+                    }
                 else:
                     arts = {plan.artifacts[concept.name].steps: plan.artifacts[concept.name]}
                 backbone = self._sampling_backbone(tuner)
                 fingerprint = backbone.fingerprint()
-                if any(a.fingerprint != fingerprint for a in arts.values()):
+                if any(a is not None and a.fingerprint != fingerprint for a in arts.values()):
                     raise EvaluationConfigError(
                         f"artefacts of {plan.spec.name}/{concept.name} were made on another base model "
                         f"than {backbone.name_or_path!r}"
@@ -252,7 +279,7 @@ class _Run:
         plan: MethodPlan,
         concept: EvalConcept,
         setting: Setting,
-        art: ConceptArtifact,
+        art: ConceptArtifact | None,
         keys: list[tuple[int, int]],
         references: torch.Tensor,
         bar: Any,
@@ -263,7 +290,8 @@ class _Run:
         with the same batch-mates it was first generated with (and alone when ``batch_size`` is 1).
         """
         missing, images, rows = set(keys), [], []
-        tune_seconds = art.extra.get("tune_seconds")
+        tune_seconds = art.extra.get("tune_seconds") if art is not None else None
+        nearest = self.nearest_word(art) if plan.kind in ("tuned", "artifacts") else ""
         group = [(i, k) for i in range(len(concept.prompts)) for k in range(self.sampling.samples_per_prompt)]
         size = max(self.sampling.batch_size, 1)
         for batch in (group[j : j + size] for j in range(0, len(group), size)):
@@ -272,16 +300,7 @@ class _Run:
             seeds = [image_seed(self.sampling.seed, concept.name, i, k) for i, k in batch]
             begin = time.perf_counter()
             with self.inference_context():
-                arrays = generate_images(
-                    backbone,
-                    art,
-                    [sampling_prompt(art, concept.prompts[i], concept.class_noun) for i, _ in batch],
-                    seeds,
-                    setting,
-                    self.sampling.num_inference_steps,
-                    self.sampling.sampler,
-                    self.sampling.negative_prompt,
-                )
+                arrays = self._generate(backbone, plan, concept, setting, art, [i for i, _ in batch], seeds)
             for (prompt_idx, sample), seed, array in zip(batch, seeds, arrays):
                 if (prompt_idx, sample) not in missing:
                     continue  # regenerated only as a batch-mate; its row and PNG already exist
@@ -303,6 +322,9 @@ class _Run:
                         "seed": seed,
                         "image": rel,
                         "tune_seconds": float(tune_seconds) if tune_seconds is not None else None,
+                        "concept_words": concept.words,
+                        "concept_kind": concept.kind or "",
+                        "nearest_word": nearest,
                         "sampler": self.sampling.sampler,
                         "inference_steps": self.sampling.num_inference_steps,
                         "clip_backbone": self.suite.clip_backbone,
@@ -320,14 +342,73 @@ class _Run:
                 torch.stack(images).to(self.device),
                 references,
                 prompts,
-                concept.class_noun,
+                concept.words,
                 self.base.placeholder,
                 concept.input_reference_index,
+                [concept.attributes[r["prompt_idx"]] for r in rows] if concept.attributes else None,
             )
         self.walls["scoring"] += time.perf_counter() - begin
         for i, row in enumerate(rows):
             row.update({k: (v[i] if v is not None else None) for k, v in scores.items()})
         self.store.append(rows)
+
+    def _generate(
+        self,
+        backbone: DiffusionBackbone,
+        plan: MethodPlan,
+        concept: EvalConcept,
+        setting: Setting,
+        art: ConceptArtifact | None,
+        prompt_ids: list[int],
+        seeds: list[int],
+    ) -> list[Any]:
+        """One batch of images of a method: dual path, plain words, or the export in plain diffusers."""
+        s, placeholder = self.sampling, self.base.placeholder
+        prompts = [concept.prompts[i] for i in prompt_ids]
+        if plan.kind == "plain_words":
+            words = [p.replace(placeholder, concept.words) for p in prompts]
+            return generate_plain(
+                backbone, words, seeds, setting, s.num_inference_steps, s.sampler, s.negative_prompt
+            )
+        assert art is not None
+        if plan.kind == "export":
+            if self.exported is None or self.exported.export_format != plan.spec.export_format:
+                self.exported = ExportedSampler(
+                    self.base.model_kwargs["pretrained_model_name_or_path"],
+                    plan.spec.export_format,
+                    s.sampler,
+                    self.device,
+                )
+            folder = self.out / "exports" / plan.spec.name / concept.name / f"s{art.steps}"
+            word = self.exported.load(art, folder, concept.name)
+            texts = [sampling_prompt(art, p, concept.class_noun).replace(placeholder, word) for p in prompts]
+            latents = initial_latents(backbone, seeds)
+            return self.exported.generate(texts, latents, setting, s.num_inference_steps, s.negative_prompt)
+        return generate_images(
+            backbone,
+            art,
+            [sampling_prompt(art, p, concept.class_noun) for p in prompts],
+            seeds,
+            setting,
+            s.num_inference_steps,
+            s.sampler,
+            s.negative_prompt,
+        )
+
+    def nearest_word(self, art: ConceptArtifact | None) -> str:
+        """The nearest word of a learned v* (``metrics.vocabulary`` words, else the artefact's own token);
+        empty for a v* that is not learned (one-shot LoRA keeps the identifier's embedding)."""
+        if art is None:
+            return ""
+        tuned = set(str(art.extra.get("tuned", "")).split(","))
+        if not ({"embedding", "encoder"} & tuned or art.extra.get("init") == "encoder"):
+            return ""
+        if self.vocabulary is None:
+            return word_of_token(art.nearest_token)
+        if self.words is None:
+            backbone = self._sampling_backbone(None)
+            self.words = NearestWords(backbone.token_embedding_table(), backbone.tokenizer, self.vocabulary)
+        return self.words(art.v_star)
 
     def report(
         self,
@@ -345,13 +426,34 @@ class _Run:
         rows = self.store.rows
         aggregates = aggregate(rows, n_boot=bootstrap_samples)
         grid_paths = write_grids(self.out, rows, {c.name: c.load_input() for c in concepts}) if grids else []
-        plot_tradeoff(aggregates, self.out / "tradeoff.png", reference_points=reference_points)
+        if any(a.get("identity_acc") and a.get("prompt_acc") for a in aggregates):
+            # The checker's exact reading is the main plot; the CLIP similarities are the second.
+            plot_tradeoff(
+                aggregates,
+                self.out / "tradeoff.png",
+                x="prompt_acc",
+                y="identity_acc",
+                title="Checker: identity vs prompt accuracy (points: tuning steps; bars: 95% CI)",
+            )
+            plot_tradeoff(aggregates, self.out / "tradeoff_clip.png", reference_points=reference_points)
+        else:
+            plot_tradeoff(aggregates, self.out / "tradeoff.png", reference_points=reference_points)
+        words = nearest_word_table(rows)
+        if words["words"]:
+            (self.out / "nearest_words.md").write_text(format_word_table(words) + "\n")
+        kinds = sorted({r["concept_kind"] for r in rows if r.get("concept_kind")})
+        by_kind = {
+            k: aggregate([r for r in rows if r.get("concept_kind") == k], n_boot=bootstrap_samples)
+            for k in kinds
+        }
         if tensorboard:
             log_tensorboard(self.out / "tb", aggregates, grid_paths)
         self.walls["report"] = time.perf_counter() - begin
         self.walls["total"] = time.perf_counter() - start
         summary: dict[str, Any] = {
             "aggregates": aggregates,
+            "aggregates_by_concept_kind": by_kind,
+            "nearest_words": words,
             "aggregation": "mean over each concept's images, then over concepts; 95% CI: percentile bootstrap "
             f"over concepts ({bootstrap_samples} resamples, seed 0)",
             "metrics": self.suite.describe(),

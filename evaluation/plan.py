@@ -11,7 +11,7 @@ from typing import Any
 from evaluation.concepts import EvalConcept, load_concepts
 from evaluation.generate import Setting
 from evaluation.run_state import file_identity
-from evaluation.spec import ConceptSetSpec, EvaluationConfigError, MethodSpec, SweepSpec
+from evaluation.spec import ConceptSetSpec, EvaluationConfigError, MethodSpec, MetricSpec, SweepSpec
 from evaluation.tuning import TuneRecipe, resolve_recipe
 from models.artifact import ConceptArtifact
 
@@ -26,6 +26,16 @@ class MethodPlan:
     artifacts: dict[str, ConceptArtifact] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
     """Settings dropped because another method's identical point is evaluated: ``label -> "method/label"``."""
+
+    @property
+    def kind(self) -> str:
+        """``tuned``, ``artifacts``, ``plain_words`` (no concept) or ``export`` (another method's concepts,
+        exported and sampled in plain diffusers)."""
+        if self.recipe is not None:
+            return "tuned"
+        if self.spec.plain_words:
+            return "plain_words"
+        return "export" if self.spec.export_of else "artifacts"
 
     @property
     def steps(self) -> list[int]:
@@ -51,7 +61,9 @@ def _plan_method(
     recipe: TuneRecipe | None,
     concepts: list[EvalConcept],
     placeholder: str,
+    earlier: list[MethodPlan] | None = None,
 ) -> MethodPlan:
+    earlier = earlier or []
     alphas = spec.alphas or sweep.alphas
     guidances = spec.guidance_scales or sweep.guidance_scales
     where = f"method {spec.name!r}"
@@ -63,6 +75,19 @@ def _plan_method(
         )
         for g in sweep.grids
     ]
+    if spec.plain_words:
+        # No concept: one point per guidance scale (steps 0; alpha 1 = the plain model, with nothing to blend).
+        return MethodPlan(spec, _settings([0], [1.0], guidances, where))
+    if spec.export_of:
+        source = next(p for p in earlier if p.spec.name == spec.export_of)
+        steps = list(spec.steps) if spec.steps is not None else [max(source.steps)]
+        missing = sorted(set(steps) - set(source.steps))
+        if missing:
+            raise EvaluationConfigError(
+                f"{where}: steps {missing} are not evaluated by {spec.export_of!r} (its steps: {source.steps})"
+            )
+        # An export is single path: alpha 1 whatever the source was sampled with.
+        return MethodPlan(spec, _settings(steps, [1.0], guidances, where))
     if recipe is None:
         assert spec.artifacts is not None
         paths = {c.name: Path(spec.artifacts) / f"{c.name}.safetensors" for c in concepts}
@@ -147,6 +172,22 @@ def _check_methods(methods: list[MethodSpec]) -> None:
         raise EvaluationConfigError(
             f"methods {both} set artifacts and a tuning overlay / overrides: pick one"
         )
+    untuned = [
+        m.name
+        for m in methods
+        if (m.plain_words or m.export_of) and (m.artifacts or m.overlay or m.overrides or m.alphas)
+    ]
+    if untuned or any(m.plain_words and m.export_of for m in methods):
+        raise EvaluationConfigError(
+            f"methods {untuned or [m.name for m in methods if m.plain_words]}: plain_words / export_of take no "
+            "artifacts, overlay, overrides or alphas (and not both)"
+        )
+    for i, m in enumerate(methods):
+        tuned_before = [e.name for e in methods[:i] if not (e.artifacts or e.plain_words or e.export_of)]
+        if m.export_of and m.export_of not in tuned_before:
+            raise EvaluationConfigError(
+                f"method {m.name!r}: export_of {m.export_of!r} must name an earlier tuned method {tuned_before}"
+            )
 
 
 def make_plans(
@@ -179,11 +220,15 @@ def make_plans(
     plans = []
     for spec in methods:
         recipe = None
-        if spec.artifacts is None:
+        if spec.artifacts is None and not spec.plain_words and not spec.export_of:
             recipe = resolve_recipe(tune_config, spec, overrides, str(out / "artifacts" / spec.name))
             if recipe.placeholder != base.placeholder:
                 raise EvaluationConfigError(f"method {spec.name!r} changes the placeholder the prompts use")
-        plans.append(_plan_method(spec, sweep, recipe, concept_list, base.placeholder))
+        if spec.plain_words and any(c.plain_words is None for c in concept_list):
+            raise EvaluationConfigError(
+                f"method {spec.name!r}: plain_words needs concepts with plain words (concepts.kind: toyworld)"
+            )
+        plans.append(_plan_method(spec, sweep, recipe, concept_list, base.placeholder, plans))
     dedupe_step0(plans)
     return base, concept_list, plans
 
@@ -199,7 +244,26 @@ def plan_inputs(plans: list[MethodPlan]) -> dict[str, Any]:
     for p in plans:
         if p.recipe is not None:
             inputs[p.spec.name] = file_identity(p.recipe.encoder_checkpoint)
+        elif p.kind in ("plain_words", "export"):
+            inputs[p.spec.name] = p.spec.export_of  # the base model, or the source method's concepts
         else:
             folder = Path(p.spec.artifacts or "")
             inputs[p.spec.name] = {c: file_identity(folder / f"{c}.safetensors") for c in p.artifacts}
     return inputs
+
+
+def check_metric_files(metrics: MetricSpec, concepts: list[EvalConcept]) -> None:
+    """The checker, CLIP helper folders and vocabulary exist, and the checker has attributes to read against."""
+    for what, path in (
+        ("metrics.checker", metrics.checker),
+        ("metrics.clip_tokenizer", metrics.clip_tokenizer),
+        ("metrics.clip_processor", metrics.clip_processor),
+    ):
+        if path is not None and not Path(path).is_dir():
+            raise EvaluationConfigError(f"{what} {path} is not a folder")
+    if metrics.vocabulary is not None and not Path(metrics.vocabulary).is_file():
+        raise EvaluationConfigError(f"metrics.vocabulary {metrics.vocabulary} does not exist")
+    if metrics.checker is not None and any(c.attributes is None for c in concepts):
+        raise EvaluationConfigError(
+            "metrics.checker needs concepts with checked attributes (concepts.kind: toyworld)"
+        )

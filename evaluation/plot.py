@@ -54,6 +54,12 @@ def _errors(points: list[dict[str, Any]], column: str) -> list[list[float]] | No
     return [low, high]
 
 
+def _axis_label(kind: str, column: str) -> str:
+    if column.endswith("_acc"):  # an attribute checker's accuracy, not a similarity
+        return f"{kind} accuracy (attribute checker: share of images right)"
+    return f"{kind} similarity ({METRIC_NAMES.get(column, column)})"
+
+
 def plot_tradeoff(
     aggregates: Sequence[dict[str, Any]],
     path: str | Path,
@@ -127,8 +133,8 @@ def plot_tradeoff(
             if x in ref and y in ref:
                 ax.scatter([ref[x]], [ref[y]], marker="x", color="black", zorder=3)
                 ax.annotate(name, (ref[x], ref[y]), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ax.set_xlabel(f"prompt similarity ({METRIC_NAMES.get(x, x)})")
-    ax.set_ylabel(f"identity similarity ({METRIC_NAMES.get(y, y)})")
+    ax.set_xlabel(_axis_label("prompt", x))
+    ax.set_ylabel(_axis_label("identity", y))
     ax.set_title(title or "Identity vs prompt similarity (points: tuning steps; bars: bootstrap 95% CI)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")

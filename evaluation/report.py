@@ -19,9 +19,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from evaluation.checker_metrics import CHECKER_COLUMNS, CHECKER_NAMES
 from evaluation.generate import Setting, load_png
 
-METRIC_COLUMNS: tuple[str, ...] = ("clip_i", "clip_t", "dino", "clip_i_no_input", "dino_no_input")
+METRIC_COLUMNS: tuple[str, ...] = (
+    "clip_i",
+    "clip_t",
+    "dino",
+    "clip_i_no_input",
+    "dino_no_input",
+    *CHECKER_COLUMNS,
+)
 # "w/o input": identity against the subject's real images without the one the method learned from.
 METRIC_NAMES = {
     "clip_i": "CLIP-I",
@@ -29,6 +37,7 @@ METRIC_NAMES = {
     "dino": "DINO",
     "clip_i_no_input": "CLIP-I w/o input",
     "dino_no_input": "DINO w/o input",
+    **CHECKER_NAMES,
 }
 GRIDS_DIR = "grids"
 
@@ -105,9 +114,21 @@ def aggregate(rows: Sequence[dict[str, Any]], n_boot: int = 1000, seed: int = 0)
     return out
 
 
-def format_table(aggregates: Sequence[dict[str, Any]]) -> str:
+# The printed table's columns (summary.json has every column, the per-attribute checker accuracies too).
+TABLE_COLUMNS: tuple[str, ...] = (
+    "clip_i",
+    "clip_t",
+    "dino",
+    "clip_i_no_input",
+    "dino_no_input",
+    "identity_acc",
+    "prompt_acc",
+)
+
+
+def format_table(aggregates: Sequence[dict[str, Any]], columns: Sequence[str] = TABLE_COLUMNS) -> str:
     """A Markdown table of the aggregates: mean [95 % CI] per metric, tuning seconds, counts."""
-    cols = [c for c in METRIC_COLUMNS if any(a.get(c) for a in aggregates)]
+    cols = [c for c in columns if any(a.get(c) for a in aggregates)]
     head = [
         "method",
         "steps",

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from evaluation.checker_metrics import CHECKER_COLUMNS
 from evaluation.spec import EvaluationConfigError
 
 COLUMNS: tuple[str, ...] = (
@@ -34,7 +35,11 @@ COLUMNS: tuple[str, ...] = (
     "dino",
     "clip_i_no_input",
     "dino_no_input",
+    *CHECKER_COLUMNS,
     "tune_seconds",
+    "concept_words",
+    "concept_kind",
+    "nearest_word",
     "sampler",
     "inference_steps",
     "clip_backbone",
@@ -50,6 +55,7 @@ FLOAT_COLUMNS = (
     "dino",
     "clip_i_no_input",
     "dino_no_input",
+    *CHECKER_COLUMNS,
     "tune_seconds",
 )
 METRICS_INFO = "metrics.json"  # backbone, preprocessing and pairing of every metric column
@@ -73,7 +79,7 @@ def row_key(row: dict[str, Any]) -> RowKey:
 def _format(value: Any, column: str) -> str:
     if value is None or value == "":
         return ""
-    if column in ("clip_i", "clip_t", "dino", "clip_i_no_input", "dino_no_input"):
+    if column in ("clip_i", "clip_t", "dino", "clip_i_no_input", "dino_no_input", *CHECKER_COLUMNS):
         return f"{float(value):.6f}"
     if column == "tune_seconds":
         return f"{float(value):.3f}"

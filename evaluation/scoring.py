@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from evaluation.checker_metrics import CheckerMetric
 from evaluation.feature_models import ClipFeatures, DinoFeatures
 from evaluation.metrics import IdentitySimilarity, PromptSimilarity, identity_scores, prompt_scores
 from evaluation.spec import MetricSpec
@@ -29,7 +30,10 @@ class MetricSuite:
         if spec.tiny_models_dir is not None:
             tiny = write_tiny_eval_models(spec.tiny_models_dir)
             clip_path, dino_path = str(tiny["clip"]), str(tiny["dino"])
-        self.clip = ClipFeatures(clip_path, batch_size=spec.batch_size).to(device)
+        self.clip = ClipFeatures(clip_path, spec.batch_size, spec.clip_tokenizer, spec.clip_processor).to(
+            device
+        )
+        self.checker = CheckerMetric(spec.checker, device) if spec.checker else None
         self.dino = DinoFeatures(dino_path, batch_size=spec.batch_size).to(device) if dino_path else None
         self.clip_backbone = str(clip_path)
         self.dino_backbone = str(dino_path) if dino_path else None
@@ -42,6 +46,8 @@ class MetricSuite:
         }
         if self.dino is not None:
             records["DINO"] = IdentitySimilarity(self.dino).describe()
+        if self.checker is not None:
+            records["checker"] = self.checker.describe()
         return {name: _jsonable(r) for name, r in records.items()}
 
     def score(
@@ -52,6 +58,7 @@ class MetricSuite:
         class_noun: str,
         placeholder: str,
         input_index: int | None = None,
+        wanted: list[dict[str, str]] | None = None,
     ) -> dict[str, list[float] | None]:
         """Per-image scores of one concept's images.
 
@@ -59,14 +66,16 @@ class MetricSuite:
             generated: (N, 3, H, W) generated images in [0, 1] (as saved: uint8-quantised).
             references: (M, 3, H', W') the concept's real images in [0, 1].
             prompts: the N prompts, with the placeholder.
-            class_noun: replaces the placeholder for CLIP-T.
+            class_noun: replaces the placeholder for CLIP-T (the concept's plain words where it has them).
             placeholder: the placeholder in ``prompts``.
             input_index: which reference is the input image the concept was learned from (None: none is).
+            wanted: the N scenes asked for, read against the checker's readings (None: no checker scores).
 
         Returns:
             ``{"clip_i", "clip_t", "dino", "clip_i_no_input", "dino_no_input"}``, each [N] or None: identity
             against all references and against the references without the input image (None when there is no
-            input among them or it is the only one).
+            input among them or it is the only one); with a checker and ``wanted``, also every column of
+            ``checker_metrics.CHECKER_COLUMNS``.
         """
         exclude = input_index if input_index is not None and references.shape[0] > 1 else None
         out: dict[str, list[float] | None] = {
@@ -82,6 +91,8 @@ class MetricSuite:
             out["dino"] = identity_scores(self.dino, generated, references).tolist()
             if exclude is not None:
                 out["dino_no_input"] = identity_scores(self.dino, generated, references, exclude).tolist()
+        if self.checker is not None and wanted is not None:
+            out.update(self.checker.score(generated, wanted))
         return out
 
 

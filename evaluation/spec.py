@@ -24,6 +24,13 @@ class MethodSpec:
             (``{"model.init_args.nn_weight": 0.0}``) or as nested sections (``{"model": {"init_args": ...}}``).
         artifacts: folder of concept artefacts ``<concept>.safetensors`` to evaluate as they are (no tuning);
             each is one setting with the artefact's own step count.
+        plain_words: no concept at all: the prompts with the placeholder replaced by the concept's plain words
+            (what a user gets for free from the base model; needs concepts with plain words, e.g. the toy world).
+        export_of: the name of an earlier tuned method whose concepts are exported (``export_format``), loaded
+            into a plain diffusers ``StableDiffusionPipeline`` with ``load_lora_weights`` +
+            ``load_textual_inversion`` and sampled there: the single-path approximation (alpha 1) users get.
+        export_format: ``diffusers`` (``ConceptArtifact.export_diffusers``) or ``kohya``
+            (``ConceptArtifact.export_kohya``, the web UIs' files; the prompt word is the file name).
         steps: tuning step counts to evaluate for this method (default: ``sweep.steps``, capped at the
             overlay's ``trainer.max_steps`` when the overlay sets one, as ``tiny_encoder_only.yaml`` does).
         alphas: dual-path alphas for this method (default: ``sweep.alphas``).
@@ -34,9 +41,32 @@ class MethodSpec:
     overlay: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     artifacts: str | None = None
+    plain_words: bool = False
+    export_of: str | None = None
+    export_format: Literal["diffusers", "kohya"] = "diffusers"
     steps: list[int] | None = None
     alphas: list[float] | None = None
     guidance_scales: list[float] | None = None
+
+
+@dataclass
+class ToyWorldSpec:
+    """Held-out concepts of the toy world (``datamodules.toyworld``) and the contexts they are asked in.
+
+    Args:
+        concepts_dir: folder of the concepts' input images and ``concepts.json`` (``python -m datamodules.toyworld
+            write-concepts``): per concept its ``name``, ``image``, ``kind``, ``class_noun``, ``words``,
+            ``template`` (the input image's caption with ``{}``) and the input scene's ``attributes``.
+        names: the concepts to evaluate, in order (None: all of ``concepts.json``).
+        num_prompts: prompts per concept: distinct (background, position, size) contexts drawn with ``seed``,
+            never the input image's context and never a background of the object's colour.
+        seed: seed of the prompt contexts and of the reference contexts.
+    """
+
+    concepts_dir: str = "assets/toyworld/concepts"
+    names: list[str] | None = None
+    num_prompts: int = 6
+    seed: int = 0
 
 
 @dataclass
@@ -44,12 +74,15 @@ class ConceptSetSpec:
     """Which concepts to personalize and with which prompts.
 
     Args:
-        kind: ``synthetic`` (held-out procedural concepts, offline) or ``dreambench`` (subject folders).
+        kind: ``synthetic`` (held-out procedural concepts, offline), ``dreambench`` (subject folders) or
+            ``toyworld`` (held-out toy-world concepts, ``toyworld``; prompts and their checked attributes are
+            generated, ``prompts`` is ignored).
         synthetic_ids: synthetic concept ids (use ids held out of pretraining: the tiny pretraining holds out
             the last 4 of 64, i.e. 60-63).
         synthetic_seed: seed of the synthetic concept set (as in the pretraining config).
         num_references: real images per synthetic concept for identity metrics: the un-augmented render plus
-            ``num_references - 1`` fixed random crops / flips of it.
+            ``num_references - 1`` fixed random crops / flips of it (toy world: the input render plus renders of
+            the concept in ``num_references - 1`` other random contexts).
         reference_size: pixel size of the synthetic reference images.
         prompts: evaluation prompts with the placeholder; required for ``synthetic``; for ``dreambench`` they
             replace the object / live-subject lists.
@@ -59,9 +92,10 @@ class ConceptSetSpec:
         input_image_index: index of the one image each subject is learned from (sorted file names).
         prompts_file: DreamBench prompt lists (None: ``evaluation/data/dreambench_prompts.json``).
         subjects_file: DreamBench subjects and class nouns (None: ``evaluation/data/dreambench_subjects.json``).
+        toyworld: the toy-world concepts and contexts (``kind: toyworld``).
     """
 
-    kind: Literal["synthetic", "dreambench"] = "synthetic"
+    kind: Literal["synthetic", "dreambench", "toyworld"] = "synthetic"
     synthetic_ids: list[int] = field(default_factory=lambda: [60, 61])
     synthetic_seed: int = 0
     num_references: int = 4
@@ -73,6 +107,7 @@ class ConceptSetSpec:
     input_image_index: int = 0
     prompts_file: str | None = None
     subjects_file: str | None = None
+    toyworld: ToyWorldSpec = field(default_factory=ToyWorldSpec)
 
 
 @dataclass
@@ -143,9 +178,20 @@ class MetricSpec:
         tiny_models_dir: if set, use (and build when missing) the tiny offline CLIP and DINO models in this
             folder instead of ``clip`` / ``dino``; their numbers only test the plumbing.
         batch_size: images per metric forward pass.
+        clip_tokenizer: folder of the CLIP tokenizer when ``clip`` has none (the toy world's pipeline/tokenizer).
+        clip_processor: folder of the ``preprocessor_config.json`` when ``clip`` has none.
+        checker: attribute-checker folder (``models.checker``, toy world): per image, identity accuracy (shape,
+            colour, pattern all as the concept's; and each alone) and prompt accuracy (background, position,
+            size all as asked; and each alone). Needs concepts with checked attributes (``kind: toyworld``).
+        vocabulary: words file (one a line, ``#`` comments) the nearest word of each v* is searched among
+            (None: the artefact's own nearest token).
     """
 
     clip: str = "openai/clip-vit-base-patch32"
     dino: str | None = "facebook/dino-vits16"
     tiny_models_dir: str | None = None
     batch_size: int = 32
+    clip_tokenizer: str | None = None
+    clip_processor: str | None = None
+    checker: str | None = None
+    vocabulary: str | None = None

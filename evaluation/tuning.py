@@ -30,7 +30,15 @@ from models.artifact import ConceptArtifact
 from models.personalizer import PersonalizerConfig
 
 # Per-concept arguments the harness sets itself; the tune config's values for them are ignored.
-_CONCEPT_DATA_ARGS = ("image", "synthetic_concept", "synthetic_seed", "steps", "class_noun", "placeholder")
+_CONCEPT_DATA_ARGS = (
+    "image",
+    "synthetic_concept",
+    "synthetic_seed",
+    "steps",
+    "class_noun",
+    "placeholder",
+    "templates",
+)
 
 
 @dataclass

@@ -36,6 +36,7 @@ def sample_personalized(
     generator: torch.Generator | None = None,
     latents: torch.Tensor | None = None,
     negative_prompt: str = "",
+    require_placeholder: bool = True,
 ) -> torch.Tensor:
     """Generates one image per prompt with S* personalized by (v*, LoRA deltas).
 
@@ -52,13 +53,15 @@ def sample_personalized(
         generator: CPU generator for the initial noise (fixed seeds make every image reproducible alone).
         latents: optional (B, C, h, w) initial noise instead of drawing it.
         negative_prompt: text of the unconditional branch (on SDXL, "" is the all-zero conditioning).
+        require_placeholder: refuse prompts without the placeholder (False: prompts without it are sampled by
+            the base model, alpha and LoRA aside: the plain-words reference of the evaluation).
 
     Returns:
         (B, 3, H, W) images in [0, 1].
     """
     device = backbone.unet.device
     n = len(prompts)
-    ids = backbone.tokenize(prompts, require_placeholder=True)
+    ids = backbone.tokenize(prompts, require_placeholder=require_placeholder)
     v = v_star.expand(n, -1) if v_star.shape[0] == 1 else v_star
     lora = lora or {}
     if lora and next(iter(lora.values())).core.shape[0] == 1 and n > 1:
