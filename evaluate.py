@@ -4,6 +4,7 @@ evaluation").
     python evaluate.py run --config configs/evaluate/tiny.yaml         # tiny offline run (well under a minute)
     python evaluate.py run --config configs/evaluate/sd15_dreambench.yaml --concepts.dreambench_root PATH
     python evaluate.py plot --results outputs/eval_tiny/results.csv     # redraw tradeoff.png from rows
+    python evaluate.py sample --concept outputs/concepts/x.safetensors --prompts '["a <s*> on the left"]'
     python evaluate.py run --help                                       # every option, documented
 
 ``run`` writes ``results.csv`` (one row per image), ``summary.json`` (aggregates with bootstrap 95 % intervals,
@@ -26,6 +27,7 @@ from evaluation.harness import run_evaluation  # noqa: E402
 from evaluation.plot import plot_tradeoff  # noqa: E402
 from evaluation.report import aggregate, format_table  # noqa: E402
 from evaluation.results import read_results  # noqa: E402
+from evaluation.sample_concept import sample_concept  # noqa: E402
 from evaluation.spec import EvaluationConfigError  # noqa: E402
 from lightning_modules.base import CheckpointMismatchError  # noqa: E402
 
@@ -85,7 +87,11 @@ def main(args: list[str] | None = None) -> Any:
 
     transformers_logging.disable_progress_bar()  # per-file loading bars would break the evaluation's own bar
     try:
-        return CLI({"run": run_evaluation, "plot": plot}, args=args, parser_mode="omegaconf")
+        return CLI(
+            {"run": run_evaluation, "plot": plot, "sample": sample_concept},
+            args=args,
+            parser_mode="omegaconf",
+        )
     except (EvaluationConfigError, CheckpointMismatchError) as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
