@@ -28,6 +28,7 @@ from lightning_modules.base import PersonalizationModule, check_checkpoint, read
 from losses import add_noise
 from models.artifact import ConceptArtifact
 from models.attention import LoraDelta
+from models.errors import ConfigurationError
 from models.personalizer import Personalizer, PersonalizerConfig
 from models.unet_lora import add_unet_lora, lora_parameters, lora_snapshot, restore_lora, save_diffusers_lora
 from models.unet_lora import static_factors as unet_lora_factors
@@ -187,7 +188,7 @@ class ConceptTuning(PersonalizationModule):
     def _class_noun(self) -> str:
         noun = getattr(getattr(self.trainer, "datamodule", None), "class_noun", None)
         if not noun:
-            raise ValueError(
+            raise ConfigurationError(
                 f"init={self.init!r} / instance_prompt need the concept's class noun: set data.init_args.class_noun"
             )
         return str(noun)

@@ -34,7 +34,8 @@ def _train(args: list[str]) -> subprocess.CompletedProcess:
 
 def _image_args(tmp_path, tiny_sd_dir, index_dir, image) -> list[str]:
     args = tune_args(tmp_path, tiny_sd_dir, index_dir, None, steps=1, variant="textual_inversion")
-    return [*args, "--data.init_args.synthetic_concept", "null", "--data.init_args.image", str(image)]
+    args += ["--data.init_args.synthetic_concept", "null", "--data.init_args.image", str(image)]
+    return [*args, "--data.init_args.class_noun", "teapot"]  # textual inversion starts from the class noun
 
 
 def _assert_one_line_error(proc: subprocess.CompletedProcess, match: str) -> str:
