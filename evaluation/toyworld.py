@@ -147,6 +147,23 @@ def zero_shot_accuracy(model, tokenizer, n: int = 1000, seed: int = 4321) -> dic
     return {a: correct[a] / (n // 250 * 250) for a in ATTRIBUTES}
 
 
+@torch.no_grad()
+def image_nn_accuracy(model, n: int = 500, seed: int = 8765) -> dict[str, float]:
+    """Per attribute, how often an image's nearest neighbour (tiny-CLIP image embedding, cosine) among ``n``
+    other renders shares its value: what CLIP-I can see. Chance is about 1 / (number of values)."""
+    a = ToyWorldStream(n, seed=seed, split="all").batch(0)
+    b = ToyWorldStream(n, seed=seed + 1, split="all").batch(0)
+    model.eval()
+
+    def embed(x):
+        return F.normalize(
+            model.get_image_features(pixel_values=clip_pixels(x)).pooler_output.float(), dim=-1
+        )
+
+    nearest = (embed(b["pixels"]) @ embed(a["pixels"]).T).argmax(-1)
+    return {k: float((a["labels"][k][nearest] == b["labels"][k]).float().mean()) for k in ATTRIBUTES}
+
+
 def clip_pixels(pixels: torch.Tensor) -> torch.Tensor:
     """[-1, 1] images -> CLIP-normalised pixel values (the processor's mean and std)."""
     from models.tiny import CLIP_MEAN, CLIP_STD
