@@ -1,0 +1,87 @@
+"""``evaluate.py sample``: a concept file sampled in new contexts into one grid; mistakes are one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+from models.artifact import ConceptArtifact
+from models.attention import lora_targets
+
+
+@pytest.fixture(scope="module")
+def concept_file(backbone, tmp_path_factory):
+    g = torch.Generator().manual_seed(3)
+    lora = {
+        name: (torch.randn(4, n_in, generator=g) * 0.3, torch.randn(n_out, 4, generator=g) * 0.3)
+        for name, (n_in, n_out) in lora_targets(backbone.unet).items()
+    }
+    art = ConceptArtifact(
+        v_star=backbone.token_embedding_table()[1929].detach().float().clone(),
+        lora=lora,
+        placeholder=backbone.placeholder,
+        nearest_token="dog</w>",
+        nearest_token_id=1929,
+        alpha=0.5,
+        base_model=backbone.name_or_path,
+        fingerprint=backbone.fingerprint(),
+        steps=12,
+        extra={"method": "date"},
+    )
+    return art.save(tmp_path_factory.mktemp("concept") / "dog.safetensors")
+
+
+def _sample(concept, out, prompts, *extra):
+    import json
+
+    return evaluate.main(
+        [
+            "sample",
+            "--concept",
+            str(concept),
+            "--out",
+            str(out),
+            "--prompts",
+            json.dumps(prompts),
+            "--num_inference_steps",
+            "3",
+            "--samples_per_prompt",
+            "2",
+            *extra,
+        ]
+    )
+
+
+def test_sample_writes_one_row_per_prompt_and_is_seeded(concept_file, tmp_path):
+    prompts = ["a photo of a <s*>", "a <s*> on the beach"]
+    path = _sample(concept_file, tmp_path / "grid.png", prompts, "--scale", "1")
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (
+        2 * 33 + 1,
+        2 * 33 + 1,
+        3,
+    )  # 2 rows (prompts) x 2 columns (samples), 32 px + borders
+    assert (tmp_path / "grid.txt").read_text().splitlines() == [
+        f"row {i + 1}: {p}" for i, p in enumerate(prompts)
+    ]
+    again = np.asarray(Image.open(_sample(concept_file, tmp_path / "again.png", prompts, "--scale", "1")))
+    np.testing.assert_array_equal(grid, again)
+    other = np.asarray(
+        Image.open(_sample(concept_file, tmp_path / "o.png", prompts, "--scale", "1", "--seed", "5"))
+    )
+    assert not np.array_equal(grid, other)
+
+
+def test_sample_mistakes_are_one_line(concept_file, tmp_path, capsys):
+    for args, message in (
+        (["--concept", str(tmp_path / "missing.safetensors"), "--prompts", '["a <s*>"]'], "does not exist"),
+        (["--concept", str(concept_file), "--prompts", '["a dog"]'], "does not contain the placeholder"),
+        (["--concept", str(concept_file)], "sample needs --concept"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            evaluate.main(["sample", *args])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
