@@ -1,0 +1,104 @@
+"""The committed toy-world models (assets/toyworld/): they load like real weights and do what the card says."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from datamodules import toyworld as tw
+from evaluation.toyworld import (
+    ASSETS,
+    CHECKER_DIR,
+    CLIP_DIR,
+    PIPELINE_DIR,
+    VOCABULARY_FILE,
+    adherence,
+    attribute_accuracy,
+    clip_tokenizer,
+    load_pipeline,
+    read_attributes,
+    sample,
+    zero_shot_accuracy,
+)
+from models.checker import AttributeChecker
+
+# Measured by `python -m evaluation.toyworld base-adherence --n 256 --seed 0` (assets/toyworld/README.md);
+# the test draws its own small seeded sample and allows this margin below the measured figure.
+MEASURED = json.loads((ASSETS / "base_adherence.json").read_text())["accuracy"]
+MARGIN = 0.12
+
+
+def test_assets_are_small_fp16_safetensors():
+    files = [p for p in ASSETS.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 30 * 2**20
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert len(weights) >= 6  # unet, vae, text encoder, image encoder, clip, checker
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".ckpt")]
+    from safetensors import safe_open
+
+    for p in weights:
+        with safe_open(p, "pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+        assert "F32" not in dtypes, p
+
+
+def test_pipeline_loads_in_plain_diffusers_and_through_the_backbone():
+    from models.backbone import DiffusionBackbone
+
+    pipe = load_pipeline()
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    assert len(pipe.tokenizer) == 49408
+    images = pipe(
+        ["a large red plain circle in the center on a blue background"],
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert images.shape == (1, 32, 32, 3)
+    backbone = DiffusionBackbone.from_pretrained(str(PIPELINE_DIR), str(PIPELINE_DIR))
+    assert backbone.scheduler.config.prediction_type == "v_prediction"
+    for a, b in ((backbone.unet, pipe.unet), (backbone.text_encoder, pipe.text_encoder)):
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(p.float(), q.float(), msg=name)
+    assert backbone.image_encoder.config.image_size == 32
+
+
+def test_checker_reads_fresh_renders():
+    checker = AttributeChecker.from_pretrained(CHECKER_DIR)
+    for noise in (0.0, 0.05):
+        acc = attribute_accuracy(checker, n=1000, seed=2026 + int(noise * 100), noise=noise)
+        assert min(acc.values()) >= 0.99, (noise, acc)
+
+
+def test_tiny_clip_reads_attributes_zero_shot():
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(CLIP_DIR).float()
+    acc = zero_shot_accuracy(model, clip_tokenizer(), n=500, seed=99)
+    chance = {a: 1 / len(tw.VALUES[a]) for a in tw.ATTRIBUTES}
+    for a in ("colour", "pattern", "background", "position"):
+        assert acc[a] > chance[a] + 0.3, (a, acc)
+    # Its image tower sees shape poorly (0.215 zero-shot on 1,000 renders, the card says so): above chance only.
+    assert acc["shape"] > chance["shape"], acc
+
+
+@pytest.mark.slow
+def test_base_model_follows_prompts():
+    rows = tw.sample_prompts(48, seed=11)
+    pipe = load_pipeline()
+    images = sample(pipe, [r["prompt"] for r in rows], seed=11)
+    acc = adherence(
+        read_attributes(AttributeChecker.from_pretrained(CHECKER_DIR), images),
+        [r["attributes"] for r in rows],
+    )
+    for a in ("shape", "colour", "background"):
+        assert acc[a] >= MEASURED[a] - MARGIN, (a, acc, MEASURED)
+
+
+def test_vocabulary_file_lists_only_trained_words():
+    words = [w for w in VOCABULARY_FILE.read_text().split("\n") if w and not w.startswith("#")]
+    assert set(words) >= set(tw.TRAIN_SHAPES) | set(tw.COLOUR_NAMES)
+    assert not set(words) & set(tw.HELD_OUT_SHAPES)
