@@ -68,6 +68,9 @@ class ConceptTuning(PersonalizationModule):
             ``{identifier}`` is filled with the placeholder, whose embedding stays ``init_token``'s (so
             ``"a photo of {identifier} {class_noun}"`` with ``init_token: sks`` is exactly the text
             "a photo of sks dog"), ``{class_noun}`` with the concept's class noun. Needs ``init: token``.
+            The special value ``"{caption}"`` keeps the datamodule's prompts (e.g. the image's own caption) and
+            writes ``"{identifier} {class_noun}"`` where they say the placeholder: for worlds whose captions are
+            not "a photo of ..." (the toy world's text encoder never saw the word "photo").
         unet_lora_rank: rank (and lora_alpha) of the ``unet_lora`` adapter.
         init_noise_draws: the encoder's initial prediction is averaged over this many noise draws.
         export_dir: folder the artefact ``<concept>.safetensors`` (and ``<concept>_diffusers/``) is written to.
@@ -205,6 +208,9 @@ class ConceptTuning(PersonalizationModule):
         """The batch's prompts, or the fixed instance prompt (one-shot LoRA) for each of them."""
         if self.instance_prompt is None:
             return prompts
+        if self.instance_prompt == "{caption}":
+            ph = self.backbone.placeholder
+            return [p.replace(ph, f"{ph} {self._class_noun()}") for p in prompts]
         text = self.instance_prompt.format(
             identifier=self.backbone.placeholder, class_noun=self._class_noun()
         )

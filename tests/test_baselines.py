@@ -62,6 +62,14 @@ def test_lora_prompt_is_the_instance_prompt_with_sks(tiny_sd_dir, index_dir, tmp
     torch.testing.assert_close(soft, text, atol=1e-6, rtol=0)
 
 
+def test_lora_caption_instance_prompt_keeps_the_image_caption(tiny_sd_dir, index_dir, tmp_path):
+    args = tune_args(tmp_path, tiny_sd_dir, index_dir, None, steps=1, variant="lora")
+    cli = fit([*args, "--model.init_args.instance_prompt", "{caption}"])
+    noun = cli.datamodule.class_noun
+    prompts = cli.model.training_prompts(["a large <s*> on the left on a blue background", "a <s*>"])
+    assert prompts == [f"a large <s*> {noun} on the left on a blue background", f"a <s*> {noun}"]
+
+
 def test_lora_export_loads_in_plain_diffusers_and_reproduces_the_tuned_unet(
     tiny_sd_dir, index_dir, tmp_path, backbone
 ):
