@@ -462,6 +462,31 @@ def export(
     print(f"wrote {out}", file=sys.stderr)
 
 
+def encoder_lines(out: Path) -> list[str]:
+    """Model-card lines for the committed encoders: steps and first / final values of their training curves."""
+    lines = []
+    configs = {
+        "date": "configs/pretrain/toyworld.yaml",
+        "no_regularizer": "configs/pretrain/toyworld_no_regularizer.yaml",
+    }
+    for name, config in configs.items():
+        path = out / "encoder" / f"{name}.json"
+        if not path.exists():
+            continue
+        info = json.loads(path.read_text())
+        curves = info.get("curves", {})
+        parts = [
+            f"{tag.removeprefix('train/')} {c['first']:.3f} -> {c['mean_last_20']:.3f}"
+            for tag, c in sorted(curves.items())
+            if tag.startswith("train/loss")
+        ]
+        lines.append(
+            f"- `encoder/{name}.ckpt` (`{config}`, {info.get('global_step')} steps, batch 16, one CPU core ~9 min):"
+            f" first logged value -> mean of the last 20 logged values: " + "; ".join(parts) + "."
+        )
+    return lines
+
+
 def write_card(out: Path, cfg: dict) -> None:
     """``assets/toyworld/README.md``: the model card, from the measured metrics in the folder."""
     from datamodules.toyworld import ATTRIBUTES, COLOUR_NAMES, HELD_OUT_COMBOS, HELD_OUT_SHAPES, TRAIN_SHAPES
@@ -531,6 +556,9 @@ def write_card(out: Path, cfg: dict) -> None:
         f"Base-model samples: {adh.get('steps')} DDIM steps, guidance {adh.get('guidance')}, prompts from"
         f" `python -m datamodules.toyworld sample-prompts --n {adh.get('n')} --seed {adh.get('seed')}` (every"
         f" attribute stated); reproduce with `{adh.get('command')}`.",
+        "",
+        "## Encoders (DATE, pretrained on this world)",
+        *encoder_lines(out),
         "",
         "## Retrain",
         "```bash",
