@@ -35,7 +35,14 @@ def test_assets_are_small_fp16_safetensors():
     assert sum(p.stat().st_size for p in files) < 30 * 2**20
     weights = [p for p in files if p.suffix == ".safetensors"]
     assert len(weights) >= 6  # unet, vae, text encoder, image encoder, clip, checker
-    assert not [p for p in files if p.suffix in (".bin", ".pt", ".ckpt")]
+    # Pickles only for the two encoders (the format encoder_checkpoint reads): trainable weights, no optimizer.
+    pickles = sorted(p.relative_to(ASSETS).as_posix() for p in files if p.suffix in (".bin", ".pt", ".ckpt"))
+    assert pickles == ["encoder/date.ckpt", "encoder/no_regularizer.ckpt"]
+    for name in pickles:
+        ckpt = torch.load(ASSETS / name, map_location="cpu", weights_only=False)
+        assert set(ckpt) == {"state_dict", "tuning_encoder", "hyper_parameters", "global_step"}
+        assert all(k.startswith("personalizer.") for k in ckpt["state_dict"])
+        assert (ASSETS / name).stat().st_size < 2**20
     from safetensors import safe_open
 
     for p in weights:
