@@ -159,11 +159,8 @@ def train_base(cfg: dict) -> None:
         total=tcfg["steps"],
     )
     running = None
-    grouped = cfg.get("grouped_prob", 0.0)
     for step in bar:
         batch = stream.batch(step)
-        if grouped and torch.rand(1).item() < grouped:
-            batch = grouped_batch(cfg["batch_size"], cfg["seed"], step)
         ids = tokenizer(
             batch["captions"], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
         ).input_ids
