@@ -347,3 +347,17 @@ def test_reused_tuner_matches_a_fresh_one(tiny_sd_dir, tmp_path):
     for name, (down, up) in again.lora.items():
         assert torch.equal(down, fresh.lora[name][0]) and torch.equal(up, fresh.lora[name][1])
     assert float(again.extra["tune_seconds"]) > 0
+
+
+def test_evaluation_overlays_parse_on_their_base(capsys):
+    """configs/evaluate/overlays/*.yaml only change a base config (named in their header): they parse on it."""
+    overlays = sorted(Path("configs/evaluate/overlays").glob("*.yaml"))
+    assert overlays
+    for path in overlays:
+        base = f"configs/evaluate/{path.stem.split('_')[0]}.yaml"
+        assert base in path.read_text(), path
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(["run", "--config", base, "--config", str(path), "--print_config"])
+        assert exit_info.value.code == 0, path
+        printed = capsys.readouterr().out
+        assert "methods:" in printed and "toyworld" in printed
