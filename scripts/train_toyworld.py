@@ -5,9 +5,10 @@
     python scripts/train_toyworld.py clip    --config configs/toyworld/clip.yaml     # tiny CLIP
     python scripts/train_toyworld.py export  --config configs/toyworld/base.yaml     # assemble assets/toyworld/
 
-Every command is seeded and resumable: it checkpoints to the config's ``out_dir`` every ``ckpt_every`` steps and,
-run again, continues from the last checkpoint (the data stream is a function of the seed and the step, so a
-resumed run sees the same batches). Progress bars on stderr; a JSON-lines log in ``out_dir/log.jsonl``.
+Every command is seeded, with a progress bar on stderr and a JSON-lines log in ``out_dir/log.jsonl``. The long one,
+``base`` (about 75 min on one core), is resumable: it checkpoints to ``out_dir/last.pt`` every ``ckpt_every`` steps
+and, run again, continues from there (the data stream is a function of the seed and the step, so a resumed run sees
+the same batches; the trained autoencoder is kept). ``checker`` and ``clip`` (minutes each) restart from scratch.
 """
 
 from __future__ import annotations
