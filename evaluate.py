@@ -23,12 +23,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from jsonargparse import CLI  # noqa: E402
 
+from evaluation.config import EvaluationConfigError  # noqa: E402
 from evaluation.harness import run_evaluation  # noqa: E402
-from evaluation.plot import plot_tradeoff  # noqa: E402
-from evaluation.report import aggregate, format_table  # noqa: E402
-from evaluation.results import read_results  # noqa: E402
+from evaluation.report.aggregate import aggregate, format_table  # noqa: E402
+from evaluation.report.plot import plot_tradeoff  # noqa: E402
 from evaluation.sample_concept import sample_concept  # noqa: E402
-from evaluation.spec import EvaluationConfigError  # noqa: E402
+from evaluation.store.results import read_results  # noqa: E402
+from evaluation.store.run_state import register_plugin_columns  # noqa: E402
 from lightning_modules.base import CheckpointMismatchError  # noqa: E402
 
 
@@ -60,6 +61,7 @@ def plot(
         raise EvaluationConfigError("plot needs at least one results.csv (--results)")
     rows: list[dict[str, Any]] = []
     for path in paths:
+        register_plugin_columns(Path(path).parent)  # e.g. the checker's column labels
         file_rows = read_results(path)
         if len(paths) > 1:
             for row in file_rows:

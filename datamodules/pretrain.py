@@ -123,7 +123,8 @@ def world_info(module: LightningDataModule) -> tuple[int, int]:
 
 
 class PretrainDataModule(LightningDataModule):
-    """Training data for encoder pretraining: image folders, or procedural concepts when none are given.
+    """Training data for encoder pretraining: image folders, procedural concepts when none are given, or any
+    given map-style dataset of the same items (e.g. ``toyworld.data.ToyWorldConceptDataset``).
 
     Roots are scanned and validated in ``__init__``, so a missing or empty folder fails with a one-line error
     before any training starts. Only a train dataloader is provided.
@@ -150,6 +151,10 @@ class PretrainDataModule(LightningDataModule):
         placeholder: Pseudo-word string in the prompts, e.g. ``"a photo of a <s*>"``.
         seed: Seed of the shuffling order and of every crop, flip and template.
         drop_last: Drop the last incomplete batch (keeps every batch at ``batch_size`` concepts).
+        dataset: A dataset to train on instead of folders or synthetic concepts (it keeps its own resolution,
+            normalisation and seed; only ``batch_size``, ``num_workers``, ``seed`` (shuffling) and ``drop_last``
+            apply). It takes ``(epoch, index)`` keys like the built-in ones; its ``placeholder`` attribute, if
+            any, must equal ``placeholder``.
     """
 
     def __init__(
@@ -170,9 +175,10 @@ class PretrainDataModule(LightningDataModule):
         placeholder: str = DEFAULT_PLACEHOLDER,
         seed: int = 0,
         drop_last: bool = True,
+        dataset: Dataset | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["dataset"])
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         common = dict(
@@ -184,8 +190,15 @@ class PretrainDataModule(LightningDataModule):
             flip_p=flip_p,
             placeholder=placeholder,
         )
-        self.train_dataset: ImageFolderDataset | SyntheticConceptDataset
-        if roots:
+        self.train_dataset: Dataset
+        if dataset is not None:
+            self.heldout_concept_ids = []
+            own = getattr(dataset, "placeholder", placeholder)
+            if own != placeholder:
+                raise ValueError(f"the dataset's placeholder {own!r} is not the module's {placeholder!r}")
+            self.train_dataset = dataset
+            rank_zero_info(f"PretrainDataModule: {len(dataset)} items of {type(dataset).__name__}")
+        elif roots:
             self.heldout_concept_ids: list[int] = []
             self.train_dataset = ImageFolderDataset(roots, seed=seed, **common)
             rank_zero_info(f"PretrainDataModule: {len(self.train_dataset)} images under {', '.join(roots)}")

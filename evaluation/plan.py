@@ -1,5 +1,6 @@
-"""Planning an evaluation without loading any model: methods resolved from their YAMLs, the concept set,
-and each method's settings. Every configuration error surfaces here, as one line, before any work.
+"""Stage 3 of an evaluation, the plan, made without loading any model: methods resolved from their YAMLs
+(``recipe.py``), the concept set loaded, and each method's settings. Every configuration error surfaces here,
+as one line, before any work.
 """
 
 from __future__ import annotations
@@ -8,12 +9,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evaluation.concepts import EvalConcept, load_concepts
-from evaluation.generate import Setting
-from evaluation.run_state import file_identity
-from evaluation.spec import ConceptSetSpec, EvaluationConfigError, MethodSpec, MetricSpec, SweepSpec
-from evaluation.tuning import TuneRecipe, resolve_recipe
+from evaluation.concepts.base import ConceptSet, EvalConcept, load_concepts
+from evaluation.config import EvaluationConfigError, MethodSpec, SweepSpec
+from evaluation.recipe import TuneRecipe, resolve_recipe
 from models.artifact import ConceptArtifact
+
+
+@dataclass(frozen=True, order=True)
+class Setting:
+    """One point of a trade-off curve.
+
+    Attributes:
+        steps: tuning steps of the concept.
+        alpha: dual-path blend at sampling.
+        guidance: classifier-free guidance scale.
+    """
+
+    steps: int
+    alpha: float
+    guidance: float
+
+    @property
+    def label(self) -> str:
+        """Folder-safe name, e.g. ``s4_a0.5_g7.5``."""
+        return f"s{self.steps}_a{self.alpha:g}_g{self.guidance:g}"
+
+
+def file_identity(path: str | Path | None) -> dict[str, Any] | None:
+    """``{"path", "size", "mtime_ns"}`` of a file (None for no file): changes when the file is rewritten."""
+    if path is None:
+        return None
+    stat = Path(path).stat()
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 @dataclass
@@ -194,7 +221,7 @@ def make_plans(
     out: Path,
     tune_config: str,
     methods: list[MethodSpec],
-    concepts: ConceptSetSpec,
+    concepts: ConceptSet,
     sweep: SweepSpec,
     overrides: dict[str, Any],
 ) -> tuple[TuneRecipe, list[EvalConcept], list[MethodPlan]]:
@@ -226,7 +253,7 @@ def make_plans(
                 raise EvaluationConfigError(f"method {spec.name!r} changes the placeholder the prompts use")
         if spec.plain_words and any(c.plain_words is None for c in concept_list):
             raise EvaluationConfigError(
-                f"method {spec.name!r}: plain_words needs concepts with plain words (concepts.kind: toyworld)"
+                f"method {spec.name!r}: plain_words needs concepts with plain words (e.g. the toy world's)"
             )
         plans.append(_plan_method(spec, sweep, recipe, concept_list, base.placeholder, plans))
     dedupe_step0(plans)
@@ -250,20 +277,3 @@ def plan_inputs(plans: list[MethodPlan]) -> dict[str, Any]:
             folder = Path(p.spec.artifacts or "")
             inputs[p.spec.name] = {c: file_identity(folder / f"{c}.safetensors") for c in p.artifacts}
     return inputs
-
-
-def check_metric_files(metrics: MetricSpec, concepts: list[EvalConcept]) -> None:
-    """The checker, CLIP helper folders and vocabulary exist, and the checker has attributes to read against."""
-    for what, path in (
-        ("metrics.checker", metrics.checker),
-        ("metrics.clip_tokenizer", metrics.clip_tokenizer),
-        ("metrics.clip_processor", metrics.clip_processor),
-    ):
-        if path is not None and not Path(path).is_dir():
-            raise EvaluationConfigError(f"{what} {path} is not a folder")
-    if metrics.vocabulary is not None and not Path(metrics.vocabulary).is_file():
-        raise EvaluationConfigError(f"metrics.vocabulary {metrics.vocabulary} does not exist")
-    if metrics.checker is not None and any(c.attributes is None for c in concepts):
-        raise EvaluationConfigError(
-            "metrics.checker needs concepts with checked attributes (concepts.kind: toyworld)"
-        )

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation.generate import Setting, generate_images, save_png
+from evaluation.config import EvaluationConfigError
+from evaluation.generate.images import generate_images, save_grid, save_png
+from evaluation.plan import Setting
 from models.artifact import ConceptArtifact
 
 
@@ -41,8 +43,6 @@ def sample_concept(
         seed: image ``j`` of prompt ``i`` starts from the noise of seed ``seed + 1000 * i + j``.
         scale: nearest-neighbour upscaling of the grid (small models sample small images).
     """
-    from datamodules.toyworld import save_grid
-    from evaluation.spec import EvaluationConfigError
     from models.backbone_sdxl import load_backbone
 
     if not concept or not prompts:

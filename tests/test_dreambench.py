@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation.dreambench import (
+from evaluation.concepts.dreambench import (
     DEFAULT_PROMPTS_FILE,
     DEFAULT_SUBJECTS_FILE,
     PLACEHOLDER,

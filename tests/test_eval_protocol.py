@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluation.concepts import load_concepts
-from evaluation.feature_models import ClipFeatures
-from evaluation.generate import Setting
-from evaluation.harness import autocast_dtype, sampling_prompt
-from evaluation.metrics import identity_scores
-from evaluation.plan import make_plans
-from evaluation.plot import REFERENCE_POINTS, REFERENCE_PROTOCOLS
-from evaluation.spec import ConceptSetSpec, MethodSpec, SweepGrid, SweepSpec
-from evaluation.tiny_models import write_tiny_eval_models
+from evaluation.concepts.base import load_concepts
+from evaluation.concepts.synthetic import SyntheticConcepts
+from evaluation.config import MethodSpec, SweepGrid, SweepSpec
+from evaluation.generate.modes import autocast_dtype, sampling_prompt
+from evaluation.metrics.features import ClipFeatures
+from evaluation.metrics.similarity import identity_scores
+from evaluation.metrics.tiny_models import write_tiny_eval_models
+from evaluation.plan import Setting, make_plans
+from evaluation.report.plot import REFERENCE_POINTS, REFERENCE_PROTOCOLS
 from models.artifact import ConceptArtifact
 
 
@@ -38,7 +38,7 @@ def test_identity_without_the_input_image_leaves_it_out(clip):
 
 
 def test_concepts_name_their_input_reference():
-    (concept,) = load_concepts(ConceptSetSpec(synthetic_ids=[60], prompts=["a <s*>"]), "<s*>")
+    (concept,) = load_concepts(SyntheticConcepts(synthetic_ids=[60], prompts=["a <s*>"]), "<s*>")
     assert concept.input_reference_index == 0  # the un-augmented render the concept is tuned from
 
 
@@ -50,7 +50,7 @@ def _plans(tmp_path: Path, methods: list[MethodSpec], sweep: SweepSpec):
     for m in methods:
         if m.name == "no_regularizer":
             m.overrides = {"model.init_args.encoder_checkpoint": str(other)}
-    concepts = ConceptSetSpec(synthetic_ids=[60], prompts=["a <s*>"])
+    concepts = SyntheticConcepts(synthetic_ids=[60], prompts=["a <s*>"])
     _, _, plans = make_plans(
         tmp_path,
         "configs/tune/tiny.yaml",

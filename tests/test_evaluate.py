@@ -16,16 +16,20 @@ from PIL import Image
 
 import evaluate
 from datamodules import PretrainDataModule
-from evaluation.concepts import load_concepts
-from evaluation.generate import Setting, image_seed, load_png
-from evaluation.report import aggregate, bootstrap_ci
-from evaluation.results import COLUMNS, ResultsStore, read_results, row_key
-from evaluation.spec import ConceptSetSpec, EvaluationConfigError, MethodSpec
-from evaluation.tiny_models import write_tiny_eval_models
-from evaluation.tuning import ConceptTuner, resolve_recipe
+from evaluation.concepts.base import load_concepts
+from evaluation.concepts.synthetic import SyntheticConcepts
+from evaluation.config import EvaluationConfigError, MethodSpec
+from evaluation.generate.images import image_seed, load_png
+from evaluation.metrics.tiny_models import write_tiny_eval_models
+from evaluation.plan import Setting
+from evaluation.recipe import resolve_recipe
+from evaluation.report.aggregate import aggregate, bootstrap_ci
+from evaluation.store.results import COLUMNS, ResultsStore, read_results, row_key
+from evaluation.tuning import ConceptTuner
 from lightning_modules import EncoderPretraining
 from models.personalizer import PersonalizerConfig
 
+DREAMBENCH = "evaluation.concepts.dreambench.DreamBenchConcepts"
 PROMPTS = '["a photo of a <s*>", "a <s*> on the beach"]'
 # Two of configs/evaluate/tiny.yaml's methods, given explicitly: date (alphas 0.5, 1), textual_inversion (alpha 1).
 METHODS = (
@@ -216,14 +220,17 @@ def test_exported_artefacts_are_evaluated_as_a_method(evaluated, base_args, tmp_
     [
         (["--concepts.prompts", '["a photo of a dog"]'], "does not contain the placeholder"),
         (["--encoder_checkpoint", "missing/last.ckpt"], "does not exist"),
-        (["--concepts.kind", "dreambench", "--concepts.subjects", "[dog]"], "do not exist"),
+        (
+            ["--concepts", DREAMBENCH, "--concepts.dreambench_root", "ROOT", "--concepts.subjects", "[dog]"],
+            "do not exist",
+        ),
     ],
 )
 def test_configuration_errors_are_one_line_and_early(base_args, tmp_path, capsys, extra, message):
     root = tmp_path / "dreambench"
     root.mkdir()
     out = tmp_path / "out"
-    argv = [*base_args, "--out_dir", str(out), "--concepts.dreambench_root", str(root), *extra]
+    argv = [*base_args, "--out_dir", str(out), *(str(root) if a == "ROOT" else a for a in extra)]
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(argv)
     assert exit_info.value.code == 2
@@ -243,7 +250,7 @@ def test_dreambench_run_with_batches_regenerates_a_batch_member(base_args, tmp_p
     out = tmp_path / "out"
     argv = [
         *base_args,
-        *("--out_dir", str(out), "--methods", method, "--concepts.kind", "dreambench"),
+        *("--out_dir", str(out), "--methods", method, "--concepts", DREAMBENCH),
         *("--concepts.dreambench_root", str(root), "--concepts.subjects_file", str(subjects)),
         *("--concepts.max_prompts", "2", "--sweep.alphas", "[1.0]", "--sampling.batch_size", "2"),
         *("--grids", "false", "--tensorboard", "true"),
@@ -315,7 +322,7 @@ def test_bootstrap_and_aggregate_over_concepts():
 
 
 def test_synthetic_concepts_and_prompt_check():
-    spec = ConceptSetSpec(synthetic_ids=[60], prompts=["a <s*>", "a <s*> in snow"], num_references=3)
+    spec = SyntheticConcepts(synthetic_ids=[60], prompts=["a <s*>", "a <s*> in snow"], num_references=3)
     (concept,) = load_concepts(spec, "<s*>")
     refs = concept.load_references()
     assert (
@@ -323,7 +330,7 @@ def test_synthetic_concepts_and_prompt_check():
     )
     assert concept.data_args == {"synthetic_concept": 60, "synthetic_seed": 0}
     with pytest.raises(EvaluationConfigError, match="placeholder"):
-        load_concepts(ConceptSetSpec(prompts=["a photo"]), "<s*>")
+        load_concepts(SyntheticConcepts(prompts=["a photo"]), "<s*>")
 
 
 def test_reused_tuner_matches_a_fresh_one(tiny_sd_dir, tmp_path):
@@ -337,7 +344,7 @@ def test_reused_tuner_matches_a_fresh_one(tiny_sd_dir, tmp_path):
     }
     spec = MethodSpec(name="lora", overlay="configs/tune/tiny_lora.yaml")
     recipe = resolve_recipe("configs/tune/tiny.yaml", spec, overrides, str(tmp_path / "export"))
-    first, second = load_concepts(ConceptSetSpec(synthetic_ids=[60, 61], prompts=["a <s*>"]), "<s*>")
+    first, second = load_concepts(SyntheticConcepts(synthetic_ids=[60, 61], prompts=["a <s*>"]), "<s*>")
     reused = ConceptTuner(recipe)
     reused.tune(first, [2], tmp_path / "a")  # the factors move from step 2 (cores start at 0)
     again = reused.tune(second, [0, 1], tmp_path / "b")[1]

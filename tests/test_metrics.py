@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evaluation.dreambench import DEFAULT_PROMPTS_FILE
-from evaluation.feature_models import ClipFeatures, DinoFeatures
-from evaluation.metrics import (
+from evaluation.concepts.dreambench import DEFAULT_PROMPTS_FILE
+from evaluation.metrics.features import ClipFeatures, DinoFeatures
+from evaluation.metrics.similarity import (
     IdentitySimilarity,
     PromptSimilarity,
     clipscore_for,
@@ -19,7 +19,7 @@ from evaluation.metrics import (
     identity_scores,
     prompt_scores,
 )
-from evaluation.tiny_models import write_tiny_eval_models
+from evaluation.metrics.tiny_models import write_tiny_eval_models
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -209,7 +209,7 @@ def test_tiny_models_are_seeded_and_reused(tmp_path, eval_dirs, capsys):
     assert write_tiny_eval_models(tmp_path) == again
     assert (again["clip"] / "model.safetensors").stat().st_mtime_ns == stamp
 
-    from evaluation.tiny_models import main
+    from evaluation.metrics.tiny_models import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])

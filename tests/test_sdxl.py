@@ -308,7 +308,7 @@ def test_sd_path_still_loads_the_sd_backbone(tiny_sd_dir):
 
 def test_evaluation_runs_on_the_tiny_sdxl(sdxl_dir, sdxl_pretrained, tmp_path):
     import evaluate
-    from evaluation.tiny_models import write_tiny_eval_models
+    from evaluation.metrics.tiny_models import write_tiny_eval_models
 
     _, _, ckpt, _ = sdxl_pretrained
     out = tmp_path / "eval"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import toyworld as tw
 from models.token_index import TokenIndex, vocabulary_ids
+from toyworld import world as tw
 
 
 def test_render_is_deterministic_and_draws_the_asked_colours():
@@ -77,7 +77,7 @@ def test_stream_batches_are_a_function_of_seed_and_step():
 
 def test_sample_prompts_command_prints_json_lines():
     out = subprocess.run(
-        [sys.executable, "-m", "datamodules.toyworld", "sample-prompts", "--n", "5", "--seed", "7"],
+        [sys.executable, "-m", "toyworld", "sample-prompts", "--n", "5", "--seed", "7"],
         capture_output=True,
         text=True,
         check=True,
@@ -90,7 +90,7 @@ def test_sample_prompts_command_prints_json_lines():
         assert row["prompt"] == tw.caption(tw.Scene(**attrs))
         assert not tw.is_held_out(tw.Scene(**attrs))
     again = subprocess.run(
-        [sys.executable, "-m", "datamodules.toyworld", "sample-prompts", "--n", "5", "--seed", "7"],
+        [sys.executable, "-m", "toyworld", "sample-prompts", "--n", "5", "--seed", "7"],
         capture_output=True,
         text=True,
         check=True,
@@ -152,3 +152,25 @@ def test_vocabulary_filter_sets_the_token_norm_and_the_modules_search(tiny_sd_di
     assert sorted(module.token_index.vocab_ids.tolist()) == ids
     result = module.token_index.search(torch.randn(16, table.shape[1]), 1)
     assert set(result.ids.flatten().tolist()) <= set(ids)
+
+
+def test_toyworld_items_train_through_the_ordinary_pretrain_module():
+    """The world's pretraining items plug into ``PretrainDataModule`` (its resumable loader), placeholder checked."""
+    from datamodules.pretrain import PretrainDataModule
+    from toyworld.data import ToyWorldConceptDataset, identity_id
+
+    data = ToyWorldConceptDataset(length=8, seed=3)
+    module = PretrainDataModule(dataset=data, batch_size=4, seed=3)
+    batch = next(iter(module.train_dataloader()))
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["clip_pixel_values"].shape == (
+        4,
+        3,
+        32,
+        32,
+    )
+    assert all(p.count("<s*>") == 1 for p in batch["prompt"])
+    ids = [identity_id(data.scene(0, int(k))) for k in batch["index"]]
+    assert batch["concept_id"].tolist() == ids
+    assert not any(tw.is_held_out(data.scene(0, k)) for k in range(8))
+    with pytest.raises(ValueError, match="placeholder"):
+        PretrainDataModule(dataset=data, placeholder="<t*>")

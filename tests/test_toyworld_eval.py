@@ -16,17 +16,20 @@ from PIL import Image
 
 import evaluate
 from datamodules import PretrainDataModule
-from datamodules.toyworld import VALUES, Scene, caption, render
-from evaluation.checker_metrics import CHECKER_COLUMNS, NearestWords, checker_scores, nearest_word_table
-from evaluation.generate import load_png
-from evaluation.results import read_results
-from evaluation.spec import EvaluationConfigError, ToyWorldSpec
-from evaluation.tiny_models import write_tiny_eval_models
-from evaluation.toyworld_concepts import toyworld_concepts
+from evaluation.config import EvaluationConfigError
+from evaluation.generate.images import load_png
+from evaluation.metrics.nearest_word import NearestWords
+from evaluation.metrics.tiny_models import write_tiny_eval_models
+from evaluation.report.words import nearest_word_table
+from evaluation.store.results import read_results
 from lightning_modules import EncoderPretraining
-from models.checker import AttributeChecker
 from models.clip_tokenizer import load_clip_tokenizer, write_clip_tokenizer
 from models.personalizer import PersonalizerConfig
+from toyworld.checker import CHECKER_COLUMNS, AttributeChecker, checker_scores
+from toyworld.concepts import ToyWorldConcepts
+from toyworld.world import VALUES, Scene, caption, render
+
+CHECKER_NAMES = [c.name for c in CHECKER_COLUMNS]
 
 
 def _wanted(**kw: str) -> dict[str, str]:
@@ -47,7 +50,7 @@ def test_checker_scores_against_hand_made_readings():
         "size": ["small", "large", "large"],
     }
     s = checker_scores(readings, wanted)
-    assert list(s) == list(CHECKER_COLUMNS)
+    assert list(s) == CHECKER_NAMES
     assert s["identity_acc"] == [1.0, 0.0, 0.0]
     assert s["shape_acc"] == [1.0, 0.0, 1.0] and s["colour_acc"] == [1.0, 1.0, 1.0]
     assert s["pattern_acc"] == [1.0, 1.0, 0.0]
@@ -96,7 +99,7 @@ def test_nearest_words_and_semantic_share(tmp_path):
 
 
 def write_concepts(folder: Path, scenes: dict[str, Scene]) -> Path:
-    """A concepts folder in the format of ``python -m datamodules.toyworld write-concepts``."""
+    """A concepts folder in the format of ``python -m toyworld write-concepts``."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, s in scenes.items():
@@ -122,8 +125,8 @@ HEART = Scene("heart", "red", "plain", "white", "center", "large")
 
 def test_toyworld_concepts_prompts_change_the_context(tmp_path):
     folder = write_concepts(tmp_path / "c", {"red_plain_heart": HEART})
-    spec = ToyWorldSpec(concepts_dir=str(folder), num_prompts=6, seed=0)
-    (c,) = toyworld_concepts(spec, num_references=3, placeholder="<s*>")
+    spec = ToyWorldConcepts(concepts_dir=str(folder), num_prompts=6, seed=0, num_references=3)
+    (c,) = spec.load(placeholder="<s*>")
     assert c.class_noun == "object" and c.plain_words == "red plain heart" and c.kind == "novel_shape"
     assert c.data_args["templates"] == ["a large {} in the center on a white background"]
     assert len(c.prompts) == len(c.attributes) == 6
@@ -136,9 +139,9 @@ def test_toyworld_concepts_prompts_change_the_context(tmp_path):
     refs = c.load_references()
     assert refs.shape == (3, 3, 32, 32) and c.input_reference_index == 0
     assert torch.equal(refs[0], torch.from_numpy(render(HEART)).permute(2, 0, 1).float() / 255)
-    again = toyworld_concepts(spec, num_references=3, placeholder="<s*>")[0]
+    again = spec.load(placeholder="<s*>")[0]
     assert again.prompts == c.prompts  # seeded
-    other = toyworld_concepts(ToyWorldSpec(str(folder), seed=1), 3, "<s*>")[0]
+    other = ToyWorldConcepts(str(folder), seed=1, num_references=3).load("<s*>")[0]
     assert other.prompts != c.prompts
 
 
@@ -147,12 +150,12 @@ def test_toyworld_concepts_refuse_base_distribution_and_unknown_names(tmp_path):
         tmp_path / "b", {"red_plain_star": Scene("star", "red", "plain", "white", "center", "large")}
     )
     with pytest.raises(EvaluationConfigError, match="base training distribution"):
-        toyworld_concepts(ToyWorldSpec(str(base)), 2, "<s*>")
+        ToyWorldConcepts(str(base), num_references=2).load("<s*>")
     good = write_concepts(tmp_path / "g", {"red_plain_heart": HEART})
     with pytest.raises(EvaluationConfigError, match="not in"):
-        toyworld_concepts(ToyWorldSpec(str(good), names=["blue_plain_moon"]), 2, "<s*>")
+        ToyWorldConcepts(str(good), names=["blue_plain_moon"], num_references=2).load("<s*>")
     with pytest.raises(EvaluationConfigError, match="does not exist"):
-        toyworld_concepts(ToyWorldSpec(str(tmp_path / "none")), 2, "<s*>")
+        ToyWorldConcepts(str(tmp_path / "none"), num_references=2).load("<s*>")
 
 
 # ----- one end-to-end run on the tiny backbone -----
@@ -219,9 +222,9 @@ def test_one_concept_run_has_checker_metrics_plain_words_and_export(toy_inputs, 
             json.dumps(overrides),
             "--methods",
             json.dumps(methods),
-            "--concepts.toyworld.concepts_dir",
+            "--concepts.concepts_dir",
             str(toy_inputs["concepts"]),
-            "--concepts.toyworld.num_prompts",
+            "--concepts.num_prompts",
             "2",
             "--concepts.num_references",
             "3",
@@ -237,8 +240,15 @@ def test_one_concept_run_has_checker_metrics_plain_words_and_export(toy_inputs, 
             "null",
             "--metrics.clip_processor",
             "null",
-            "--metrics.checker",
-            str(toy_inputs["checker"]),
+            "--metrics.plugins",
+            json.dumps(
+                [
+                    {
+                        "class_path": "toyworld.checker.CheckerMetric",
+                        "init_args": {"path": str(toy_inputs["checker"])},
+                    }
+                ]
+            ),
             "--metrics.vocabulary",
             str(toy_inputs["vocabulary"]),
             "--bootstrap_samples",
@@ -250,7 +260,7 @@ def test_one_concept_run_has_checker_metrics_plain_words_and_export(toy_inputs, 
     rows = {(r["method"], r["alpha"], r["prompt_idx"]): r for r in read_results(out / "results.csv")}
     assert result.n_rows == 4 * 2 and set(m for m, _, _ in rows) == {"date", "plain_words", "date_export"}
     for r in rows.values():
-        assert all(r[c] in (0.0, 1.0) for c in CHECKER_COLUMNS)
+        assert all(r[c] in (0.0, 1.0) for c in CHECKER_NAMES)
         assert r["identity_acc"] == r["shape_acc"] * r["colour_acc"] * r["pattern_acc"]
         assert r["prompt_acc"] == r["background_acc"] * r["position_acc"] * r["size_acc"]
         assert r["clip_i"] is not None and r["clip_i_no_input"] is not None and r["clip_t"] is not None
@@ -278,14 +288,12 @@ def test_one_concept_run_has_checker_metrics_plain_words_and_export(toy_inputs, 
 
 
 def test_committed_toyworld_config_plans_every_method(tmp_path):
+    from evaluation.config import MethodSpec, SweepSpec
     from evaluation.plan import make_plans
-    from evaluation.spec import ConceptSetSpec, MethodSpec, SweepSpec
 
     cfg = OmegaConf.to_container(OmegaConf.load("configs/evaluate/toyworld.yaml"))
     folder = write_concepts(tmp_path / "c", {"red_plain_heart": HEART})
-    concepts = ConceptSetSpec(
-        kind="toyworld", num_references=5, toyworld=ToyWorldSpec(concepts_dir=str(folder), num_prompts=6)
-    )
+    concepts = ToyWorldConcepts(concepts_dir=str(folder), num_prompts=6, num_references=5)
     ckpt = tmp_path / "encoder.ckpt"  # planning only checks that the encoders exist; nothing is loaded
     ckpt.write_bytes(b"")
     run_wide = {"model.init_args.encoder_checkpoint": str(ckpt)}

@@ -14,7 +14,7 @@ import json
 import pytest
 
 import evaluate
-from evaluation.results import read_results
+from evaluation.store.results import read_results
 
 CONCEPT = "red_plain_heart"
 WORDS = {"red", "plain", "heart"}
@@ -36,7 +36,7 @@ def rows(tmp_path_factory):
             str(out),
             "--methods",
             json.dumps(methods),
-            "--concepts.toyworld.names",
+            "--concepts.names",
             json.dumps([CONCEPT]),
             "--grids",
             "false",

@@ -7,24 +7,22 @@ import json
 import pytest
 import torch
 
-from datamodules import toyworld as tw
-from evaluation.toyworld import (
+from toyworld import world as tw
+from toyworld.checker import AttributeChecker, adherence, read_attributes
+from toyworld.measure import (
     ASSETS,
     CHECKER_DIR,
     CLIP_DIR,
     PIPELINE_DIR,
     VOCABULARY_FILE,
-    adherence,
     attribute_accuracy,
     clip_tokenizer,
     load_pipeline,
-    read_attributes,
     sample,
     zero_shot_accuracy,
 )
-from models.checker import AttributeChecker
 
-# Measured by `python -m evaluation.toyworld base-adherence --n 256 --seed 0` (assets/toyworld/README.md);
+# Measured by `python -m toyworld base-adherence --n 256 --seed 0` (assets/toyworld/README.md);
 # the test draws its own small seeded sample and allows this margin below the measured figure.
 MEASURED = json.loads((ASSETS / "base_adherence.json").read_text())["accuracy"]
 MARGIN = 0.12

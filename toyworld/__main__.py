@@ -1,0 +1,151 @@
+"""The toy world's command line (``python -m toyworld <command> --help`` for each command's options).
+
+python -m toyworld sample-prompts --n 4 --seed 0          # base-distribution prompts as JSON lines
+python -m toyworld render --n 16 --seed 0 --out grid.png  # random scenes and their captions
+python -m toyworld write-concepts --out assets/toyworld/concepts
+python -m toyworld base-adherence --n 256 --seed 0        # the base model's accuracy per attribute
+python -m toyworld train checker --config configs/toyworld/checker.yaml   # also: base, clip
+python -m toyworld export --config configs/toyworld/base.yaml             # assemble assets/toyworld/
+python -m toyworld card | probe --config configs/toyworld/base.yaml
+python -m toyworld export-encoder --ckpt .../last.ckpt --name date [--log-dir .../tb]
+python -m toyworld figures outputs/eval_toyworld [--concept red_striped_star]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+PROG = "python -m toyworld"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from toyworld.measure import CHECKER_DIR, GUIDANCE, PIPELINE_DIR, SAMPLE_STEPS
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("sample-prompts", help="print N base-distribution prompts as JSON lines")
+    p.add_argument("--n", type=int, default=8, help="number of prompts")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    c = sub.add_parser("write-concepts", help="write the held-out concepts' input images and concepts.json")
+    c.add_argument("--out", default="assets/toyworld/concepts", help="output folder")
+    r = sub.add_parser("render", help="render N random scenes into a PNG grid and print their captions")
+    r.add_argument("--n", type=int, default=16, help="number of scenes")
+    r.add_argument("--seed", type=int, default=0, help="random seed")
+    r.add_argument("--split", choices=["base", "all"], default="all", help="scene distribution")
+    r.add_argument("--out", default="toyworld_grid.png", help="output PNG")
+    b = sub.add_parser("base-adherence", help="checker accuracy of base-model samples per attribute")
+    b.add_argument("--n", type=int, default=256, help="number of prompts")
+    b.add_argument("--seed", type=int, default=0, help="prompt and sampling seed")
+    b.add_argument("--pipeline", default=str(PIPELINE_DIR), help="base model folder (diffusers layout)")
+    b.add_argument("--checker", default=str(CHECKER_DIR), help="attribute checker folder")
+    b.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="DDIM steps")
+    b.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale")
+    t = sub.add_parser(
+        "train", help="train one of the world's models (seeded; base resumes, the others restart)"
+    )
+    t.add_argument("model", choices=["base", "checker", "clip"], help="which model")
+    t.add_argument("--config", required=True, help="YAML config under configs/toyworld/")
+    for name, text in (
+        ("export", "assemble assets/toyworld/ from the trained models (and measure them)"),
+        ("card", "rewrite assets/toyworld/README.md from the measured metrics"),
+        ("probe", "checker-read adherence of the current base checkpoint"),
+    ):
+        sub.add_parser(name, help=text).add_argument(
+            "--config", required=True, help="configs/toyworld/base.yaml"
+        )
+    e = sub.add_parser(
+        "export-encoder", help="write a pretraining checkpoint's weights to assets/toyworld/encoder/"
+    )
+    e.add_argument("--ckpt", required=True, help="the pretraining checkpoint (e.g. .../last.ckpt)")
+    e.add_argument("--name", required=True, help="date or no_regularizer")
+    e.add_argument("--log-dir", help="its TensorBoard folder (final curve values)")
+    f = sub.add_parser(
+        "figures", help="copy an evaluation's plots into assets/toyworld/results/ and draw a concept"
+    )
+    f.add_argument("run", help="the evaluation's out_dir")
+    f.add_argument("--concept", default="red_striped_star", help="the concept drawn across methods")
+    f.add_argument("--out", default="assets/toyworld/results", help="output folder")
+    return parser
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if getattr(args, "n", 1) < 1:
+        parser.error(f"--n must be >= 1, got {args.n}")
+    if getattr(args, "config", None) and not Path(args.config).is_file():
+        parser.error(f"--config {args.config} does not exist")
+    if args.command == "base-adherence":
+        for name, marker in (("pipeline", "model_index.json"), ("checker", "config.json")):
+            if not (Path(getattr(args, name)) / marker).exists():
+                parser.error(f"--{name} {getattr(args, name)} is not a {name} folder")
+    if args.command == "figures" and not (Path(args.run) / "results.csv").is_file():
+        parser.error(f"{args.run} holds no results.csv (an evaluate.py run's out_dir)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Runs one command; bad arguments exit with one ``python -m toyworld: error: ...`` line (status 2)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    from toyworld import world
+
+    if args.command == "write-concepts":
+        print(world.write_concepts(args.out))
+    elif args.command == "sample-prompts":
+        for row in world.sample_prompts(args.n, args.seed):
+            sys.stdout.write(json.dumps(row) + "\n")
+    elif args.command == "render":
+        from evaluation.generate.images import save_grid
+
+        images, scenes = world.render_batch(world.seeded_rng(args.seed, 0x72656E64), args.n, args.split)
+        save_grid(images, args.out)
+        for s in scenes:
+            print(world.caption(s))
+        print(f"wrote {args.out}", file=sys.stderr)
+    elif args.command == "base-adherence":
+        from toyworld.measure import base_adherence
+
+        acc = base_adherence(args.n, args.seed, args.pipeline, args.checker, args.steps, args.guidance)
+        sys.stdout.write(json.dumps(acc) + "\n")
+    elif args.command == "figures":
+        from toyworld.figures import write_figures
+
+        print(write_figures(Path(args.run), args.concept, Path(args.out)))
+    elif args.command == "export-encoder":
+        from toyworld.assets import export_encoder
+
+        print(export_encoder(args.ckpt, args.name, args.log_dir))
+    else:
+        _run_config_command(args)
+
+
+def _run_config_command(args: argparse.Namespace) -> None:
+    from toyworld.train import load_config
+
+    cfg = load_config(args.config)
+    if args.command == "train":
+        if args.model == "clip":
+            from toyworld.train_clip import train_clip
+
+            train_clip(cfg)
+        else:
+            from toyworld.train import train_base, train_checker
+
+            (train_base if args.model == "base" else train_checker)(cfg)
+        return
+    from toyworld import assets
+
+    if args.command == "export":
+        assets.export(cfg)
+    elif args.command == "probe":
+        assets.probe(cfg)
+    else:
+        assets.write_card(assets.ASSETS, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Encoder pretraining data from the toy world (``toyworld/world.py``): one scene per item, its caption with the
+object's words replaced by the placeholder. The dataset plugs into the ordinary
+``datamodules.pretrain.PretrainDataModule`` (its ``dataset`` argument), which brings the resumable loader::
+
+    data:
+      class_path: datamodules.pretrain.PretrainDataModule
+      init_args:
+        dataset:
+          class_path: toyworld.data.ToyWorldConceptDataset
+          init_args: {length: 4096, split: base, seed: 0}
+        batch_size: 16
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from datamodules.transforms import CLIP_MEAN, CLIP_STD, DEFAULT_PLACEHOLDER
+from toyworld.world import COLOUR_NAMES, PATTERNS, SHAPES, Scene, caption, random_scene, render, seeded_rng
+
+IDENTITIES: tuple[tuple[str, str, str], ...] = tuple(
+    (shape, colour, pattern) for shape in SHAPES for colour in COLOUR_NAMES for pattern in PATTERNS
+)
+
+
+def identity_id(scene: Scene) -> int:
+    """Index of the scene's identity (shape, colour, pattern) among all ``IDENTITIES``: its concept id."""
+    return IDENTITIES.index(scene.identity)
+
+
+class ToyWorldConceptDataset(Dataset):
+    """Encoder-pretraining items from the world: one scene per item, its image as both encoder input and
+    diffusion target, and its caption with the object's words replaced by the placeholder
+    (``"a large <s*> on the left on a green background"``).
+
+    No crop or flip: the caption states the position, which a flip would contradict. Item ``k`` of epoch ``e``
+    is a pure function of ``(seed, e, k)``. ``concept_id`` is the identity's index (``identity_id``), so two
+    scenes of the same object are never each other's negatives in the contrastive loss.
+
+    Args:
+        length: items per epoch.
+        resolution: side of ``pixel_values`` (a multiple of 32 renders exactly; others are resized).
+        clip_size: side of ``clip_pixel_values``.
+        split: ``base`` (held-out shapes and combinations excluded, the default) or ``all``.
+        seed: seed of the scenes.
+        placeholder: pseudo-word in the captions.
+        clip_mean: the image encoder's normalisation mean.
+        clip_std: the image encoder's normalisation std.
+    """
+
+    def __init__(
+        self,
+        length: int = 4096,
+        resolution: int = 32,
+        clip_size: int = 32,
+        split: str = "base",
+        seed: int = 0,
+        placeholder: str = DEFAULT_PLACEHOLDER,
+        clip_mean: Sequence[float] = CLIP_MEAN,
+        clip_std: Sequence[float] = CLIP_STD,
+    ):
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        self.length, self.resolution, self.clip_size = length, resolution, clip_size
+        self.split, self.seed, self.placeholder = split, seed, placeholder
+        self.clip_mean = torch.tensor(clip_mean).view(3, 1, 1)
+        self.clip_std = torch.tensor(clip_std).view(3, 1, 1)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def scene(self, epoch: int, k: int) -> Scene:
+        return random_scene(seeded_rng(self.seed, 0x70726574, epoch, k), self.split)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        epoch, k = index if isinstance(index, (tuple, list)) else (self.epoch, index)
+        if not 0 <= k < self.length:
+            raise IndexError(f"index {k} out of range for {self.length} items")
+        scene = self.scene(int(epoch), int(k))
+        img = torch.from_numpy(render(scene, 32, seeded_rng(self.seed, 0x6A697474, int(epoch), int(k))))
+        x = img.permute(2, 0, 1).float()[None]
+        pixel = (
+            F.interpolate(x, size=self.resolution, mode="bilinear", antialias=True)
+            if self.resolution != 32
+            else x
+        )
+        clip = (
+            F.interpolate(x, size=self.clip_size, mode="bicubic", antialias=True)
+            if self.clip_size != 32
+            else x
+        )
+        return {
+            "pixel_values": (pixel[0] / 127.5 - 1.0).clamp(-1, 1),
+            "clip_pixel_values": ((clip[0] / 255.0).clamp(0, 1) - self.clip_mean) / self.clip_std,
+            "prompt": caption(scene, identity=self.placeholder),
+            "concept_id": identity_id(scene),
+            "index": int(k),
+        }
