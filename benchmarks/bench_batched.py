@@ -14,7 +14,8 @@ DATE: dual path, alpha 0.5, v* and cores tuned, nearest-token pull) is done twic
   harness tunes today: the backbone is loaded once, each concept pays its own Trainer, set-up and export).
 
 Both include each concept's encoder prediction (4 noise draws) and artefact export; neither includes loading the
-model (reported once as ``load_s``). After ``--warmup`` untimed rounds of K = 1, ``--repeats`` rounds are timed;
+model (reported once as ``load_s``). Times are this process's CPU seconds on CPU (one torch thread: the work
+done, robust to other jobs on a shared core; wall times are kept in the JSON) and wall seconds on a GPU. After ``--warmup`` untimed rounds of K = 1, ``--repeats`` rounds are timed;
 the speed-up is the median of the per-round ratios. Peak memory: the peak above the level before each batched
 run (CPU: resident set; CUDA: allocated tensors; see ``benchmarks.common.PeakMemory``), divided by K.
 
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 from lightning import Trainer
 
-from benchmarks.common import MIB, PeakMemory, machine_notes, markdown_table, timed
+from benchmarks.common import MIB, PeakMemory, machine_notes, markdown_table, timed, timed_cpu
 from datamodules import ConceptDataModule, ConceptSetDataModule
 from datamodules.synthetic import render_concept
 from lightning_modules.base import CHECKPOINT_KEY
@@ -144,21 +145,24 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
     out: dict = {"load_s": load_s, "machine": machine_notes(device), "ks": {}}
     for k in args.ks:
         runs: dict[str, list[float]] = {"batched": [], "sequential": []}
+        walls: dict[str, list[float]] = {"batched": [], "sequential": []}
         peaks = []
         for r in range(args.repeats):
             order = ("batched", "sequential") if r % 2 == 0 else ("sequential", "batched")
             for kind in order:
                 probe = PeakMemory(device)
                 probe.start()
-                runs[kind].append(
-                    timed(lambda kind=kind, k=k: (batched if kind == "batched" else sequential)(k), device)
+                wall, cpu = timed_cpu(
+                    lambda kind=kind, k=k: (batched if kind == "batched" else sequential)(k), device
                 )
+                runs[kind].append(cpu if device.type == "cpu" else wall)
+                walls[kind].append(wall)
                 if kind == "batched":
                     peaks.append(probe.peak_bytes())
         ratios = [s / b for s, b in zip(runs["sequential"], runs["batched"])]
         b_s, s_s = statistics.median(runs["batched"]), statistics.median(runs["sequential"])
         out["ks"][str(k)] = {
-            "batched_s": runs["batched"], "sequential_s": runs["sequential"],
+            "batched_s": runs["batched"], "sequential_s": runs["sequential"], "wall_s": walls,
             "batched_concepts_per_hour": 3600 * k / b_s, "sequential_concepts_per_hour": 3600 * k / s_s,
             "speedup_paired_median": statistics.median(ratios), "peak_bytes": max(peaks),
             "peak_bytes_per_concept": max(peaks) / k, "memory_method": probe.method,

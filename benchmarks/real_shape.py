@@ -16,7 +16,8 @@ Every phase runs ``--warmup`` untimed steps, then ``--steps`` timed steps (media
 ``--rounds`` paired rounds (DATE then LoRA, then LoRA then DATE, ...; each round builds both modules afresh, since
 two fp32 SD-1.5-shaped modules do not fit next to each other in 24 GB), and their per-sample ratio is the median of
 the per-round ratios. Each step is timed from ``on_train_batch_start`` to ``on_train_batch_end`` (device
-synchronised): forward, backward and optimizer step. One more DATE step (not timed) runs under ``torch.profiler``:
+synchronised): forward, backward and optimizer step, as this process's CPU time on CPU (with one thread, the work
+done, whatever else shares the core; wall times are kept in the JSON) and wall time on a GPU. One more DATE step (not timed) runs under ``torch.profiler``:
 its time split into VAE encode, text encoder (forward), attention layers (forward: both paths and the per-sample
 LoRA inside them), the rest of the UNet forward, the backward pass and the rest (optimizer, token lookup, loop), plus
 the top operators by self CPU time. Peak memory: see ``benchmarks/common.PeakMemory`` (CPU: resident-set
@@ -56,25 +57,27 @@ class StepProbe(Callback):
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.steps: list[dict[str, float]] = []
-        self.to_first_step = 0.0
+        self.to_first_step = self.to_first_step_cpu = 0.0
+        self.clock = "cpu_s" if device.type == "cpu" else "seconds"
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self._fit_start = time.perf_counter()
+        self._fit_start, self._fit_cpu = time.perf_counter(), time.process_time()
 
     def on_train_start(self, trainer, pl_module) -> None:
         sync(self.device)
         self.to_first_step = time.perf_counter() - self._fit_start
+        self.to_first_step_cpu = time.process_time() - self._fit_cpu
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._probe = PeakMemory(self.device)
         self._probe.start()
         sync(self.device)
-        self._begin = time.perf_counter()
+        self._begin, self._cpu = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         sync(self.device)
-        seconds = time.perf_counter() - self._begin
-        self.steps.append({"seconds": seconds, "peak_gib": self._probe.peak_bytes() / GIB})
+        seconds, cpu = time.perf_counter() - self._begin, time.process_time() - self._cpu
+        self.steps.append({"seconds": seconds, "cpu_s": cpu, "peak_gib": self._probe.peak_bytes() / GIB})
 
 
 class ProfileStep(Callback):
@@ -166,11 +169,13 @@ def _weights(backbone: Path) -> dict[str, Any]:
 
 
 def _timed_steps(probe: StepProbe, warmup: int) -> dict[str, Any]:
+    """Medians of the timed steps; ``step_s`` is this process's CPU time on CPU, wall time on a GPU."""
     timed = probe.steps[warmup:]
     return {
-        "step_s": statistics.median(s["seconds"] for s in timed),
-        "steps_s": [s["seconds"] for s in timed],
-        "warmup_s": [s["seconds"] for s in probe.steps[:warmup]],
+        "step_s": statistics.median(s[probe.clock] for s in timed),
+        "wall_s": [s["seconds"] for s in timed],
+        "steps_s": [s[probe.clock] for s in timed],
+        "warmup_s": [s[probe.clock] for s in probe.steps[:warmup]],
         "peak_gib": max(s["peak_gib"] for s in timed),
     }
 
@@ -238,7 +243,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _fit(module, data, args, callbacks, n + int(profile))
             probe.steps = probe.steps[:n]
             row[name] = {
-                "batch": batch, **_timed_steps(probe, args.warmup), "fit_start_to_first_step_s": probe.to_first_step,
+                "batch": batch, **_timed_steps(probe, args.warmup), "fit_start_to_first_step_wall_s": probe.to_first_step,
+                "fit_start_to_first_step_s": probe.to_first_step_cpu if probe.clock == "cpu_s" else probe.to_first_step,
                 "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
             }  # fmt: skip
             if profile:
