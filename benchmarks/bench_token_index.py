@@ -13,11 +13,13 @@ through ``TokenIndex`` (normalisation and id mapping included), so the times are
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import faiss
 import torch
@@ -58,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ef-construction", type=int, default=80)
     parser.add_argument("--ef-search", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
     return parser.parse_args(argv)
 
 
@@ -106,9 +109,18 @@ def main(argv: list[str] | None = None) -> None:
             cells += [f"{ms:.1f}", f"{search_ms['torch brute force', k] / ms:.2f}x", f"{recall[name, k]:.3f}"]
         print("| " + " | ".join(cells) + " |")
     top1 = indices["faiss exact (FlatIP)"].search(queries, k=1).ids[:, 0]
-    print(
-        f"\nExact top-1 is the query's source row for {(top1 == rows).float().mean().item():.3f} of queries."
-    )
+    source_top1 = (top1 == rows).float().mean().item()
+    print(f"\nExact top-1 is the query's source row for {source_top1:.3f} of queries.")
+    if args.out:
+        result = {
+            "args": vars(args),
+            "build_s": build_s,
+            "search_ms": {f"{name} k={k}": v for (name, k), v in search_ms.items()},
+            "recall": {f"{name} k={k}": v for (name, k), v in recall.items()},
+            "exact_top1_is_source": source_top1,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

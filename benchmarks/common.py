@@ -45,6 +45,19 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def timed_cpu(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds of this process)`` taken by ``fn()``, synchronised on ``device``.
+
+    On a CPU core shared with other jobs the wall time grows with their load, while this process's CPU time
+    (all its threads) stays close to the work done: with one torch thread it is the contention-free step time.
+    """
+    sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def summary(values: Sequence[float]) -> dict[str, float]:
     """Median, quartiles, min, max and count of a sample (medians are what the tables report)."""
     vals = sorted(values)

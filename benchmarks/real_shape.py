@@ -1,28 +1,36 @@
 """Cost of both phases at Stable Diffusion 1.5's exact shapes (random weights), through the real LightningModules.
 
-    python -m models.tiny .cache/sd15-shape --config configs/backbone/sd15_shape.yaml   # once, ~48 s, 5.2 GB
-    python -m benchmarks.real_shape                        # CPU, bf16 autocast, 1 thread (~12 GB RAM, minutes)
-    python -m benchmarks.real_shape --device cuda          # a GPU
+    python -m models.tiny .cache/sd15-shape --config configs/backbone/sd15_shape.yaml   # once, ~2 min, 5.2 GB
+    OMP_NUM_THREADS=1 taskset -c 0 python -m benchmarks.real_shape    # CPU, bf16 autocast, 1 thread, ~30 min
+    python -m benchmarks.real_shape --device cuda --threads 0          # a GPU
 
-Phases, each one Lightning ``fit`` of the committed SD 1.5 recipe (configs/pretrain/sd15.yaml,
-configs/tune/sd15.yaml, configs/tune/sd15_lora.yaml) with the weights pointed at the random SD-1.5-shaped folder
-and synthetic concept images at 512 px:
+Phases, each a Lightning ``fit`` of the committed SD 1.5 recipe (configs/pretrain/sd15.yaml, configs/tune/sd15.yaml,
+configs/tune/sd15_lora.yaml, resolved by ``lightning_modules.cli.resolve_config`` as ``train.py`` reads them) with
+the weights pointed at the random SD-1.5-shaped folder and synthetic concept images at 512 px:
 
-1. pretraining: one step, batch 2 (EncoderPretraining);
-2. DATE tuning: the encoder prediction (4 noise draws) and one step, batch 4 (ConceptTuning, dual path);
-3. one-shot LoRA (diffusers' train_dreambooth_lora.py recipe): one step, batch 1.
+1. pretraining, batch 2 (EncoderPretraining);
+2. DATE tuning, batch 4 (ConceptTuning, dual path): the encoder prediction (4 noise draws) and the steps;
+3. one-shot LoRA (diffusers' train_dreambooth_lora.py recipe, peft), batch 1.
 
-Each step is timed from ``on_train_batch_start`` to ``on_train_batch_end`` (device synchronised) and is the
-first step of its run (it includes first-call overheads). Peak memory: see ``benchmarks/common.PeakMemory``
-(CPU: resident-set high-water mark above the level before the step, in one process for all phases, so later
-phases can under-report by memory glibc kept for reuse). The per-concept costs are extrapolated from the
-measured single steps: DATE = prediction + 12 steps, LoRA = 500 steps.
+Every phase runs ``--warmup`` untimed steps, then ``--steps`` timed steps (median reported); DATE and LoRA run in
+``--rounds`` paired rounds (DATE then LoRA, then LoRA then DATE, ...; each round builds both modules afresh, since
+two fp32 SD-1.5-shaped modules do not fit next to each other in 24 GB), and their per-sample ratio is the median of
+the per-round ratios. Each step is timed from ``on_train_batch_start`` to ``on_train_batch_end`` (device
+synchronised): forward, backward and optimizer step, as this process's CPU time on CPU (with one thread, the work
+done, whatever else shares the core; wall times are kept in the JSON) and wall time on a GPU. One more DATE step (not timed) runs under ``torch.profiler``:
+its time split into VAE encode, text encoder (forward), attention layers (forward: both paths and the per-sample
+LoRA inside them), the rest of the UNet forward, the backward pass and the rest (optimizer, token lookup, loop), plus
+the top operators by self CPU time. Peak memory: see ``benchmarks/common.PeakMemory`` (CPU: resident-set
+high-water mark above the level before each step, in one process, so later phases can under-report).
+The per-concept costs: DATE = fit start to first step (encoder prediction, optimizer set-up) + 12 x the median
+step, LoRA = 500 x the median step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -30,17 +38,17 @@ from typing import Any
 
 import torch
 from lightning import Callback, Trainer
-from omegaconf import OmegaConf
+from torch.autograd.profiler import record_function
 
 from benchmarks.common import PeakMemory, machine_notes, markdown_table, rss_bytes, sync
 from datamodules import ConceptDataModule, PretrainDataModule
-from evaluation.tuning import _optimizer_factory
-from lightning_modules import ConceptTuning, EncoderPretraining
-from models.personalizer import PersonalizerConfig
+from lightning_modules import ConceptTuning
+from lightning_modules.cli import resolve_config
 from models.tiny import write_tiny_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
+RANGES = ("vae_encode", "text_encoder_forward", "attention_forward", "unet_forward", "backward")
 
 
 class StepProbe(Callback):
@@ -49,59 +57,127 @@ class StepProbe(Callback):
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.steps: list[dict[str, float]] = []
-        self.to_first_step = 0.0
+        self.to_first_step = self.to_first_step_cpu = 0.0
+        self.clock = "cpu_s" if device.type == "cpu" else "seconds"
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self._fit_start = time.perf_counter()
+        self._fit_start, self._fit_cpu = time.perf_counter(), time.process_time()
 
     def on_train_start(self, trainer, pl_module) -> None:
         sync(self.device)
         self.to_first_step = time.perf_counter() - self._fit_start
+        self.to_first_step_cpu = time.process_time() - self._fit_cpu
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._probe = PeakMemory(self.device)
         self._probe.start()
         sync(self.device)
-        self._begin = time.perf_counter()
+        self._begin, self._cpu = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         sync(self.device)
-        seconds = time.perf_counter() - self._begin
-        self.steps.append({"seconds": seconds, "peak_gib": self._probe.peak_bytes() / GIB})
+        seconds, cpu = time.perf_counter() - self._begin, time.process_time() - self._cpu
+        self.steps.append({"seconds": seconds, "cpu_s": cpu, "peak_gib": self._probe.peak_bytes() / GIB})
 
 
-def _model_kwargs(config: str, overlay: str | None, backbone: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    cfg = OmegaConf.load(REPO / config)
-    if overlay:
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(REPO / overlay))
-    kwargs = dict(OmegaConf.to_container(cfg, resolve=True)["model"]["init_args"])
-    kwargs["optimizer"] = _optimizer_factory(kwargs.get("optimizer"))
-    if isinstance(kwargs.get("personalizer"), dict):
-        kwargs["personalizer"] = PersonalizerConfig(**kwargs["personalizer"])
-    kwargs.update(
-        pretrained_model_name_or_path=str(backbone),
-        image_encoder_name_or_path=str(backbone),
-        token_index_cache=str(REPO / ".cache" / "token_index"),
-        sample_every_n_steps=0,
-        **extra,
-    )
-    return kwargs
+class ProfileStep(Callback):
+    """Runs step ``step`` under ``torch.profiler`` with named ranges around the parts of a DATE step.
+
+    Ranges come from forward hooks (VAE encoder, text encoder, every attention layer, the UNet) and from the
+    backward hooks of the Lightning loop; the profile's inclusive CPU time of each range is its cost.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.result: dict[str, Any] = {}
+
+    def _ranges(self, module: torch.nn.Module, name: str) -> list:
+        stack: list = []
+
+        def pre(*_: Any) -> None:
+            stack.append(record_function(name))
+            stack[-1].__enter__()
+
+        def post(*_: Any) -> None:
+            stack.pop().__exit__(None, None, None)
+
+        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx != self.step:
+            return
+        bb = pl_module.backbone
+        self._hooks = self._ranges(bb.vae.encoder, "vae_encode") + self._ranges(bb.unet, "unet_forward")
+        self._hooks += self._ranges(bb.text_encoder.encoder, "text_encoder_forward")
+        for module in bb.unet.modules():
+            if type(module).__name__ == "Attention":
+                self._hooks += self._ranges(module, "attention_forward")
+        self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self._prof.__enter__()
+        self._begin = time.perf_counter()
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if hasattr(self, "_prof") and not self.result:
+            self._backward = record_function("backward")
+            self._backward.__enter__()
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if hasattr(self, "_backward") and not self.result:
+            self._backward.__exit__(None, None, None)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx != self.step:
+            return
+        total = time.perf_counter() - self._begin
+        self._prof.__exit__(None, None, None)
+        for h in self._hooks:
+            h.remove()
+        events = self._prof.key_averages()
+        inclusive = {name: 0.0 for name in RANGES}
+        for e in events:
+            if e.key in inclusive:
+                inclusive[e.key] += e.cpu_time_total / 1e6
+        ops = sorted((e for e in events if e.key not in inclusive), key=lambda e: -e.self_cpu_time_total)
+        self_total = sum(e.self_cpu_time_total for e in events) / 1e6
+        self.result = {
+            "step_s": total,
+            "ranges_s": inclusive,
+            "top_ops": [
+                {"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count} for e in ops[:15]
+            ],
+            "self_total_s": self_total,
+        }
 
 
-def _fit(module, data, args, probe: StepProbe) -> Trainer:
+def _fit(module, data, args, callbacks: list[Callback], steps: int) -> Trainer:
     trainer = Trainer(
-        accelerator="gpu" if args.device == "cuda" else "cpu",
-        devices=1,
-        precision=args.precision,
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[probe],
-    )
+        accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision=args.precision,
+        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=callbacks,
+    )  # fmt: skip
     trainer.fit(module, data)
     return trainer
+
+
+def _weights(backbone: Path) -> dict[str, Any]:
+    return {
+        "model.init_args.pretrained_model_name_or_path": str(backbone),
+        "model.init_args.image_encoder_name_or_path": str(backbone),
+        "model.init_args.token_index_cache": str(REPO / ".cache" / "token_index"),
+        "model.init_args.sample_every_n_steps": 0,
+    }
+
+
+def _timed_steps(probe: StepProbe, warmup: int) -> dict[str, Any]:
+    """Medians of the timed steps; ``step_s`` is this process's CPU time on CPU, wall time on a GPU."""
+    timed = probe.steps[warmup:]
+    return {
+        "step_s": statistics.median(s[probe.clock] for s in timed),
+        "wall_s": [s["seconds"] for s in timed],
+        "steps_s": [s[probe.clock] for s in timed],
+        "warmup_s": [s[probe.clock] for s in probe.steps[:warmup]],
+        "peak_gib": max(s["peak_gib"] for s in timed),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -112,78 +188,136 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.set_float32_matmul_precision("high")
     backbone = write_tiny_backbone(REPO / args.backbone, REPO / args.backbone_config)
-    results: dict[str, Any] = {"machine": machine_notes(device), "precision": args.precision, "phases": {}}
+    n = args.warmup + args.steps
+    results: dict[str, Any] = {
+        "machine": machine_notes(device), "precision": args.precision, "warmup": args.warmup,
+        "timed_steps": args.steps, "rounds": args.rounds, "phases": {},
+    }  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="real_shape_"))
 
     # 1. pretraining, batch 2
+    cfg = resolve_config([REPO / "configs/pretrain/sd15.yaml"], _weights(backbone))
     probe = StepProbe(device)
     begin = time.perf_counter()
-    module = EncoderPretraining(
-        **_model_kwargs("configs/pretrain/sd15.yaml", None, backbone, {"probe_size": 0})
-    )
+    module = cfg.build_model(probe_size=0)
     load_s = time.perf_counter() - begin
     data = PretrainDataModule(
-        roots=None, synthetic_concepts=8, samples_per_concept=2, resolution=module.backbone.resolution,
+        roots=None, synthetic_concepts=8, samples_per_concept=max(n, 2), resolution=module.backbone.resolution,
         clip_size=module.backbone.clip_image_size, batch_size=2, num_workers=0,
     )  # fmt: skip
-    trainer = _fit(module, data, args, probe)
+    trainer = _fit(module, data, args, [probe], n if args.pretrain else 1)
     ckpt = work / "encoder.ckpt"
     trainer.save_checkpoint(ckpt)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    results["phases"]["pretrain"] = {
-        "batch": 2, "load_s": load_s, **probe.steps[0], "trainable_params": trainable,
-        "checkpoint_mib": ckpt.stat().st_size / 2**20,
-    }  # fmt: skip
-    del module, trainer
-    print(json.dumps(results["phases"]["pretrain"]), flush=True)
-
-    # 2. DATE tuning (encoder prediction + one step), batch 4; 3. one-shot LoRA, batch 1
-    for name, overlay, batch in (("date", None, 4), ("lora", "configs/tune/sd15_lora.yaml", 1)):
-        probe = StepProbe(device)
-        extra = {"export_dir": str(work / name), "export_diffusers": False}
-        if name == "date":
-            extra["encoder_checkpoint"] = str(ckpt)
-        module = ConceptTuning(**_model_kwargs("configs/tune/sd15.yaml", overlay, backbone, extra))
-        res, clip = module.backbone.resolution, module.backbone.clip_image_size
-        data = ConceptDataModule(
-            synthetic_concept=0, resolution=res, clip_size=clip, batch_size=batch, steps=1
-        )
-        _fit(module, data, args, probe)
-        results["phases"][name] = {
-            "batch": batch, **probe.steps[0], "fit_start_to_first_step_s": probe.to_first_step,
-            "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+    if args.pretrain:
+        results["phases"]["pretrain"] = {
+            "batch": 2, "load_s": load_s, **_timed_steps(probe, args.warmup), "trainable_params": trainable,
         }  # fmt: skip
-        del module
-        print(json.dumps(results["phases"][name]), flush=True)
+        print(json.dumps(results["phases"]["pretrain"]), flush=True)
+    del module, trainer
+
+    # 2. DATE tuning (encoder prediction + steps), batch 4; 3. one-shot LoRA, batch 1; in paired rounds
+    phases = {"date": (None, 4), "lora": ("configs/tune/sd15_lora.yaml", 1)}
+    rounds: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        row: dict[str, Any] = {}
+        for name in ("date", "lora") if r % 2 == 0 else ("lora", "date"):
+            overlay, batch = phases[name]
+            configs = [REPO / "configs/tune/sd15.yaml"] + ([REPO / overlay] if overlay else [])
+            extra = {
+                "model.init_args.export_dir": str(work / name),
+                "model.init_args.export_diffusers": False,
+            }
+            if name == "date":
+                extra["model.init_args.encoder_checkpoint"] = str(ckpt)
+            module: ConceptTuning = resolve_config(configs, {**_weights(backbone), **extra}).build_model()
+            res, clip = module.backbone.resolution, module.backbone.clip_image_size
+            probe = StepProbe(device)
+            callbacks: list[Callback] = [probe]
+            profile = name == "date" and r == args.rounds - 1 and args.profile
+            if profile:
+                callbacks.append(ProfileStep(n))
+            data = ConceptDataModule(
+                synthetic_concept=0, resolution=res, clip_size=clip, batch_size=batch, steps=n + int(profile)
+            )
+            _fit(module, data, args, callbacks, n + int(profile))
+            probe.steps = probe.steps[:n]
+            row[name] = {
+                "batch": batch, **_timed_steps(probe, args.warmup), "fit_start_to_first_step_wall_s": probe.to_first_step,
+                "fit_start_to_first_step_s": probe.to_first_step_cpu if probe.clock == "cpu_s" else probe.to_first_step,
+                "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+            }  # fmt: skip
+            if profile:
+                results["profile"] = callbacks[-1].result
+            del module
+            print(json.dumps({"round": r, name: row[name]}), flush=True)
+        row["date_per_sample_vs_lora"] = (row["date"]["step_s"] / 4) / (row["lora"]["step_s"] / 1)
+        rounds.append(row)
+    results["rounds_detail"] = rounds
+    for name in phases:
+        results["phases"][name] = {
+            "batch": phases[name][1],
+            "step_s": statistics.median(x[name]["step_s"] for x in rounds),
+            "peak_gib": max(x[name]["peak_gib"] for x in rounds),
+            "fit_start_to_first_step_s": statistics.median(
+                x[name]["fit_start_to_first_step_s"] for x in rounds
+            ),
+            "trainable_params": rounds[0][name]["trainable_params"],
+        }
+    results["date_per_sample_vs_lora"] = statistics.median(x["date_per_sample_vs_lora"] for x in rounds)
     results["peak_rss_gib"] = rss_bytes() / GIB
     date, lora = results["phases"]["date"], results["phases"]["lora"]
     results["per_concept_s"] = {
-        "date_prediction_plus_12_steps": date["fit_start_to_first_step_s"] + 12 * date["seconds"],
-        "lora_500_steps": 500 * lora["seconds"],
+        "date_prediction_plus_12_steps": date["fit_start_to_first_step_s"] + 12 * date["step_s"],
+        "lora_500_steps": 500 * lora["step_s"],
     }
     return results
 
 
 def render(results: dict[str, Any]) -> str:
     ph = results["phases"]
+    labels = {"pretrain": "pretraining step", "date": "DATE tuning step (dual path)",
+              "lora": "one-shot LoRA step (peft)"}  # fmt: skip
     rows = [
-        ["pretraining step", str(ph["pretrain"]["batch"]), f"{ph['pretrain']['seconds']:.1f}",
-         f"{ph['pretrain']['peak_gib']:.2f}", f"{ph['pretrain']['trainable_params'] / 1e6:.1f} M"],
-        ["DATE tuning step (dual path)", str(ph["date"]["batch"]), f"{ph['date']['seconds']:.1f}",
-         f"{ph['date']['peak_gib']:.2f}", f"{ph['date']['trainable_params'] / 1e6:.3f} M"],
-        ["one-shot LoRA step (peft)", str(ph["lora"]["batch"]), f"{ph['lora']['seconds']:.1f}",
-         f"{ph['lora']['peak_gib']:.2f}", f"{ph['lora']['trainable_params'] / 1e6:.2f} M"],
+        [labels[k], str(v["batch"]), f"{v['step_s']:.1f}", f"{v['step_s'] / v['batch']:.1f}", f"{v['peak_gib']:.2f}",
+         f"{v['trainable_params'] / 1e6:.3f} M"]
+        for k, v in ph.items()
     ]  # fmt: skip
-    table = markdown_table(["phase", "batch", "step s", "peak GiB above start", "trainable"], rows)
+    header = ["phase", "batch", "step s (median)", "s per sample", "peak GiB above start", "trainable"]
     cost = results["per_concept_s"]
+    d, lo = cost["date_prediction_plus_12_steps"], cost["lora_500_steps"]
     lines = [
-        table,
+        markdown_table(header, rows),
         "",
-        f"DATE per concept (fit start to first step: the encoder prediction of 4 noise draws and optimizer set-up, "
-        f"+ 12 x the measured step): {cost['date_prediction_plus_12_steps']:.0f} s (extrapolated)",
-        f"one-shot LoRA per concept (500 x the measured step): {cost['lora_500_steps']:.0f} s (extrapolated)",
+        f"{results['warmup']} warm-up + {results['timed_steps']} timed steps per phase; DATE/LoRA in "
+        f"{results['rounds']} paired rounds; DATE per sample vs LoRA per sample: "
+        f"{results['date_per_sample_vs_lora']:.2f}x (median of rounds)",
+        f"DATE per concept (fit start to first step {ph['date']['fit_start_to_first_step_s']:.0f} s + 12 steps): "
+        f"{d:.0f} s; one-shot LoRA per concept (500 steps): {lo:.0f} s; DATE-12 / LoRA-500 = {d / lo:.4f} "
+        f"(1/{lo / d:.1f})",
         f"precision {results['precision']}; process RSS at the end {results['peak_rss_gib']:.1f} GiB",
     ]
+    if "profile" in results:
+        prof = results["profile"]
+        total, r = prof["step_s"], prof["ranges_s"]
+        attn, text, vae = r["attention_forward"], r["text_encoder_forward"], r["vae_encode"]
+        split = [
+            ["VAE encode (no grad)", vae],
+            ["text encoder forward (soft + hard prompt)", text],
+            ["attention layers forward (both paths + per-sample LoRA)", attn],
+            ["rest of the UNet forward (resnets, norms, convs)", r["unet_forward"] - attn],
+            ["backward (UNet, attention, text encoder for v*)", r["backward"]],
+            [
+                "rest (optimizer, token lookup, loop, profiler)",
+                total - vae - text - r["unet_forward"] - r["backward"],
+            ],
+        ]
+        rows = [[k, f"{v:.1f}", f"{100 * v / total:.0f} %"] for k, v in split]
+        lines += ["", f"Profile of one DATE step ({total:.1f} s under the profiler):", "",
+                  markdown_table(["part", "s", "share"], rows), ""]  # fmt: skip
+        rows = [[o["op"], f"{o['self_s']:.1f}", f"{100 * o['self_s'] / prof['self_total_s']:.0f} %", str(o["calls"])]
+                for o in prof["top_ops"][:10]]  # fmt: skip
+        lines.append(markdown_table(["operator", "self s", "share of self time", "calls"], rows))
     return "\n".join(lines)
 
 
@@ -200,8 +334,23 @@ def main(argv: list[str] | None = None) -> None:
         "--precision", default="bf16-mixed", help="Lightning precision (the SD configs' value)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave as is)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per phase (>= 1)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per phase")
+    parser.add_argument("--rounds", type=int, default=2, help="paired DATE / LoRA rounds")
+    parser.add_argument(
+        "--no-pretrain", dest="pretrain", action="store_false", help="skip timing pretraining"
+    )
+    parser.add_argument(
+        "--no-profile", dest="profile", action="store_false", help="skip the profiled DATE step"
+    )
     parser.add_argument("--out", default="outputs/bench_real_shape.json")
+    parser.add_argument("--render", metavar="JSON", help="only print the tables of a saved --out file")
     args = parser.parse_args(argv)
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return
+    if args.warmup < 0 or args.steps < 1 or args.rounds < 1:
+        parser.error("--warmup must be >= 0, --steps and --rounds >= 1")
     results = run(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
-from omegaconf import OmegaConf
 
+from lightning_modules.cli import resolve_config
 from models.attention import PERSONALIZATION_KWARG, Personalization, install_dual_path, lora_targets
 from models.backbone import unet_feature_dim
 from models.encoder import FeatureEncoder, HyperNetwork, MultiTokenEmbedder
@@ -154,12 +156,16 @@ def main(argv: list[str] | None = None) -> dict:
         "--latent", type=int, default=32, help="latent size of the timed forwards (128 = 1024 px)"
     )
     parser.add_argument("--sizes-only", action="store_true", help="skip the timed forwards")
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    personalizer = OmegaConf.to_container(OmegaConf.load(args.config).model.init_args.personalizer)
+    personalizer = asdict(resolve_config([args.config]).model_kwargs["personalizer"])
     result = {"sizes": sizes(personalizer)}
     if not args.sizes_only:
         result["cpu_bf16"] = time_forwards(args.latent, personalizer)
     print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
     return result
 
 

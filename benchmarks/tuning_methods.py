@@ -7,22 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import default_collate
 
-from datamodules.concept import SingleConceptDataset
-from datamodules.transforms import (
-    CLIP_MEAN,
-    CLIP_STD,
-    resize_center_crop,
-    to_clip_tensor,
-    to_diffusion_tensor,
-)
+from datamodules.concept import SingleConceptDataset, TuningConcept
+from lightning_modules.cli import resolve_config
 from lightning_modules.tuning import ConceptTuning
 from losses import add_noise, gather_neighbours
 from models.attention import lora_targets
-from models.personalizer import PersonalizerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PERSONALIZER_CONFIG = ROOT / "configs" / "pretrain" / "tiny.yaml"  # module sizes of the tiny recipe
@@ -55,30 +47,13 @@ METHODS = {
 BASELINE = "lora"
 
 
-class BenchTuning(ConceptTuning):
-    """``ConceptTuning`` whose concept image is set directly instead of coming from a datamodule."""
-
-    concept_image: Image.Image | None = None
-
-    def _concept_views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # ConceptTuning._concept_views's preprocessing, applied to self.concept_image.
-        res, clip = self.backbone.resolution, self.backbone.clip_image_size
-        proc = self.backbone.image_processor
-        mean = tuple(getattr(proc, "image_mean", CLIP_MEAN))
-        std = tuple(getattr(proc, "image_std", CLIP_STD))
-        pixels = to_diffusion_tensor(resize_center_crop(self.concept_image, res), res).unsqueeze(0)
-        clip_pixels = to_clip_tensor(self.concept_image, clip, mean, std).unsqueeze(0)
-        return pixels.to(self.device), clip_pixels.to(self.device)
-
-
 class Tuner:
     """One method's module, batch and optimizer; :meth:`step` is the measured unit."""
 
     def __init__(self, key: str, sd_dir: Path, args: argparse.Namespace, image: Image.Image) -> None:
         self.key, self.spec, self.device = key, METHODS[key], torch.device(args.device)
-        cfg = OmegaConf.to_container(OmegaConf.load(PERSONALIZER_CONFIG), resolve=True)
-        personalizer = PersonalizerConfig(**cfg["model"]["init_args"]["personalizer"])
-        self.module = m = BenchTuning(
+        personalizer = resolve_config([PERSONALIZER_CONFIG]).model_kwargs["personalizer"]
+        self.module = m = ConceptTuning(
             pretrained_model_name_or_path=str(sd_dir),
             image_encoder_name_or_path=str(sd_dir),
             personalizer=personalizer,
@@ -99,7 +74,8 @@ class Tuner:
             names = lora_targets(m.backbone.unet, personalizer.lora_projections, personalizer.lora_attention)
             m.backbone.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(names)))
             m.v_star.requires_grad_(False)
-        m.concept_image = image
+        self.concept = TuningConcept(name="bench", image=image)
+        m.set_concepts([self.concept])
         m.to(self.device)
         m.setup("fit")
         self.init_concept()
@@ -120,16 +96,15 @@ class Tuner:
         """v* and cores as tuning starts: the encoder's prediction (DATE) or ConceptTuning's own init."""
         m = self.module
         m.reset_concept()  # a new concept: personalizer weights (the LoRA factors too) as built
+        m.set_concepts([self.concept])
+        if not self.spec.encoder_init:
+            m.start_group(0)  # ConceptTuning's own init (a word's embedding, zero cores)
+            return
+        # ConceptTuning's `init: encoder` needs a pretraining checkpoint; the random-weight encoder predicts here.
+        v, cores = m.encoder_prediction()
         with torch.no_grad():
-            if (
-                self.spec.encoder_init
-            ):  # ConceptTuning's `init: encoder`, which needs a pretraining checkpoint
-                v, cores = m._encoder_prediction()
-                m.v_star.copy_(v)
-                m.cores.copy_(cores)
-                m.initialised.fill_(True)
-            else:
-                m.on_fit_start()
+            m.v_star.copy_(v)
+            m.cores.copy_(cores)
 
     def reset_optimizer(self) -> None:
         self.optimizer = self.module.configure_optimizers()  # AdamW over every parameter that requires grad

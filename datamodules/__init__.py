@@ -5,7 +5,8 @@ Every item is a dict: ``pixel_values`` (3, R, R) float32 in [-1, 1] (VAE input),
 ``concept_id`` (int) and ``index`` (int). All randomness is a function of ``(seed, epoch, index)``.
 """
 
-from datamodules.concept import ConceptDataModule, SingleConceptDataset
+from datamodules.concept import ConceptDataModule, SingleConceptDataset, TuningConcept
+from datamodules.concept_set import ConceptSetDataModule, read_concept_list
 from datamodules.image_folder import ImageFolderDataset, SkippedImageWarning, scan_images
 from datamodules.pretrain import EpochSampler, PretrainDataModule, ResumableDataLoader
 from datamodules.synthetic import KINDS, SyntheticConceptDataset, concept_kind, concept_name, render_concept
@@ -32,6 +33,7 @@ __all__ = [
     "KINDS",
     "PROMPT_TEMPLATES",
     "ConceptDataModule",
+    "ConceptSetDataModule",
     "EpochSampler",
     "ImageFolderDataset",
     "ImageLoadError",
@@ -42,11 +44,13 @@ __all__ = [
     "SkippedImageWarning",
     "SmallImageWarning",
     "SyntheticConceptDataset",
+    "TuningConcept",
     "augment",
     "concept_kind",
     "concept_name",
     "item_generator",
     "load_rgb",
+    "read_concept_list",
     "render_concept",
     "scan_images",
     "to_clip_tensor",

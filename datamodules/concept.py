@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,10 +22,49 @@ from datamodules.transforms import (
     check_image_size,
     item_generator,
     load_rgb,
+    resize_center_crop,
     split_index,
+    to_clip_tensor,
+    to_diffusion_tensor,
     to_rgb,
 )
 from models.errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class TuningConcept:
+    """One concept to tune: what ``ConceptTuning`` needs besides its batches.
+
+    Attributes:
+        name: artefact name (``<name>.safetensors``).
+        image: the one input image (RGB).
+        class_noun: the concept's class noun (``init: class_noun``, instance prompts, artefact metadata); None if
+            unknown.
+        templates: prompt templates with one ``{}`` for the placeholder (None: ``PROMPT_TEMPLATES``).
+        concept_id: the ``concept_id`` of its batch rows.
+    """
+
+    name: str
+    image: Image.Image
+    class_noun: str | None = None
+    templates: tuple[str, ...] | None = None
+    concept_id: int = 0
+
+    def views(
+        self,
+        resolution: int,
+        clip_size: int,
+        clip_mean: Sequence[float] = CLIP_MEAN,
+        clip_std: Sequence[float] = CLIP_STD,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The un-augmented image as the encoder's prediction reads it.
+
+        Returns:
+            ``(pixels (1, 3, R, R) in [-1, 1], clip_pixels (1, 3, C, C) normalised)``.
+        """
+        pixels = to_diffusion_tensor(resize_center_crop(self.image, resolution), resolution)
+        clip_pixels = to_clip_tensor(self.image, clip_size, tuple(clip_mean), tuple(clip_std))
+        return pixels.unsqueeze(0), clip_pixels.unsqueeze(0)
 
 
 class SingleConceptDataset(Dataset):
@@ -187,6 +227,13 @@ class ConceptDataModule(LightningDataModule):
         self.seed = seed
         # The size check above used it; ConceptTuning checks again if the model's resolution differs.
         self.resolution = resolution
+        self.concept = TuningConcept(
+            name=self.concept_name,
+            image=self.concept_image,
+            class_noun=self.class_noun,
+            templates=tuple(templates) if templates else None,
+            concept_id=self.concept_id,
+        )
         self._dataset_args = dict(
             resolution=resolution,
             clip_size=clip_size,
@@ -199,6 +246,11 @@ class ConceptDataModule(LightningDataModule):
             concept_id=self.concept_id,
             templates=templates,
         )
+
+    @property
+    def concepts(self) -> list[TuningConcept]:
+        """The one concept, as ``ConceptTuning`` reads the concepts of the data it is fitted on."""
+        return [self.concept]
 
     def train_dataloader(self) -> ResumableDataLoader:
         """``steps`` batches of ``batch_size`` augmented views, in index order, resumable."""

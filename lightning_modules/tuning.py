@@ -8,6 +8,7 @@ Also runs the baselines as configs (``configs/tune/*_<baseline>.yaml``): textual
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -16,21 +17,16 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
-from datamodules.transforms import (
-    CLIP_MEAN,
-    CLIP_STD,
-    check_image_size,
-    resize_center_crop,
-    to_clip_tensor,
-    to_diffusion_tensor,
-)
+from datamodules.concept import TuningConcept
+from datamodules.transforms import check_image_size
 from lightning_modules.base import PersonalizationModule, check_checkpoint, read_checkpoint
-from losses import add_noise
+from lightning_modules.export import concept_artifact, concept_views, encoder_prediction, write_concept
+from lightning_modules.multi_concept import ConceptSlots, check_concepts, multi_concept_step, with_rows
 from models.artifact import ConceptArtifact
 from models.attention import LoraDelta
 from models.errors import ConfigurationError
 from models.personalizer import Personalizer, PersonalizerConfig
-from models.unet_lora import add_unet_lora, lora_parameters, lora_snapshot, restore_lora, save_diffusers_lora
+from models.unet_lora import add_unet_lora, lora_parameters, lora_snapshot, restore_lora
 from models.unet_lora import static_factors as unet_lora_factors
 
 Tunable = Literal["embedding", "cores", "factors", "encoder", "unet_lora"]
@@ -53,6 +49,11 @@ def load_pretraining_checkpoint(path: str, backbone) -> tuple[dict, dict]:
 class ConceptTuning(PersonalizationModule):
     """Predicts v* and the LoRA cores from one image, tunes them for a few steps, and exports the concept.
 
+    Concepts (:class:`~datamodules.concept.TuningConcept`) come in through :meth:`set_concepts`, or else from the
+    ``concepts`` of the datamodule given to ``fit`` (one: ``ConceptDataModule``; many: ``ConceptSetDataModule``).
+    With K per batch, v* is (K, D), the cores (K, T, r, r), and each row's concept is tuned as it would be alone
+    (:mod:`lightning_modules.multi_concept`). :meth:`export` writes one; ``on_fit_end`` writes those not yet written.
+
     Args:
         encoder_checkpoint: pretraining checkpoint (``EncoderPretraining``); None = untrained modules (only
             sensible with ``init: zero`` or ``token``, i.e. the textual-inversion / LoRA baselines).
@@ -74,7 +75,7 @@ class ConceptTuning(PersonalizationModule):
         unet_lora_rank: rank (and lora_alpha) of the ``unet_lora`` adapter.
         init_noise_draws: the encoder's initial prediction is averaged over this many noise draws.
         export_dir: folder the artefact ``<concept>.safetensors`` (and ``<concept>_diffusers/``) is written to.
-        concept_name: artefact name; None = the datamodule's concept name.
+        concept_name: artefact name of a single concept; None = the concept's own name.
         export_diffusers: also write the LoRA + textual-inversion pair plain diffusers loads.
         export_kohya: also write ``<concept>_kohya/``: the LoRA in kohya's key layout with its alpha
             (``<concept>_lora.safetensors``, for Automatic1111 / Forge ``models/Lora`` and ComfyUI ``models/loras``)
@@ -153,99 +154,130 @@ class ConceptTuning(PersonalizationModule):
         self.export_kohya = export_kohya
         self.method = method
         self.artifact_path: Path | None = None
+        self.concepts: list[TuningConcept] | None = None
+        self.slots = ConceptSlots(1, 1)
+        self.exported: dict[str, Path] = {}
+
+    # ----- the concepts, given explicitly -----
+    def set_concepts(
+        self,
+        concepts: Sequence[TuningConcept],
+        per_batch: int = 1,
+        checked_resolution: int | None = None,
+    ) -> None:
+        """The concepts the next ``fit`` tunes, ``per_batch`` (K) at a time.
+
+        Args:
+            concepts: in the order of the data's groups (concept ``g * K + j`` is slot ``j`` of group ``g``).
+            per_batch: K, the concepts sharing one batch; v* and the cores get K rows.
+            checked_resolution: the resolution the images were already size-checked at (by the datamodule);
+                they are checked again when the backbone's differs.
+
+        Raises:
+            ConfigurationError: no concepts, or several with a method that trains weights every concept shares.
+            ImageTooSmallError: an image is smaller than the backbone's resolution allows.
+        """
+        self.concepts = check_concepts(concepts, per_batch, self.tune)
+        if checked_resolution != self.backbone.resolution:
+            for c in self.concepts:
+                check_image_size(c.image.size, self.backbone.resolution, repr(c.name))
+        self.slots = ConceptSlots(len(self.concepts), per_batch)
+        # Before configure_optimizers: the optimizer sees the K-row tensors.
+        self.v_star = with_rows(self.v_star, self.slots.per_batch)
+        self.cores = with_rows(self.cores, self.slots.per_batch)
+        self.exported = {}
 
     def reset_concept(self, concept_name: str | None = None) -> None:
-        """Forgets the tuned concept so this module can tune another one without reloading the backbone.
-
-        Restores the personalizer weights it was built with and re-runs the initial prediction at the next fit.
-        """
+        """Forgets the concepts and restores the initial personalizer: the module can tune others (no reload)."""
         self.personalizer.load_state_dict(self._initial_personalizer)
         if self._initial_unet_lora is not None:
             restore_lora(self.backbone.unet, self._initial_unet_lora)
         self.initialised.fill_(False)
         self.concept_name = concept_name
+        self.concepts = None
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.concepts is None:
+            dm = self.trainer.datamodule
+            if dm is None or not hasattr(dm, "concepts"):
+                raise ConfigurationError(
+                    "no concepts: call set_concepts() or fit on a Concept(Set)DataModule"
+                )
+            self.set_concepts(dm.concepts, getattr(dm, "concepts_per_batch", 1), dm.resolution)
+
+    def concept(self, slot: int = 0) -> TuningConcept:
+        """The concept in ``slot`` of the current group."""
+        if self.concepts is None:
+            raise ConfigurationError("no concepts set: call set_concepts() first")
+        return self.concepts[self.slots.index(slot)]
 
     # ----- initial prediction from the one image -----
     def on_fit_start(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        image = getattr(dm, "concept_image", None)
-        if image is not None and getattr(dm, "resolution", None) != self.backbone.resolution:
-            # The datamodule checked the image against its own configured resolution; the model's decides.
-            check_image_size(
-                image.size, self.backbone.resolution, repr(getattr(dm, "concept_name", "concept"))
-            )
         if bool(self.initialised):
             return  # resumed: the tuned values come from the checkpoint
+        self.start_group(0)
+
+    def start_group(self, group: int) -> None:
+        """Initialises v* and the cores of every slot from its concept (the encoder's prediction or a word)."""
+        self.slots.group, self.slots.started_at = group, int(self.global_step)
         with torch.no_grad():
-            if self.init == "encoder":
-                v, cores = self._encoder_prediction()
-            elif self.init in ("token", "class_noun"):
-                v = self.backbone.token_embedding_table()[self.init_token_id()].float().unsqueeze(0)
-                cores = torch.zeros_like(self.cores)
-            else:
-                v, cores = torch.zeros_like(self.v_star), torch.zeros_like(self.cores)
-            self.v_star.copy_(v)
-            self.cores.copy_(cores)
+            for j in range(self.slots.size(group)):
+                v, cores = self.initial_values(self.concept(j))
+                self.v_star[j].copy_(v[0])
+                self.cores[j].copy_(cores[0])
             self.initialised.fill_(True)
 
-    def _class_noun(self) -> str:
-        noun = getattr(getattr(self.trainer, "datamodule", None), "class_noun", None)
+    def initial_values(self, concept: TuningConcept) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, D) v* and (1, T, r, r) cores a concept's tuning starts from (``init``)."""
+        if self.init == "encoder":
+            return self.encoder_prediction(concept)
+        if self.init in ("token", "class_noun"):
+            v = self.backbone.token_embedding_table()[self.init_token_id(concept)].float().unsqueeze(0)
+            return v, torch.zeros_like(self.cores[:1])
+        return torch.zeros_like(self.v_star[:1]), torch.zeros_like(self.cores[:1])
+
+    def _class_noun(self, concept: TuningConcept | None = None) -> str:
+        noun = (concept or self.concept()).class_noun
         if not noun:
             raise ConfigurationError(
                 f"init={self.init!r} / instance_prompt need the concept's class noun: set data.init_args.class_noun"
             )
         return str(noun)
 
-    def init_token_id(self) -> int:
+    def init_token_id(self, concept: TuningConcept | None = None) -> int:
         """Id of the word v* starts from: ``init_token``, or the class noun's (last) token for ``class_noun``."""
-        word = self._class_noun() if self.init == "class_noun" else self.init_token
+        word = self._class_noun(concept) if self.init == "class_noun" else self.init_token
         ids = self.backbone.tokenizer(word, add_special_tokens=False).input_ids
         if not ids or (self.init == "token" and len(ids) != 1):
             raise ValueError(f"init_token {word!r} must be one token, got {len(ids)}")
         return int(ids[-1])
 
-    def training_prompts(self, prompts: list[str]) -> list[str]:
+    def training_prompts(self, prompts: list[str], slots: Sequence[int] | None = None) -> list[str]:
         """The batch's prompts, or the fixed instance prompt (one-shot LoRA) for each of them."""
         if self.instance_prompt is None:
             return prompts
+        nouns = [
+            self._class_noun(self.concept(int(j)))
+            for j in (slots if slots is not None else [0] * len(prompts))
+        ]
+        ph = self.backbone.placeholder
         if self.instance_prompt == "{caption}":
-            ph = self.backbone.placeholder
-            return [p.replace(ph, f"{ph} {self._class_noun()}") for p in prompts]
-        text = self.instance_prompt.format(
-            identifier=self.backbone.placeholder, class_noun=self._class_noun()
+            return [p.replace(ph, f"{ph} {noun}") for p, noun in zip(prompts, nouns)]
+        return [self.instance_prompt.format(identifier=ph, class_noun=noun) for noun in nouns]
+
+    def encoder_prediction(self, concept: TuningConcept | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's (1, D) v* and (1, T, r, r) cores for a concept, averaged over ``init_noise_draws``."""
+        pixels, clip_pixels = concept_views(self.backbone, concept or self.concept(), self.device)
+        return encoder_prediction(
+            self.personalizer,
+            self.backbone,
+            pixels,
+            clip_pixels,
+            self.empty_context(),
+            self.seed,
+            self.init_noise_draws,
         )
-        return [text] * len(prompts)
-
-    def _concept_views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        dm = getattr(self.trainer, "datamodule", None)
-        image = getattr(dm, "concept_image", None)
-        if image is None:
-            raise ValueError("concept tuning needs a datamodule with a `concept_image` (ConceptDataModule)")
-        res, clip = self.backbone.resolution, self.backbone.clip_image_size
-        proc = self.backbone.image_processor
-        mean = tuple(getattr(proc, "image_mean", CLIP_MEAN))
-        std = tuple(getattr(proc, "image_std", CLIP_STD))
-        pixels = to_diffusion_tensor(resize_center_crop(image, res), res).unsqueeze(0)
-        clip_pixels = to_clip_tensor(image, clip, mean, std).unsqueeze(0)
-        return pixels.to(self.device), clip_pixels.to(self.device)
-
-    def _encoder_prediction(self) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels, clip_pixels = self._concept_views()
-        latents = self.backbone.encode_images(pixels).float()
-        g = torch.Generator().manual_seed(self.seed)
-        vs, cs = [], []
-        for _ in range(max(self.init_noise_draws, 1)):
-            noised = add_noise(self.backbone.scheduler, latents, generator=g)
-            pred = self.personalizer.predict(
-                self.backbone, clip_pixels, noised.noisy, noised.timesteps, self.empty_context()
-            )
-            vs.append(pred.v_star)
-            cs.append(pred.cores)
-        v = torch.stack(vs).mean(0)
-        # Each draw has the token norm, but their mean is shorter (the draws point in different directions):
-        # put the average back on the scale of real words, as every prediction is (SDXL: per encoder's part).
-        v = self.personalizer.token_embedder.renormalize(v)
-        return v, torch.stack(cs).mean(0)
 
     # ----- the step -----
     def predict_concepts(self, batch: dict, noisy: torch.Tensor, timesteps: torch.Tensor):
@@ -255,6 +287,9 @@ class ConceptTuning(PersonalizationModule):
                 self.backbone, batch["clip_pixel_values"], noisy, timesteps, self.empty_context()
             )
             return pred.v_star, pred.cores
+        if "slot" in batch:  # several concepts: each row takes its concept's values
+            slots = torch.as_tensor(batch["slot"], device=self.v_star.device)
+            return self.v_star[slots], self.cores[slots]
         return self.v_star.expand(b, -1), self.cores.expand(b, -1, -1, -1)
 
     def lora_deltas(self, cores: torch.Tensor) -> dict[str, LoraDelta]:
@@ -272,9 +307,17 @@ class ConceptTuning(PersonalizationModule):
         """Whether the LoRA offsets can be non-zero: tuned, or predicted by the encoder."""
         return self.init == "encoder" or bool({"cores", "factors", "encoder"} & set(self.tune))
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        group = int(batch["group"][0]) if "group" in batch else 0
+        if group != self.slots.group:  # the previous group's concepts are done: write them, start the next
+            self.export_group()
+            self.start_group(group)
+            for p in (self.v_star, self.cores):  # each concept starts with a fresh optimizer state
+                self.optimizers().optimizer.state.pop(p, None)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        batch = {**batch, "prompt": self.training_prompts(list(batch["prompt"]))}
-        losses, extras = self.model_step(batch)
+        batch = {**batch, "prompt": self.training_prompts(list(batch["prompt"]), batch.get("slot"))}
+        losses, extras = multi_concept_step(self, batch) if "slot" in batch else self.model_step(batch)
         self.log_step(losses, extras, batch_size=len(batch["prompt"]))
         if self.sample_every_n_steps and self.global_step % self.sample_every_n_steps == 0:
             self.log_samples(
@@ -297,22 +340,18 @@ class ConceptTuning(PersonalizationModule):
         return self.optimizer_factory(params)
 
     # ----- export -----
-    def concept_prediction(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, D) v* and (1, T, r, r) cores of the tuned concept."""
+    def concept_prediction(self, slot: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, D) v* and (1, T, r, r) cores of the concept in ``slot``."""
         if "encoder" in self.tune:
-            with torch.no_grad():
-                return self._encoder_prediction()
-        return self.v_star.detach(), self.cores.detach()
+            return self.encoder_prediction(self.concept(slot))
+        return self.v_star[slot : slot + 1].detach(), self.cores[slot : slot + 1].detach()
 
-    def build_artifact(self) -> ConceptArtifact:
-        v_star, cores = self.concept_prediction()
-        result = self.token_index.search(v_star, 1)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+    def build_artifact(self, slot: int = 0) -> ConceptArtifact:
+        """The artefact of the concept in ``slot`` as it stands (no file written)."""
+        v_star, cores = self.concept_prediction(slot)
         extra = {"method": self.method, "tuned": ",".join(self.tune), "init": self.init}
-        if getattr(dm, "class_noun", None):
-            extra["class_noun"] = str(dm.class_noun)
-        if parts := self.backbone.embedding_parts():  # SDXL: v* = [v_l, v_g]
-            extra["embedding_parts"] = ",".join(f"{k}:{v}" for k, v in parts.items())
+        if self.concepts is not None and self.concept(slot).class_noun:
+            extra["class_noun"] = str(self.concept(slot).class_noun)
         if self.instance_prompt is not None:
             # Sampling writes "<s*> <class noun>" where prompts say "<s*>": with v* = the identifier's
             # embedding that is exactly "sks <class noun>" (evaluation/harness.py).
@@ -320,47 +359,42 @@ class ConceptTuning(PersonalizationModule):
         if self._initial_unet_lora is not None:
             lora = unet_lora_factors(self.backbone.unet)
         else:
-            lora = {
-                k: (d.cpu(), u.cpu())
-                for k, (d, u) in self.personalizer.hypernetwork.static_lora(cores[0].float()).items()
-            }
-        return ConceptArtifact(
-            v_star=v_star[0].float().cpu(),
-            lora=lora,
-            placeholder=self.backbone.placeholder,
-            nearest_token=result.tokens[0][0],
-            nearest_token_id=int(result.ids[0, 0]),
-            alpha=self.alpha,
-            base_model=self.backbone.name_or_path,
-            fingerprint=self.backbone.fingerprint(),
-            steps=int(self.global_step),
-            extra=extra,
-        )
+            static = self.personalizer.hypernetwork.static_lora(cores[0].float())
+            lora = {k: (d.cpu(), u.cpu()) for k, (d, u) in static.items()}
+        steps = self.slots.steps_done(int(self.global_step))
+        return concept_artifact(self.backbone, self.token_index, v_star, lora, self.alpha, steps, extra)
 
-    def on_fit_end(self) -> None:
-        self._export()
+    def export(self, slot: int = 0, export_dir: str | Path | None = None) -> Path:
+        """Writes the concept in ``slot`` (``<export_dir>/<name>.safetensors`` + the requested formats).
+
+        Needs no Trainer: after :meth:`set_concepts` and :meth:`start_group` (or a fit) it writes what v* and
+        the cores hold. Returns the artefact's path and logs one summary line.
+        """
+        concept = self.concept(slot)
+        name = (self.concept_name if self.slots.total == 1 else None) or concept.name
+        path, msg = write_concept(
+            self.build_artifact(slot),
+            export_dir or self.export_dir,
+            name,
+            diffusers=self.export_diffusers,
+            kohya=self.export_kohya,
+            unet_with_adapter=self.backbone.unet if self._initial_unet_lora is not None else None,
+            prediction_type=str(self.backbone.scheduler.config.prediction_type),
+            resolution=self.backbone.resolution,
+        )
+        self.exported[concept.name] = self.artifact_path = path
+        rank_zero_info(msg)
+        return path
 
     @rank_zero_only
-    def _export(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        name = self.concept_name or getattr(dm, "concept_name", None) or "concept"
-        artifact = self.build_artifact()
-        self.artifact_path = artifact.save(Path(self.export_dir) / f"{name}.safetensors")
-        msg = f"concept {name!r}: {artifact.steps} steps, nearest token {artifact.nearest_token!r} -> {self.artifact_path}"
-        if self.export_diffusers and self._initial_unet_lora is not None:
-            # The script's own output: the peft state dict via save_lora_weights; "sks" is a real word, so
-            # there is no embedding to load.
-            out = save_diffusers_lora(self.backbone.unet, Path(self.export_dir) / f"{name}_diffusers")
-            msg += f" (+ diffusers LoRA in {out})"
-        elif self.export_diffusers:
-            out = artifact.export_diffusers(Path(self.export_dir) / f"{name}_diffusers")
-            msg += f" (+ diffusers LoRA / embedding in {out})"
-        if self.export_kohya:
-            files = artifact.export_kohya(
-                Path(self.export_dir) / f"{name}_kohya",
-                name,
-                prediction_type=str(self.backbone.scheduler.config.prediction_type),
-                resolution=self.backbone.resolution,
-            )
-            msg += f" (+ A1111 / ComfyUI LoRA and embeddings in {files['lora'].parent})"
-        rank_zero_info(msg)
+    def export_group(self) -> None:
+        """Exports every concept of the current group."""
+        for j in range(self.slots.size(self.slots.group)):
+            self.export(j)
+
+    def on_fit_end(self) -> None:
+        self.export_group()
+        # Groups the loop never reached (``max_steps: 0``, encoder only): initialise and export them too.
+        for group in range(self.slots.group + 1, self.slots.groups):
+            self.start_group(group)
+            self.export_group()

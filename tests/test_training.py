@@ -133,7 +133,7 @@ def test_encoder_only_takes_no_step_and_exports_the_prediction(
     assert all(
         torch.equal(v, state[f"personalizer.{k}"]) for k, v in module.personalizer.state_dict().items()
     )
-    v_star, cores = module._encoder_prediction()
+    v_star, cores = module.encoder_prediction()
     assert torch.equal(module.v_star, v_star) and torch.equal(module.cores, cores)
     assert module.v_star.norm() > 0
     artifact = ConceptArtifact.load(module.artifact_path)

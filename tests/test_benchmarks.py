@@ -1,0 +1,86 @@
+"""Every benchmark runs end to end on the tiny backbone (1-2 steps) and writes its JSON, so none can rot unseen.
+
+These are smoke tests, never timings: they check that each harness runs through the public API and that its
+results file holds the numbers its tables are made of.
+"""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import bench_batched, bench_token_index, bench_tuning, real_shape, sdxl_shape
+
+
+def test_bench_tuning_runs_and_writes_json(tmp_path):
+    out = tmp_path / "tuning.json"
+    bench_tuning.main(
+        ["--configs", "tiny", "--repeats", "1", "--step-budget-s", "0", "--memory-steps", "1", "--date-steps", "1",
+         "--lora-steps", "2", "--concept-repeats", "1", "--date-budget-s", "0", "--lora-budget-s", "0",
+         "--out", str(out)]
+    )  # fmt: skip
+    res = json.loads(out.read_text())["configs"]["tiny"]
+    methods = res["timing"]["methods"]
+    assert set(methods) == {"date", "lora", "ti"}
+    assert all(m["step_s"]["n"] == 1 and m["parity_gap"] < 1e-5 for m in methods.values())
+    assert (
+        res["timing"]["date_concept"]["steps"] == 1 and res["timing"]["lora_concept"]["measured_steps"] == 2
+    )
+    assert set(res["memory"]) == {"date", "lora", "ti"}
+
+
+def test_bench_batched_runs_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "batched.json"
+    bench_batched.main(
+        [
+            "--configs",
+            "tiny",
+            "--ks",
+            "1",
+            "2",
+            "--steps",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
+    res = json.loads(out.read_text())["configs"]["tiny"]
+    assert set(res["ks"]) == {"1", "2"}
+    for k, r in res["ks"].items():
+        assert len(r["batched_s"]) == len(r["sequential_s"]) == 1
+        assert r["batched_concepts_per_hour"] == 3600 * int(k) / r["batched_s"][0]
+    assert "| 2 |" in capsys.readouterr().out
+
+
+def test_real_shape_runs_and_writes_json(tmp_path, tiny_sd_dir):
+    out = tmp_path / "real_shape.json"
+    real_shape.main(
+        ["--backbone", str(tiny_sd_dir), "--backbone-config", "configs/backbone/tiny.yaml", "--warmup", "1",
+         "--steps", "1", "--rounds", "1", "--precision", "32-true", "--out", str(out)]
+    )  # fmt: skip
+    res = json.loads(out.read_text())
+    assert set(res["phases"]) == {"pretrain", "date", "lora"}
+    assert (
+        res["rounds_detail"][0]["date"]["warmup_s"] and len(res["rounds_detail"][0]["date"]["steps_s"]) == 1
+    )
+    ranges = res["profile"]["ranges_s"]
+    assert all(ranges[k] > 0 for k in real_shape.RANGES), ranges
+    assert ranges["attention_forward"] < ranges["unet_forward"] < res["profile"]["step_s"]
+
+
+def test_bench_token_index_runs_and_writes_json(tmp_path):
+    out = tmp_path / "index.json"
+    bench_token_index.main(
+        ["--vocab", "300", "--dim", "16", "--queries", "4", "--ks", "1", "--repeats", "1", "--out", str(out)]
+    )
+    res = json.loads(out.read_text())
+    assert res["recall"]["faiss exact (FlatIP) k=1"] == 1.0 and len(res["build_s"]) == 3
+
+
+def test_sdxl_shape_sizes_write_json(tmp_path):
+    out = tmp_path / "sdxl.json"
+    sdxl_shape.main(["--sizes-only", "--out", str(out)])
+    assert json.loads(out.read_text())["sizes"]["unet_params"] == 2_567_463_684
