@@ -1,4 +1,4 @@
-"""Evaluation of personalization methods: tune, generate, score, aggregate, plot (METHOD.md, "Sampling and
+"""Evaluation of personalization methods: tune, generate, score, aggregate, plot (docs/method.md, "Sampling and
 evaluation").
 
     python evaluate.py run --config configs/evaluate/tiny.yaml         # tiny offline run (well under a minute)
