@@ -1,4 +1,4 @@
-"""Evaluation of personalization methods: tune, generate, score, aggregate, plot (METHOD.md, "Sampling and
+"""Evaluation of personalization methods: tune, generate, score, aggregate, plot (docs/method.md, "Sampling and
 evaluation").
 
     python evaluate.py run --config configs/evaluate/tiny.yaml         # tiny offline run (well under a minute)
@@ -6,6 +6,7 @@ evaluation").
     python evaluate.py plot --results outputs/eval_tiny/results.csv     # redraw tradeoff.png from rows
     python evaluate.py sample --concept outputs/concepts/x.safetensors --prompts '["a <s*> on the left"]'
     python evaluate.py run --help                                       # every option, documented
+    python evaluate.py ... --verbose                # the libraries' own notices and bars too (quiet by default)
 
 ``run`` writes ``results.csv`` (one row per image), ``summary.json`` (aggregates with bootstrap 95 % intervals,
 metric descriptions, configuration, wall times), ``grids/`` and ``tradeoff.png`` into ``--out_dir``; rerunning
@@ -14,12 +15,18 @@ it skips the rows already written.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from models.quiet import pop_verbose, quiet_libraries  # noqa: E402
+
+if __name__ == "__main__" and not pop_verbose(sys.argv):
+    quiet_libraries()  # before the imports below: transformers' notices are emitted while importing
 
 from jsonargparse import CLI  # noqa: E402
 
@@ -83,6 +90,13 @@ def plot(
     return target
 
 
+@functools.wraps(sample_concept)
+def sample(*args: Any, **kwargs: Any) -> Path:
+    path = sample_concept(*args, **kwargs)
+    print(f"wrote {path} (one row per prompt, listed in {path.with_suffix('.txt')})")
+    return path
+
+
 def main(args: list[str] | None = None) -> Any:
     """Command-line entry point; configuration and checkpoint errors exit with one line (status 2)."""
     from transformers.utils import logging as transformers_logging
@@ -90,7 +104,7 @@ def main(args: list[str] | None = None) -> Any:
     transformers_logging.disable_progress_bar()  # per-file loading bars would break the evaluation's own bar
     try:
         return CLI(
-            {"run": run_evaluation, "plot": plot, "sample": sample_concept},
+            {"run": run_evaluation, "plot": plot, "sample": sample},
             args=args,
             parser_mode="omegaconf",
         )

@@ -3,6 +3,7 @@
     python train.py fit --config configs/pretrain/tiny.yaml
     python train.py fit --config configs/tune/tiny.yaml --model.init_args.encoder_checkpoint PATH
     python train.py fit --help                     # every option, documented
+    python train.py fit --config ... --verbose     # the libraries' own notices and bars too (quiet by default)
 
 Both phases are ``fit``: the model's ``class_path`` picks the phase (``lightning_modules.EncoderPretraining`` or
 ``lightning_modules.ConceptTuning``) and the data's the dataset. ``--ckpt_path`` resumes exactly.
@@ -19,6 +20,11 @@ import os
 import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from models.quiet import pop_verbose, quiet_libraries  # noqa: E402
+
+if __name__ == "__main__" and not pop_verbose(sys.argv):
+    quiet_libraries()  # before the imports below: transformers' notices are emitted while importing
 
 from lightning_modules.cli import TuningEncoderCLI, build_cli  # noqa: E402
 from models.errors import TuningEncoderError  # noqa: E402

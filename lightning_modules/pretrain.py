@@ -1,4 +1,4 @@
-"""Phase 1: encoder pretraining on unlabeled mixed-domain images (METHOD.md, "Pretraining")."""
+"""Phase 1: encoder pretraining on unlabeled mixed-domain images (docs/method.md, "Pretraining")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Phase 2: inference-time tuning of one concept in a few steps, and its export (METHOD.md, "Inference-time tuning").
+"""Phase 2: inference-time tuning of one concept in a few steps, and its export (docs/method.md, "Inference-time tuning").
 
 Also runs the baselines as configs (``configs/tune/*_<baseline>.yaml``): textual inversion (diffusers'
 ``textual_inversion.py``: embedding only, initialised from the class noun), one-shot LoRA (diffusers'

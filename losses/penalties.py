@@ -1,4 +1,4 @@
-"""Optional L2 penalties on the predicted token embedding and the predicted LoRA cores (METHOD.md, default).
+"""Optional L2 penalties on the predicted token embedding and the predicted LoRA cores (docs/method.md, default).
 
 Both are off by default in the sense that ``weight=0`` returns an exact constant zero (no graph, no NaN even if
 the inputs hold inf), so a config can keep the modules wired in and switch them on by weight alone.

@@ -1,6 +1,6 @@
 """Dual-path attention (DATE): a diffusers attention processor with per-sample LoRA deltas and a hard prompt.
 
-Every attention layer runs twice on the same input hidden state (METHOD.md, "Dual-path attention"):
+Every attention layer runs twice on the same input hidden state (docs/method.md, "Dual-path attention"):
 
 * adapted path: weights ``W + dW`` (per-sample low-rank deltas), text context from the soft prompt with v*;
 * vanilla path: the original weights ``W``, text context from the hard prompt (S* -> nearest real token);

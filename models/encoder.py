@@ -71,7 +71,7 @@ class TokenEmbedder(nn.Module):
         token_dim: text-encoder hidden size (768 for SD 1.x).
         hidden_dim: MLP hidden width.
         target_norm: if given, v* is rescaled to this L2 norm (the mean norm of real token embeddings), so it
-            lives at the scale of real words (METHOD.md default); ``None`` disables the rescaling.
+            lives at the scale of real words (docs/method.md default); ``None`` disables the rescaling.
         negative_slope: LeakyReLU slope.
     """
 
@@ -143,7 +143,7 @@ class MultiTokenEmbedder(nn.Module):
 
 
 class HyperNetwork(nn.Module):
-    """Predicts per-sample LoRA cores for every target linear: ``dW_l = B_l · M_l(f) · A_l`` (METHOD.md).
+    """Predicts per-sample LoRA cores for every target linear: ``dW_l = B_l · M_l(f) · A_l`` (docs/method.md).
 
     A shared trunk maps f to a hidden vector; one zero-initialised linear head per target predicts the r x r
     core M_l (all heads are fused into one linear for speed, which is the same function). A_l and B_l are

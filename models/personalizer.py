@@ -14,7 +14,7 @@ from models.encoder import FeatureEncoder, HyperNetwork, MultiTokenEmbedder, Tok
 
 @dataclass
 class PersonalizerConfig:
-    """Hyper-parameters of the trainable modules (METHOD.md defaults at Stable Diffusion scale).
+    """Hyper-parameters of the trainable modules (docs/method.md defaults at Stable Diffusion scale).
 
     Attributes:
         feature_dim: width of the fused feature f.

@@ -1,6 +1,6 @@
 """Nearest-token lookup over the CLIP text encoder's input-embedding table (cosine, FAISS).
 
-The nearest-neighbour contrastive loss (METHOD.md, "Losses") pulls the predicted word embedding v* toward
+The nearest-neighbour contrastive loss (docs/method.md, "Losses") pulls the predicted word embedding v* toward
 its nearest real token embeddings; the dual-path attention builds its hard prompt from the nearest token.
 Both only need the vocabulary *ids* of the neighbours: the lookup is non-differentiable by design and
 gradients reach v* through the gathered (frozen) neighbour embeddings.

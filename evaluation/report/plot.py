@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from evaluation.metrics.registry import column as metric_column
 
-# Published DreamBench numbers at Stable Diffusion scale (METHOD.md), each with the protocol it was measured under.
+# Published DreamBench numbers at Stable Diffusion scale (docs/method.md), each with the protocol it was measured under.
 # Only comparable to runs with the real SD 1.x weights on DreamBench, never to the tiny offline models, and even
 # then not like for like: our methods learn from ONE input image; DreamBooth and Textual Inversion were trained
 # on all 3-5 images of each subject. Our default CLIP-I / DINO include the input image among the references (as
@@ -36,8 +36,8 @@ REFERENCE_POINTS: dict[str, dict[str, float]] = {
 REFERENCE_PROTOCOLS: dict[str, str] = {
     "DreamBooth (SD), 3-5 images": _RUIZ,
     "Textual Inversion, 3-5 images": _RUIZ,
-    "ELITE": "protocol as reported by the paper METHOD.md took it from (not recorded there); zero-shot encoder",
-    "IP-Adapter (SD 1.5)": "protocol as reported by the paper METHOD.md took it from (not recorded there); "
+    "ELITE": "protocol as reported by the paper docs/method.md took it from (not recorded there); zero-shot encoder",
+    "IP-Adapter (SD 1.5)": "protocol as reported by the paper docs/method.md took it from (not recorded there); "
     "zero-shot image prompt",
     "BLIP-Diffusion (zero-shot)": "protocol as reported by Li et al. 2023 (BLIP-Diffusion); zero-shot",
     "Real images": _RUIZ + "; real images of a subject against each other (DINO 0.774, CLIP-I 0.885)",

@@ -129,7 +129,7 @@ def write_report(
     }
     if options.reference_points:
         summary["reference_points"] = {
-            "source": "DreamBench (METHOD.md), SD 1.x scale",
+            "source": "DreamBench (docs/method.md), SD 1.x scale",
             "points": REFERENCE_POINTS,
             "protocols": REFERENCE_PROTOCOLS,
         }

@@ -1,0 +1,75 @@
+"""What a run shows while it runs: one progress bar over its optimizer steps, named after what it trains."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning import LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
+from tqdm.auto import tqdm
+
+
+class StepProgressBar(ProgressBar):
+    """A single bar from step 0 to ``max_steps`` (Lightning's own bar counts epochs, which a few-step tuning
+    run does not have: it reads ``Epoch 0/-2``), with the latest loss.
+
+    Args:
+        description: the bar's label; None = ``tune <concept name>`` when the datamodule names a concept,
+            else ``train``.
+        metric: the logged value shown next to the bar.
+    """
+
+    def __init__(self, description: str | None = None, metric: str = "train/loss") -> None:
+        super().__init__()
+        self.description = description
+        self.metric = metric
+        self.enabled = True
+        self.bar: tqdm | None = None
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def total_steps(self, trainer: Trainer) -> int:
+        """The run's optimizer steps: ``max_steps`` when set, else Lightning's estimate from the epochs."""
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        return int(trainer.estimated_stepping_batches)
+
+    def label(self, trainer: Trainer) -> str:
+        if self.description is not None:
+            return self.description
+        concept = getattr(trainer.datamodule, "concept_name", None) if trainer.datamodule else None
+        return f"tune {concept}" if concept else "train"
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.bar = tqdm(
+            total=self.total_steps(trainer),
+            initial=trainer.global_step,
+            desc=self.label(trainer),
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not self.enabled or not trainer.is_global_zero,
+        )
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.bar is None:
+            return
+        value = trainer.callback_metrics.get(self.metric)
+        if value is not None:
+            self.bar.set_postfix_str(f"loss {float(value):.4f}", refresh=False)
+        self.bar.update(trainer.global_step - self.bar.n)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        (tqdm.write if self.bar is not None else print)(" ".join(map(str, args)), **kwargs)
