@@ -47,7 +47,7 @@ from evaluation.spec import (
 from evaluation.tuning import ConceptTuner, TuneRecipe, snapshot_path
 from models.artifact import ConceptArtifact
 from models.backbone import DEFAULT_IMAGE_ENCODER, DiffusionBackbone
-from models.backbone_sdxl import load_backbone
+from models.loading import load_backbone
 
 
 @dataclass

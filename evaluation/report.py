@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +19,7 @@ from PIL import Image
 
 from evaluation.checker_metrics import CHECKER_COLUMNS, CHECKER_NAMES
 from evaluation.generate import Setting, load_png
+from models.io import atomic_write
 
 METRIC_COLUMNS: tuple[str, ...] = (
     "clip_i",
@@ -153,18 +152,8 @@ def format_table(aggregates: Sequence[dict[str, Any]], columns: Sequence[str] = 
 
 def write_json(path: str | Path, data: Any) -> Path:
     """Writes JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _tile(img: Image.Image, size: int) -> Image.Image:

@@ -43,7 +43,7 @@ def sample_concept(
     """
     from datamodules.toyworld import save_grid
     from evaluation.spec import EvaluationConfigError
-    from models.backbone_sdxl import load_backbone
+    from models.loading import load_backbone
 
     if not concept or not prompts:
         raise EvaluationConfigError(
@@ -59,6 +59,7 @@ def sample_concept(
         )
     base = base_model or art.base_model
     backbone = load_backbone(base, image_encoder or base, placeholder=art.placeholder)
+    art.check_backbone(backbone, f"--concept {concept}")
     setting = Setting(steps=art.steps, alpha=art.alpha if alpha is None else alpha, guidance=guidance)
     images = []
     for i, prompt in enumerate(prompts):

@@ -30,8 +30,8 @@ from losses import (
 )
 from models.attention import LoraDelta
 from models.backbone import DEFAULT_IMAGE_ENCODER, DiffusionBackbone
-from models.backbone_sdxl import load_backbone
 from models.errors import MissingFileError, TuningEncoderError
+from models.loading import load_backbone
 from models.personalizer import PersonalizerConfig
 from models.sampling import sample_personalized
 from models.token_index import TokenIndex

@@ -26,7 +26,7 @@ from datamodules.transforms import (
 )
 from lightning_modules.base import PersonalizationModule, check_checkpoint, read_checkpoint
 from losses import add_noise
-from models.artifact import ConceptArtifact
+from models.artifact import ConceptArtifact, write_concept_set
 from models.attention import LoraDelta
 from models.errors import ConfigurationError
 from models.personalizer import Personalizer, PersonalizerConfig
@@ -345,22 +345,24 @@ class ConceptTuning(PersonalizationModule):
         dm = getattr(self.trainer, "datamodule", None)
         name = self.concept_name or getattr(dm, "concept_name", None) or "concept"
         artifact = self.build_artifact()
-        self.artifact_path = artifact.save(Path(self.export_dir) / f"{name}.safetensors")
-        msg = f"concept {name!r}: {artifact.steps} steps, nearest token {artifact.nearest_token!r} -> {self.artifact_path}"
-        if self.export_diffusers and self._initial_unet_lora is not None:
+        diffusers = self.export_diffusers
+        if diffusers and self._initial_unet_lora is not None:
             # The script's own output: the peft state dict via save_lora_weights; "sks" is a real word, so
             # there is no embedding to load.
-            out = save_diffusers_lora(self.backbone.unet, Path(self.export_dir) / f"{name}_diffusers")
-            msg += f" (+ diffusers LoRA in {out})"
-        elif self.export_diffusers:
-            out = artifact.export_diffusers(Path(self.export_dir) / f"{name}_diffusers")
-            msg += f" (+ diffusers LoRA / embedding in {out})"
-        if self.export_kohya:
-            files = artifact.export_kohya(
-                Path(self.export_dir) / f"{name}_kohya",
-                name,
-                prediction_type=str(self.backbone.scheduler.config.prediction_type),
-                resolution=self.backbone.resolution,
-            )
-            msg += f" (+ A1111 / ComfyUI LoRA and embeddings in {files['lora'].parent})"
+            diffusers = lambda out: save_diffusers_lora(self.backbone.unet, out)  # noqa: E731
+        files = write_concept_set(
+            artifact,
+            self.export_dir,
+            name,
+            diffusers=diffusers,
+            kohya=self.export_kohya,
+            prediction_type=str(self.backbone.scheduler.config.prediction_type),
+            resolution=self.backbone.resolution,
+        )
+        self.artifact_path = files["artifact"]
+        msg = f"concept {name!r}: {artifact.steps} steps, nearest token {artifact.nearest_token!r} -> {self.artifact_path}"
+        if "diffusers" in files:
+            msg += f" (+ diffusers files in {files['diffusers']})"
+        if "kohya" in files:
+            msg += f" (+ A1111 / ComfyUI LoRA and embeddings in {files['kohya']})"
         rank_zero_info(msg)

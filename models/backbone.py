@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -17,15 +16,16 @@ from torch import nn
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPVisionModelWithProjection
 
 from models.attention import PERSONALIZATION_KWARG, LoraDelta, Personalization, install_dual_path
-from models.clip_tokenizer import load_clip_tokenizer
-from models.hub import missing_variant_folders, resolve_model_path
+from models.hub import load_sd_components
 from models.placeholder import (
+    DEFAULT_PLACEHOLDER,
     add_placeholder_token,
     check_prompts,
     encode_with_placeholder,
     replace_placeholder_ids,
 )
 from models.token_index import TokenIndex
+from models.unet_features import pooled_unet_features, unet_feature_dim
 
 DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
 
@@ -46,16 +46,6 @@ class TextConditioning:
         """The two batches one after the other (classifier-free guidance: unconditional first)."""
         pooled = None if self.pooled is None else torch.cat([self.pooled, other.pooled])
         return TextConditioning(torch.cat([self.context, other.context]), pooled)
-
-
-def unet_feature_dim(block_out_channels: tuple[int, ...], layers_per_block: int) -> int:
-    """Width of the pooled UNet features: conv_in, every down-block residual, and the mid block."""
-    channels = [block_out_channels[0]]  # conv_in
-    for i, ch in enumerate(block_out_channels):
-        channels += [ch] * layers_per_block
-        if i < len(block_out_channels) - 1:
-            channels.append(ch)  # downsampler
-    return sum(channels) + block_out_channels[-1]
 
 
 class DiffusionBackbone(nn.Module):
@@ -86,7 +76,7 @@ class DiffusionBackbone(nn.Module):
         image_encoder: CLIPVisionModelWithProjection,
         image_processor: CLIPImageProcessor,
         name_or_path: str = "",
-        placeholder: str = "<s*>",
+        placeholder: str = DEFAULT_PLACEHOLDER,
     ) -> None:
         super().__init__()
         self.vae, self.unet, self.text_encoder, self.image_encoder = vae, unet, text_encoder, image_encoder
@@ -107,7 +97,7 @@ class DiffusionBackbone(nn.Module):
         cls,
         pretrained_model_name_or_path: str,
         image_encoder_name_or_path: str = DEFAULT_IMAGE_ENCODER,
-        placeholder: str = "<s*>",
+        placeholder: str = DEFAULT_PLACEHOLDER,
         revision: str | None = None,
         torch_dtype: torch.dtype | None = None,
         variant: str | None = None,
@@ -126,39 +116,10 @@ class DiffusionBackbone(nn.Module):
                 ``*.fp16.safetensors`` files); the image encoder uses it too when its folder has such files,
                 else its plain files (``openai/clip-vit-large-patch14`` has no variants).
         """
-        sd = resolve_model_path(pretrained_model_name_or_path, variant=variant, revision=revision)
-        kw: dict = {"revision": revision} if revision else {}
-        # Always explicit: transformers 5 would otherwise load in the dtype the files were saved in (fp16
-        # weights, such as the committed toy world's, would come back fp16 and meet fp32 trainable modules).
-        torch_dtype = torch_dtype or torch.float32
-        kw["torch_dtype"] = torch_dtype
-        if variant is not None:
-            kw["variant"] = variant
-        vae = AutoencoderKL.from_pretrained(sd, subfolder="vae", **kw)
-        unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", **kw)
-        tokenizer = load_clip_tokenizer(sd, subfolder="tokenizer")
-        scheduler = DDPMScheduler.from_pretrained(sd, subfolder="scheduler")
-        enc = resolve_model_path(image_encoder_name_or_path, variant=variant, accept_plain=True)
-        enc_sub, proc_sub = "", ""
-        if (Path(enc) / "image_encoder").is_dir():
-            enc_sub, proc_sub = "image_encoder", "feature_extractor"
-        dkw: dict = {"torch_dtype": torch_dtype}
-        if variant is not None and not missing_variant_folders(Path(enc) / enc_sub, (variant,)):
-            dkw["variant"] = variant
-        image_encoder = CLIPVisionModelWithProjection.from_pretrained(enc, subfolder=enc_sub, **dkw)
-        image_processor = CLIPImageProcessor.from_pretrained(enc, subfolder=proc_sub)
-        return cls(
-            vae,
-            unet,
-            text_encoder,
-            tokenizer,
-            scheduler,
-            image_encoder,
-            image_processor,
-            name_or_path=str(pretrained_model_name_or_path),
-            placeholder=placeholder,
+        parts = load_sd_components(
+            pretrained_model_name_or_path, image_encoder_name_or_path, revision, torch_dtype, variant
         )
+        return cls(**parts, name_or_path=str(pretrained_model_name_or_path), placeholder=placeholder)
 
     def train(self, mode: bool = True) -> DiffusionBackbone:
         # The backbone is frozen: dropout and norms stay in inference mode even while the encoder trains.
@@ -297,38 +258,12 @@ class DiffusionBackbone(nn.Module):
     def unet_encoder_features(
         self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
-        """Global-average-pooled features of the UNet's down blocks and mid block on z_t (E4T).
-
-        Uses the UNet's public sub-modules (conv_in, time embedding, down blocks, mid block) so the up half is
-        never run. Installed dual-path processors see no personalization here and act as plain attention.
-
-        Args:
-            noisy_latents: (B, C, h, w) z_t.
-            timesteps: (B,) integer timesteps.
-            encoder_hidden_states: (B, L, D) text context (the empty prompt).
-
-        Returns:
-            (B, U) with U = :meth:`unet_feature_dim` (10,880 for SD 1.x).
-        """
-        unet = self.unet
-        sample = noisy_latents.to(unet.dtype)
-        context = encoder_hidden_states.to(unet.dtype)
-        emb = self.unet_time_embedding(sample, timesteps, context)
-        sample = unet.conv_in(sample)
-        pooled = [sample.mean(dim=(2, 3))]
-        for block in unet.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                sample, residuals = block(hidden_states=sample, temb=emb, encoder_hidden_states=context)
-            else:
-                sample, residuals = block(hidden_states=sample, temb=emb)
-            pooled += [r.mean(dim=(2, 3)) for r in residuals]
-        if unet.mid_block is not None:
-            if getattr(unet.mid_block, "has_cross_attention", False):
-                sample = unet.mid_block(sample, emb, encoder_hidden_states=context)
-            else:
-                sample = unet.mid_block(sample, emb)
-            pooled.append(sample.mean(dim=(2, 3)))
-        return torch.cat(pooled, dim=1).float()
+        """(B, U) pooled features of the UNet's down and mid blocks on z_t (E4T): see :func:`pooled_unet_features`."""
+        sample = noisy_latents.to(self.unet.dtype)
+        context = encoder_hidden_states.to(self.unet.dtype)
+        return pooled_unet_features(
+            self.unet, sample, self.unet_time_embedding(sample, timesteps, context), context
+        )
 
     def unet_time_embedding(
         self, sample: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor

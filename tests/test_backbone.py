@@ -8,11 +8,12 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from models.backbone import DiffusionBackbone, unet_feature_dim
+from models.backbone import DiffusionBackbone
 from models.clip_tokenizer import CLIP_VOCAB_SIZE, load_clip_tokenizer, write_clip_tokenizer
 from models.hub import ModelNotAvailableError, resolve_model_path
 from models.placeholder import PlaceholderError, add_placeholder_token
 from models.tiny import write_tiny_backbone
+from models.unet_features import unet_feature_dim
 
 
 def test_clip_tokenizer_is_the_real_vocabulary(tmp_path):
