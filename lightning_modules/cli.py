@@ -3,8 +3,8 @@
 - ``omegaconf+`` parsing: ``${seed_everything}`` / ``${trainer.max_steps}`` in a config resolve after the command
   line is applied, so ``--seed_everything 4`` reaches the model's and the data's seeds.
 - Errors of the command line or a config are one line (:class:`~lightning_modules.cli_errors.ShortErrorParser`).
-- Values that cannot work (alpha outside [0, 1], a learning rate <= 0, a tuning run of 0 steps, an export folder
-  that cannot be written) are refused at parse time, before a model is loaded.
+- Values that cannot work (alpha outside [0, 1], a learning rate <= 0, an export folder that cannot be written)
+  are refused at parse time, before a model is loaded; a tuning run of 0 steps is announced.
 - ``--ckpt_path`` is checked before Lightning replaces the model config by the checkpoint's hyper-parameters:
   its phase, and its base model's fingerprint against the configured base model's.
 - A :class:`~lightning_modules.callbacks.FiniteGuard` stops a diverging run in one line.
@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 from jsonargparse import Namespace, set_parsing_settings
@@ -56,7 +57,7 @@ class TuningEncoderCLI(LightningCLI):
         init = model.get("init_args") if isinstance(model, Namespace) else None
         phase = getattr(import_class(class_path), "phase", None) if class_path else None
         if isinstance(init, Namespace):
-            check_values(init, config.get("trainer"), phase)
+            check_values(init, config.get("trainer"), phase, config.get("data"))
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and str(ckpt_path) not in SPECIAL_CKPT_PATHS:
             # Before LightningCLI reads it: Lightning replaces the model config by the checkpoint's
@@ -93,12 +94,16 @@ def unwrap_jsonargparse(err: BaseException) -> BaseException:
     return err
 
 
-def check_values(init: Namespace, trainer: Namespace | None, phase: str | None) -> None:
+def check_values(
+    init: Namespace, trainer: Namespace | None, phase: str | None, data: Namespace | None = None
+) -> None:
     """Refuses model / trainer values that cannot work, naming the option.
 
+    A tuning run of 0 steps (other than the encoder-only ablation) is announced on stderr.
+
     Raises:
-        ConfigurationError: alpha outside [0, 1], a learning rate that is not a positive number, a tuning run
-            with 0 steps that is not the encoder-only ablation, or an export folder that cannot be written.
+        ConfigurationError: alpha outside [0, 1], a learning rate that is not a positive number.
+        ArtifactWriteError: an export folder that cannot be written.
     """
     alpha = init.get("alpha")
     if alpha is not None and not 0.0 <= float(alpha) <= 1.0:
@@ -113,10 +118,19 @@ def check_values(init: Namespace, trainer: Namespace | None, phase: str | None) 
     if phase != "tune":
         return
     max_steps = trainer.get("max_steps") if isinstance(trainer, Namespace) else None
-    if max_steps == 0 and init.get("method") != "encoder_only":
+    data_args = data.get("init_args") if isinstance(data, Namespace) else None
+    data_steps = data_args.get("steps") if isinstance(data_args, Namespace) else None
+    if max_steps == 0 and data_steps == 0:  # `steps: ${trainer.max_steps}`: the data would refuse it later
         raise ConfigurationError(
-            "--trainer.max_steps 0 would export the untuned initial prediction: give at least 1 step, or add "
-            "configs/tune/<backbone>_encoder_only.yaml (method: encoder_only) to export the encoder's prediction"
+            "--trainer.max_steps 0: a tuning run needs at least 1 step; to export the encoder's prediction "
+            "alone, add configs/tune/<backbone>_encoder_only.yaml"
+        )
+    if max_steps == 0 and init.get("method") != "encoder_only":
+        # Not refused (the initial prediction is a legitimate thing to export, e.g. to inspect an init), but
+        # never silent: the artefact would otherwise look like a tuned concept.
+        sys.stderr.write(
+            f"{Path(sys.argv[0]).name}: warning: --trainer.max_steps 0: nothing is tuned, the exported concept is "
+            f"the initial prediction (init: {init.get('init')}); give >= 1 step to tune it\n"
         )
     export_dir = init.get("export_dir")
     if export_dir:

@@ -101,10 +101,18 @@ def test_sample_refuses_a_concept_of_another_base_model(backbone, tmp_path):  # 
     assert not (tmp_path / "s.png").exists()
 
 
-def test_zero_step_tuning_is_refused(index, tmp_path):  # 4
+def test_zero_step_tuning_is_refused_or_announced(index, tmp_path):  # 4
     proc = run("train.py", tune_args(tmp_path, tmp_path / "concepts", index, 0))
-    assert_user_error(proc, "train.py", "--trainer.max_steps 0", "encoder_only")
-    assert not (tmp_path / "concepts").exists()
+    assert_user_error(proc, "train.py", "--trainer.max_steps 0", "at least 1 step", "encoder_only")
+    assert "Loading" not in proc.stderr and not (tmp_path / "concepts").exists()
+    # With the data's length given, 0 steps exports the initial prediction, and says so.
+    proc = run(
+        "train.py", tune_args(tmp_path, tmp_path / "concepts", index, 0, "--data.init_args.steps", "1")
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("train.py: warning:")]
+    assert "--trainer.max_steps 0" in line and "nothing is tuned" in line and "init: encoder" in line
+    assert ConceptArtifact.load(tmp_path / "concepts" / f"{CONCEPT}.safetensors").steps == 0
 
 
 # ----- one line instead of a traceback -----
@@ -120,7 +128,6 @@ def test_diverging_learning_rate_names_step_and_loss_terms(saved, index, tmp_pat
     "option, value",
     [
         ("--model.init_args.alpha", "1.5"),
-        ("--model.init_args.alpha", "-1"),
         ("--model.init_args.optimizer.init_args.lr", "-1"),
     ],
 )
@@ -142,14 +149,12 @@ def test_sample_values_are_refused_before_loading(option, value, first_set, tmp_
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("damage", ["truncated", "header", "ckpt"])
+@pytest.mark.parametrize("damage", ["truncated", "ckpt"])
 def test_damaged_concept_file_is_named(damage, first_set, tmp_path):  # 7
     good = (first_set / f"{CONCEPT}.safetensors").read_bytes()
     bad = tmp_path / f"{damage}.safetensors"
     if damage == "truncated":
         bad.write_bytes(good[: len(good) // 2])
-    elif damage == "header":
-        bad.write_bytes(b"\xff" * 8 + good[8:])
     else:
         bad = REPO / "assets" / "toyworld" / "encoder" / "date.ckpt"
     proc = run("evaluate.py", ["sample", "--concept", str(bad), "--prompts", PROMPTS])
@@ -190,7 +195,6 @@ def test_a_folder_given_as_the_image_is_called_a_folder(index, tmp_path):  # 9
         (["--model.init_args.alpah", "1"], ["--model.init_args.alpah", "did you mean 'alpha'"]),
         (["--trainr.max_steps", "3"], ["--trainr.max_steps", "did you mean '--trainer.max_steps'"]),
         (["--trainer.max_steps", "ten"], ["--trainer.max_steps", "ten"]),
-        (["--config", "missing.yaml"], ["missing.yaml", "does not exist"]),
     ],
 )
 def test_config_typos_are_one_short_line(args, needles):  # 10
