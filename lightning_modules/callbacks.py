@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -48,7 +49,8 @@ class FiniteGuard(Callback):
 
     After every step the trained weights are checked (a learning rate that is far too high makes them NaN or
     infinite; the next step would feed them to the nearest-token index), and a non-finite loss term raised by
-    the loss itself gets the step added. :class:`~lightning_modules.cli.TuningEncoderCLI` adds it to every run.
+    the loss itself (``FloatingPointError``) gets the step added to its message; ``train.py`` reports both as
+    one line. :class:`~lightning_modules.cli.TuningEncoderCLI` adds it to every run.
     """
 
     def __init__(self) -> None:
@@ -62,7 +64,10 @@ class FiniteGuard(Callback):
             for k, v in trainer.callback_metrics.items()
             if k.startswith("train/loss") and v.numel() == 1
         }
-        bad = [n for n, p in pl_module.named_parameters() if p.requires_grad and not bool(p.isfinite().all())]
+        params = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        if not params or bool(torch.stack([p.detach().isfinite().all() for _, p in params]).all()):
+            return  # one device synchronisation per step
+        bad = [n for n, p in params if not bool(p.detach().isfinite().all())]
         if bad:
             terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(self.terms.items())) or "not logged"
             raise NonFiniteError(
@@ -72,8 +77,10 @@ class FiniteGuard(Callback):
             )
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # The loss's own check (losses.check_finite) and the token index raise without the step: add it to the
+        # message (the exception itself propagates, after Lightning's teardown).
         if isinstance(exception, FloatingPointError) and "diverged at step" not in str(exception):
-            raise NonFiniteError(
+            exception.args = (
                 f"training diverged at step {trainer.global_step}: {exception}. "
-                "Lower the learning rate (--model.init_args.optimizer.init_args.lr)"
-            ) from exception
+                "Lower the learning rate (--model.init_args.optimizer.init_args.lr)",
+            )

@@ -150,7 +150,7 @@ def check_resume_base_model(meta: dict, init: Namespace, source: str) -> None:
 
     backbone = load_backbone(str(configured), init.get("image_encoder_name_or_path") or str(configured))
     fingerprint = backbone.fingerprint()
-    if fingerprint != meta.get("fingerprint"):
+    if not backbone.matches_fingerprint(meta.get("fingerprint"), recorded):
         raise ConfigurationError(
             f"{source} was made on base model {recorded!r} (fingerprint {meta.get('fingerprint')}), but the "
             f"config names {configured!r} (fingerprint {fingerprint}); resume with the config it was made with"

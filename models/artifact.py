@@ -103,7 +103,7 @@ class ConceptArtifact:
         Raises:
             ArtifactError: the fingerprints differ.
         """
-        if backbone.fingerprint() != self.fingerprint:
+        if not backbone.matches_fingerprint(self.fingerprint, self.base_model):
             raise ArtifactError(
                 f"{source} was tuned on base model {self.base_model!r} (fingerprint {self.fingerprint}), not on "
                 f"{backbone.name_or_path!r} (fingerprint {backbone.fingerprint()})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -151,7 +152,7 @@ class DiffusionBackbone(nn.Module):
         """(V, D) the text encoder's input-embedding table (without the placeholder)."""
         return self.text_encoder.get_input_embeddings().weight
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, load_path: str | None = None) -> str:
         """A short hash identifying the base model: component configs plus a few weight tensors.
 
         Checkpoints and concept artefacts record it, so loading them on another base model (another size, or
@@ -160,6 +161,11 @@ class DiffusionBackbone(nn.Module):
         bfloat16 (``torch_dtype``) give one fingerprint: an encoder pretrained on a bf16 backbone can be tuned on
         a float32 one. Float16 weights (cast, or an ``fp16`` variant) are rounded differently (double rounding
         fp32 -> fp16 -> bf16) and generally hash differently: keep one of those for both phases.
+
+        Args:
+            load_path: None (the fingerprint). Else the fingerprint as recorded before it left out the folder
+                the text encoder was loaded from (transformers keeps it as ``_name_or_path``), computed as if
+                loaded from ``load_path``: see :meth:`matches_fingerprint`.
         """
         h = hashlib.sha256()
         for cfg in (self.unet.config, self.vae.config):
@@ -171,8 +177,10 @@ class DiffusionBackbone(nn.Module):
         text_cfg = {
             k: v
             for k, v in self.text_encoder.config.to_dict().items()
-            if "version" not in k and k not in {"dtype", "torch_dtype"}  # the load dtype is not the model
+            if "version" not in k and k not in {"dtype", "torch_dtype", "_name_or_path"}  # load dtype / path
         }
+        if load_path is not None:
+            text_cfg["_name_or_path"] = load_path
         h.update(json.dumps(text_cfg, sort_keys=True, default=str).encode())
         for t in (
             self.unet.conv_in.weight,
@@ -182,6 +190,14 @@ class DiffusionBackbone(nn.Module):
             h.update(t.detach().to(torch.bfloat16).float().cpu().contiguous().numpy().tobytes())
         h.update(str(self.prediction_type).encode())
         return h.hexdigest()[:16]
+
+    def matches_fingerprint(self, recorded: str | None, recorded_base_model: str | None = None) -> bool:
+        """Whether a recorded fingerprint is this model's, including one recorded by earlier versions, which
+        hashed the load folder too: the same path string as now, or the recorded ``base_model``'s."""
+        paths = [None, self.text_encoder.config.to_dict().get("_name_or_path")]
+        if recorded_base_model:
+            paths.append(str(Path(recorded_base_model).expanduser()))
+        return any(self.fingerprint(p) == recorded for p in dict.fromkeys(paths))
 
     def special_token_ids(self) -> list[int]:
         return sorted(set(self.tokenizer.all_special_ids) | {self.placeholder_id})

@@ -55,10 +55,8 @@ from models.placeholder import (
 from models.token_index import TokenIndex, TokenSearchResult
 
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
-EMBEDDING_PARTS = (
-    "clip_l",
-    "clip_g",
-)  # the key names of SDXL embedding files (A1111, ComfyUI, diffusers docs)
+# The key names of SDXL embedding files (A1111, ComfyUI, diffusers docs).
+EMBEDDING_PARTS = ("clip_l", "clip_g")
 
 
 def encode_sdxl_text(
@@ -242,13 +240,15 @@ class SDXLDiffusionBackbone(DiffusionBackbone):
     def special_token_ids(self) -> list[int]:
         return sorted(set(super().special_token_ids()) | set(self.tokenizer_2.all_special_ids))
 
-    def fingerprint(self) -> str:
-        h = hashlib.sha256(super().fingerprint().encode())
+    def fingerprint(self, load_path: str | None = None) -> str:
+        h = hashlib.sha256(super().fingerprint(load_path).encode())
         cfg = {
             k: v
             for k, v in self.text_encoder_2.config.to_dict().items()
-            if "version" not in k and "dtype" not in k
+            if "version" not in k and "dtype" not in k and k != "_name_or_path"
         }
+        if load_path is not None:
+            cfg["_name_or_path"] = load_path
         h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
         t = self.text_encoder_2.get_input_embeddings().weight[:256]
         h.update(t.detach().to(torch.bfloat16).float().cpu().contiguous().numpy().tobytes())

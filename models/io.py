@@ -88,10 +88,29 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         write(tmp)
         _set_modes(Path(tmp))
         os.replace(tmp, path)
+    except Exception as err:
+        cause = serializer_write_failure(err)
+        if cause is None:
+            raise
+        raise OSError(errno.EIO, cause, str(path)) from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def serializer_write_failure(err: BaseException) -> str | None:
+    """The cause when ``err`` is a serializer's report of a failed write, else None.
+
+    safetensors reports a full disk as ``SafetensorError("Error while serializing: I/O error: No space left on
+    device (os error 28)")`` and ``torch.save`` as a ``RuntimeError`` from its zip writer, not as ``OSError``.
+    """
+    text = " ".join(str(err).split())
+    if type(err).__name__ == "SafetensorError" and "I/O error:" in text:
+        return text.split("I/O error:", 1)[1].strip()
+    if isinstance(err, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        return f"the file could not be written completely (full disk or file-size limit?): {text[:120]}"
+    return None
 
 
 def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
