@@ -37,7 +37,9 @@ from evaluation.report.plot import plot_tradeoff  # noqa: E402
 from evaluation.sample_concept import sample_concept  # noqa: E402
 from evaluation.store.results import read_results  # noqa: E402
 from evaluation.store.run_state import register_plugin_columns  # noqa: E402
-from lightning_modules.base import CheckpointMismatchError  # noqa: E402
+from lightning_modules.cli_errors import ShortErrorParser  # noqa: E402
+from models.errors import TuningEncoderError  # noqa: E402
+from models.sampling import SAMPLERS  # noqa: E402
 
 
 def plot(
@@ -91,14 +93,34 @@ def plot(
 
 
 @functools.wraps(sample_concept)
-def sample(*args: Any, **kwargs: Any) -> Path:
-    path = sample_concept(*args, **kwargs)
+def sample(prompts: list[str] | str | None = None, **kwargs) -> Path:
+    """:func:`~evaluation.sample_concept.sample_concept` with its values checked before any model is loaded."""
+    if isinstance(prompts, str):  # what jsonargparse leaves when the value is not a JSON list of strings
+        raise EvaluationConfigError(
+            f"--prompts {prompts!r} is not a JSON list of strings, e.g. '[\"a <s*>\"]'"
+        )
+    alpha = kwargs.get("alpha")
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise EvaluationConfigError(f"--alpha must lie in [0, 1], got {alpha}")
+    sampler = kwargs.get("sampler", "ddim")
+    if sampler not in SAMPLERS:
+        raise EvaluationConfigError(
+            f"--sampler {sampler!r} is unknown; choose one of {', '.join(sorted(SAMPLERS))}"
+        )
+    for name in ("samples_per_prompt", "num_inference_steps", "scale"):
+        if name in kwargs and kwargs[name] < 1:
+            raise EvaluationConfigError(f"--{name} must be >= 1, got {kwargs[name]}")
+    path = sample_concept(prompts=prompts, **kwargs)
     print(f"wrote {path} (one row per prompt, listed in {path.with_suffix('.txt')})")
     return path
 
 
+# The command's options are sample_concept's, with --prompts also accepting a malformed value (to name it).
+sample.__annotations__ = {**sample_concept.__annotations__, "prompts": "list[str] | str | None"}
+
+
 def main(args: list[str] | None = None) -> Any:
-    """Command-line entry point; configuration and checkpoint errors exit with one line (status 2)."""
+    """Command-line entry point; a mistake in the input exits with one line (status 2)."""
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # per-file loading bars would break the evaluation's own bar
@@ -107,9 +129,11 @@ def main(args: list[str] | None = None) -> Any:
             {"run": run_evaluation, "plot": plot, "sample": sample},
             args=args,
             parser_mode="omegaconf",
+            parser_class=ShortErrorParser,
         )
-    except (EvaluationConfigError, CheckpointMismatchError) as err:
-        print(f"evaluate.py: error: {err}", file=sys.stderr)
+    except (EvaluationConfigError, TuningEncoderError) as err:
+        message = " ".join(str(err).split())
+        print(f"evaluate.py: error: {message}", file=sys.stderr)
         raise SystemExit(2) from err
 
 

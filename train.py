@@ -8,10 +8,12 @@
 Both phases are ``fit``: the model's ``class_path`` picks the phase (``lightning_modules.EncoderPretraining`` or
 ``lightning_modules.ConceptTuning``) and the data's the dataset. ``--ckpt_path`` resumes exactly.
 
-A mistake in the input (an unreadable or too small image, a missing or foreign checkpoint, an impossible
-configuration: any :class:`models.errors.TuningEncoderError`) prints ``train.py: error: <message>`` and exits
-with status 2; any other exception is a bug and keeps its traceback. The CLI class and the config resolver
-that benchmarks and evaluation share live in ``lightning_modules/cli.py``.
+A mistake in the input (a typo in an option, a value out of range, an unreadable or too small image, a missing or
+foreign checkpoint, an export folder that cannot be written: any :class:`models.errors.TuningEncoderError`; and a
+diverging run, whose NaN or infinite loss or weights raise ``FloatingPointError`` naming the step and loss terms)
+prints ``train.py: error: <message>`` and exits with status 2; any other exception is a bug and keeps its
+traceback. The checks, the CLI class and the config resolver that benchmarks and evaluation share live in
+:mod:`lightning_modules.cli`.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def cli(args: list[str] | None = None) -> int:
     """Command-line entry point: :func:`main`, with the project's own errors as one line and status 2."""
     try:
         main(args)
-    except TuningEncoderError as err:
+    except (TuningEncoderError, FloatingPointError) as err:  # FloatingPointError: a diverging run
         message = " ".join(str(err).split())  # one line, whatever the message's own line breaks
         print(f"train.py: error: {message}", file=sys.stderr)
         return 2

@@ -18,11 +18,11 @@ import torch
 from PIL import Image, ImageOps
 
 from models.errors import ConfigurationError, MissingFileError, TuningEncoderError
+from models.placeholder import DEFAULT_PLACEHOLDER
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-DEFAULT_PLACEHOLDER = "<s*>"
 
 # Textual-inversion-style templates (Gal et al. 2022, "imagenet_templates_small"); "{}" is the placeholder.
 PROMPT_TEMPLATES: tuple[str, ...] = (
@@ -231,6 +231,8 @@ def load_rgb(path: str | Path) -> Image.Image:
         ImageLoadError: the file cannot be decoded (not an image, corrupt, truncated, unsupported mode).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ImageLoadError(path, "it is a folder, not an image file (name one image in it)")
     if not path.is_file():
         raise MissingFileError(f"image file not found: {path}")
     try:

@@ -43,7 +43,7 @@ def sample_concept(
         seed: image ``j`` of prompt ``i`` starts from the noise of seed ``seed + 1000 * i + j``.
         scale: nearest-neighbour upscaling of the grid (small models sample small images).
     """
-    from models.backbone_sdxl import load_backbone
+    from models.loading import load_backbone
 
     if not concept or not prompts:
         raise EvaluationConfigError(
@@ -59,6 +59,7 @@ def sample_concept(
         )
     base = base_model or art.base_model
     backbone = load_backbone(base, image_encoder or base, placeholder=art.placeholder)
+    art.check_backbone(backbone, f"--concept {concept}")
     setting = Setting(steps=art.steps, alpha=art.alpha if alpha is None else alpha, guidance=guidance)
     images = []
     for i, prompt in enumerate(prompts):

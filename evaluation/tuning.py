@@ -24,8 +24,6 @@ from lightning_modules.tuning import ConceptTuning
 from models.artifact import ConceptArtifact
 
 ARTIFACTS_DIR = "artifacts"  # <out>/artifacts/<method>/<concept>/step_<k>.safetensors
-# The name benchmarks/real_shape.py imports today (until the shared config resolver replaces it).
-_optimizer_factory = optimizer_factory
 
 
 class SnapshotCallback(Callback):

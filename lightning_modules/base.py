@@ -30,8 +30,8 @@ from losses import (
 )
 from models.attention import LoraDelta
 from models.backbone import DEFAULT_IMAGE_ENCODER, DiffusionBackbone
-from models.backbone_sdxl import load_backbone
 from models.errors import MissingFileError, TuningEncoderError
+from models.loading import load_backbone
 from models.personalizer import PersonalizerConfig
 from models.sampling import sample_personalized
 from models.token_index import TokenIndex
@@ -343,7 +343,9 @@ def check_checkpoint(
         )
     if phase is not None and meta.get("phase") != phase:
         raise CheckpointMismatchError(f"{source} is a {meta.get('phase')!r} checkpoint, expected {phase!r}")
-    if backbone is not None and meta.get("fingerprint") != backbone.fingerprint():
+    if backbone is not None and not backbone.matches_fingerprint(
+        meta.get("fingerprint"), meta.get("base_model")
+    ):
         raise CheckpointMismatchError(
             f"{source} was made on base model {meta.get('base_model')!r} (fingerprint {meta.get('fingerprint')}), "
             f"not on {backbone.name_or_path!r} (fingerprint {backbone.fingerprint()})"

@@ -13,7 +13,7 @@ from torch import nn
 from datamodules.concept import TuningConcept
 from datamodules.transforms import CLIP_MEAN, CLIP_STD
 from losses import add_noise
-from models.artifact import ConceptArtifact
+from models.artifact import ConceptArtifact, write_concept_set
 from models.unet_lora import save_diffusers_lora
 
 
@@ -116,20 +116,24 @@ def write_concept(
     Returns:
         ``(artefact path, one-line summary)``.
     """
-    export_dir = Path(export_dir)
-    path = artifact.save(export_dir / f"{name}.safetensors")
-    msg = f"concept {name!r}: {artifact.steps} steps, nearest token {artifact.nearest_token!r} -> {path}"
+    # One set: every file is staged and moved into place only when all succeeded (models.artifact).
     if diffusers and unet_with_adapter is not None:
         # The script's own output: the peft state dict via save_lora_weights; "sks" is a real word, so
         # there is no embedding to load.
-        out = save_diffusers_lora(unet_with_adapter, export_dir / f"{name}_diffusers")
-        msg += f" (+ diffusers LoRA in {out})"
-    elif diffusers:
-        out = artifact.export_diffusers(export_dir / f"{name}_diffusers")
-        msg += f" (+ diffusers LoRA / embedding in {out})"
-    if kohya:
-        files = artifact.export_kohya(
-            export_dir / f"{name}_kohya", name, prediction_type=prediction_type, resolution=resolution
-        )
-        msg += f" (+ A1111 / ComfyUI LoRA and embeddings in {files['lora'].parent})"
+        diffusers = lambda out: save_diffusers_lora(unet_with_adapter, out)  # noqa: E731
+    files = write_concept_set(
+        artifact,
+        export_dir,
+        name,
+        diffusers=diffusers,
+        kohya=kohya,
+        prediction_type=prediction_type,
+        resolution=resolution,
+    )
+    path = files["artifact"]
+    msg = f"concept {name!r}: {artifact.steps} steps, nearest token {artifact.nearest_token!r} -> {path}"
+    if "diffusers" in files:
+        msg += f" (+ diffusers files in {files['diffusers']})"
+    if "kohya" in files:
+        msg += f" (+ A1111 / ComfyUI LoRA and embeddings in {files['kohya']})"
     return path, msg

@@ -17,15 +17,16 @@ from torch import nn
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPVisionModelWithProjection
 
 from models.attention import PERSONALIZATION_KWARG, LoraDelta, Personalization, install_dual_path
-from models.clip_tokenizer import load_clip_tokenizer
-from models.hub import missing_variant_folders, resolve_model_path
+from models.hub import load_sd_components
 from models.placeholder import (
+    DEFAULT_PLACEHOLDER,
     add_placeholder_token,
     check_prompts,
     encode_with_placeholder,
     replace_placeholder_ids,
 )
 from models.token_index import TokenIndex
+from models.unet_features import pooled_unet_features, unet_feature_dim
 
 DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
 
@@ -46,16 +47,6 @@ class TextConditioning:
         """The two batches one after the other (classifier-free guidance: unconditional first)."""
         pooled = None if self.pooled is None else torch.cat([self.pooled, other.pooled])
         return TextConditioning(torch.cat([self.context, other.context]), pooled)
-
-
-def unet_feature_dim(block_out_channels: tuple[int, ...], layers_per_block: int) -> int:
-    """Width of the pooled UNet features: conv_in, every down-block residual, and the mid block."""
-    channels = [block_out_channels[0]]  # conv_in
-    for i, ch in enumerate(block_out_channels):
-        channels += [ch] * layers_per_block
-        if i < len(block_out_channels) - 1:
-            channels.append(ch)  # downsampler
-    return sum(channels) + block_out_channels[-1]
 
 
 class DiffusionBackbone(nn.Module):
@@ -86,7 +77,7 @@ class DiffusionBackbone(nn.Module):
         image_encoder: CLIPVisionModelWithProjection,
         image_processor: CLIPImageProcessor,
         name_or_path: str = "",
-        placeholder: str = "<s*>",
+        placeholder: str = DEFAULT_PLACEHOLDER,
     ) -> None:
         super().__init__()
         self.vae, self.unet, self.text_encoder, self.image_encoder = vae, unet, text_encoder, image_encoder
@@ -107,7 +98,7 @@ class DiffusionBackbone(nn.Module):
         cls,
         pretrained_model_name_or_path: str,
         image_encoder_name_or_path: str = DEFAULT_IMAGE_ENCODER,
-        placeholder: str = "<s*>",
+        placeholder: str = DEFAULT_PLACEHOLDER,
         revision: str | None = None,
         torch_dtype: torch.dtype | None = None,
         variant: str | None = None,
@@ -126,39 +117,10 @@ class DiffusionBackbone(nn.Module):
                 ``*.fp16.safetensors`` files); the image encoder uses it too when its folder has such files,
                 else its plain files (``openai/clip-vit-large-patch14`` has no variants).
         """
-        sd = resolve_model_path(pretrained_model_name_or_path, variant=variant, revision=revision)
-        kw: dict = {"revision": revision} if revision else {}
-        # Always explicit: transformers 5 would otherwise load in the dtype the files were saved in (fp16
-        # weights, such as the committed toy world's, would come back fp16 and meet fp32 trainable modules).
-        torch_dtype = torch_dtype or torch.float32
-        kw["torch_dtype"] = torch_dtype
-        if variant is not None:
-            kw["variant"] = variant
-        vae = AutoencoderKL.from_pretrained(sd, subfolder="vae", **kw)
-        unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", **kw)
-        tokenizer = load_clip_tokenizer(sd, subfolder="tokenizer")
-        scheduler = DDPMScheduler.from_pretrained(sd, subfolder="scheduler")
-        enc = resolve_model_path(image_encoder_name_or_path, variant=variant, accept_plain=True)
-        enc_sub, proc_sub = "", ""
-        if (Path(enc) / "image_encoder").is_dir():
-            enc_sub, proc_sub = "image_encoder", "feature_extractor"
-        dkw: dict = {"torch_dtype": torch_dtype}
-        if variant is not None and not missing_variant_folders(Path(enc) / enc_sub, (variant,)):
-            dkw["variant"] = variant
-        image_encoder = CLIPVisionModelWithProjection.from_pretrained(enc, subfolder=enc_sub, **dkw)
-        image_processor = CLIPImageProcessor.from_pretrained(enc, subfolder=proc_sub)
-        return cls(
-            vae,
-            unet,
-            text_encoder,
-            tokenizer,
-            scheduler,
-            image_encoder,
-            image_processor,
-            name_or_path=str(pretrained_model_name_or_path),
-            placeholder=placeholder,
+        parts = load_sd_components(
+            pretrained_model_name_or_path, image_encoder_name_or_path, revision, torch_dtype, variant
         )
+        return cls(**parts, name_or_path=str(pretrained_model_name_or_path), placeholder=placeholder)
 
     def train(self, mode: bool = True) -> DiffusionBackbone:
         # The backbone is frozen: dropout and norms stay in inference mode even while the encoder trains.
@@ -190,7 +152,7 @@ class DiffusionBackbone(nn.Module):
         """(V, D) the text encoder's input-embedding table (without the placeholder)."""
         return self.text_encoder.get_input_embeddings().weight
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, load_path: str | None = None) -> str:
         """A short hash identifying the base model: component configs plus a few weight tensors.
 
         Checkpoints and concept artefacts record it, so loading them on another base model (another size, or
@@ -199,6 +161,11 @@ class DiffusionBackbone(nn.Module):
         bfloat16 (``torch_dtype``) give one fingerprint: an encoder pretrained on a bf16 backbone can be tuned on
         a float32 one. Float16 weights (cast, or an ``fp16`` variant) are rounded differently (double rounding
         fp32 -> fp16 -> bf16) and generally hash differently: keep one of those for both phases.
+
+        Args:
+            load_path: None (the fingerprint). Else the fingerprint as recorded before it left out the folder
+                the text encoder was loaded from (transformers keeps it as ``_name_or_path``), computed as if
+                loaded from ``load_path``: see :meth:`matches_fingerprint`.
         """
         h = hashlib.sha256()
         for cfg in (self.unet.config, self.vae.config):
@@ -210,8 +177,10 @@ class DiffusionBackbone(nn.Module):
         text_cfg = {
             k: v
             for k, v in self.text_encoder.config.to_dict().items()
-            if "version" not in k and k not in {"dtype", "torch_dtype"}  # the load dtype is not the model
+            if "version" not in k and k not in {"dtype", "torch_dtype", "_name_or_path"}  # load dtype / path
         }
+        if load_path is not None:
+            text_cfg["_name_or_path"] = load_path
         h.update(json.dumps(text_cfg, sort_keys=True, default=str).encode())
         for t in (
             self.unet.conv_in.weight,
@@ -221,6 +190,14 @@ class DiffusionBackbone(nn.Module):
             h.update(t.detach().to(torch.bfloat16).float().cpu().contiguous().numpy().tobytes())
         h.update(str(self.prediction_type).encode())
         return h.hexdigest()[:16]
+
+    def matches_fingerprint(self, recorded: str | None, recorded_base_model: str | None = None) -> bool:
+        """Whether a recorded fingerprint is this model's, including one recorded by earlier versions, which
+        hashed the load folder too: the same path string as now, or the recorded ``base_model``'s."""
+        paths = [None, self.text_encoder.config.to_dict().get("_name_or_path")]
+        if recorded_base_model:
+            paths.append(str(Path(recorded_base_model).expanduser()))
+        return any(self.fingerprint(p) == recorded for p in dict.fromkeys(paths))
 
     def special_token_ids(self) -> list[int]:
         return sorted(set(self.tokenizer.all_special_ids) | {self.placeholder_id})
@@ -297,38 +274,12 @@ class DiffusionBackbone(nn.Module):
     def unet_encoder_features(
         self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
-        """Global-average-pooled features of the UNet's down blocks and mid block on z_t (E4T).
-
-        Uses the UNet's public sub-modules (conv_in, time embedding, down blocks, mid block) so the up half is
-        never run. Installed dual-path processors see no personalization here and act as plain attention.
-
-        Args:
-            noisy_latents: (B, C, h, w) z_t.
-            timesteps: (B,) integer timesteps.
-            encoder_hidden_states: (B, L, D) text context (the empty prompt).
-
-        Returns:
-            (B, U) with U = :meth:`unet_feature_dim` (10,880 for SD 1.x).
-        """
-        unet = self.unet
-        sample = noisy_latents.to(unet.dtype)
-        context = encoder_hidden_states.to(unet.dtype)
-        emb = self.unet_time_embedding(sample, timesteps, context)
-        sample = unet.conv_in(sample)
-        pooled = [sample.mean(dim=(2, 3))]
-        for block in unet.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                sample, residuals = block(hidden_states=sample, temb=emb, encoder_hidden_states=context)
-            else:
-                sample, residuals = block(hidden_states=sample, temb=emb)
-            pooled += [r.mean(dim=(2, 3)) for r in residuals]
-        if unet.mid_block is not None:
-            if getattr(unet.mid_block, "has_cross_attention", False):
-                sample = unet.mid_block(sample, emb, encoder_hidden_states=context)
-            else:
-                sample = unet.mid_block(sample, emb)
-            pooled.append(sample.mean(dim=(2, 3)))
-        return torch.cat(pooled, dim=1).float()
+        """(B, U) pooled features of the UNet's down and mid blocks on z_t (E4T): see :func:`pooled_unet_features`."""
+        sample = noisy_latents.to(self.unet.dtype)
+        context = encoder_hidden_states.to(self.unet.dtype)
+        return pooled_unet_features(
+            self.unet, sample, self.unet_time_embedding(sample, timesteps, context), context
+        )
 
     def unet_time_embedding(
         self, sample: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor

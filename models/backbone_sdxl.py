@@ -45,20 +45,18 @@ from models.backbone import DEFAULT_IMAGE_ENCODER, DiffusionBackbone, TextCondit
 from models.clip_tokenizer import load_clip_tokenizer
 from models.hub import resolve_model_path
 from models.placeholder import (
+    DEFAULT_PLACEHOLDER,
     PlaceholderError,
     add_placeholder_token,
     check_prompts,
-    create_causal_mask,
-    placeholder_input_embeds,
     replace_placeholder_ids,
+    run_text_model,
 )
 from models.token_index import TokenIndex, TokenSearchResult
 
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
-EMBEDDING_PARTS = (
-    "clip_l",
-    "clip_g",
-)  # the key names of SDXL embedding files (A1111, ComfyUI, diffusers docs)
+# The key names of SDXL embedding files (A1111, ComfyUI, diffusers docs).
+EMBEDDING_PARTS = ("clip_l", "clip_g")
 
 
 def encode_sdxl_text(
@@ -84,20 +82,13 @@ def encode_sdxl_text(
     Returns:
         ``(hidden_states[-2] (B, L, D), final-layer-normed end-of-text state (B, D))``.
     """
-    embeds = placeholder_input_embeds(text_model, input_ids, placeholder_id, placeholder_embeds)
-    hidden = text_model.embeddings(inputs_embeds=embeds)
-    mask = None
-    if create_causal_mask is not None:
-        mask = create_causal_mask(
-            config=text_model.config, inputs_embeds=hidden, attention_mask=None, cache=None
-        )
-    layers = text_model.encoder.layers
-    penultimate = hidden
-    for i, layer in enumerate(layers):
-        hidden = layer(hidden, mask, is_causal=True)
-        if i == len(layers) - 2:
-            penultimate = hidden
-    last = text_model.final_layer_norm(hidden)
+    last, penultimate = run_text_model(
+        text_model,
+        input_ids,
+        placeholder_id,
+        placeholder_embeds,
+        keep_layer=len(text_model.encoder.layers) - 2,
+    )
     eos = (input_ids == eos_token_id).int().argmax(dim=-1)
     return penultimate, last[torch.arange(last.shape[0], device=last.device), eos]
 
@@ -148,7 +139,7 @@ class SDXLDiffusionBackbone(DiffusionBackbone):
         text_encoder_2: CLIPTextModelWithProjection,
         tokenizer_2,
         name_or_path: str = "",
-        placeholder: str = "<s*>",
+        placeholder: str = DEFAULT_PLACEHOLDER,
         force_zeros_for_empty_prompt: bool = True,
     ) -> None:
         if getattr(unet.config, "addition_embed_type", None) != "text_time":
@@ -179,18 +170,31 @@ class SDXLDiffusionBackbone(DiffusionBackbone):
         cls,
         pretrained_model_name_or_path: str,
         image_encoder_name_or_path: str = DEFAULT_IMAGE_ENCODER,
-        placeholder: str = "<s*>",
+        placeholder: str = DEFAULT_PLACEHOLDER,
         revision: str | None = None,
         torch_dtype: torch.dtype | None = None,
+        variant: str | None = None,
     ) -> SDXLDiffusionBackbone:
-        """Loads an SDXL folder or hub id (``stabilityai/stable-diffusion-xl-base-1.0``) with ``from_pretrained``."""
+        """Loads an SDXL folder or hub id (``stabilityai/stable-diffusion-xl-base-1.0``) with ``from_pretrained``.
+
+        The arguments are :meth:`DiffusionBackbone.from_pretrained`'s; ``variant`` (e.g. ``"fp16"``) applies to the
+        second text encoder too.
+        """
         base = DiffusionBackbone.from_pretrained(
-            pretrained_model_name_or_path, image_encoder_name_or_path, placeholder, revision, torch_dtype
+            pretrained_model_name_or_path,
+            image_encoder_name_or_path,
+            placeholder,
+            revision,
+            torch_dtype,
+            variant,
         )
-        sd = resolve_model_path(pretrained_model_name_or_path)
+        sd = resolve_model_path(pretrained_model_name_or_path, variant=variant, revision=revision)
         kw: dict = {"revision": revision} if revision else {}
-        if torch_dtype is not None:
-            kw["torch_dtype"] = torch_dtype
+        kw["torch_dtype"] = (
+            torch_dtype or torch.float32
+        )  # as the base's components (transformers 5: file dtype)
+        if variant is not None:
+            kw["variant"] = variant
         text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(sd, subfolder="text_encoder_2", **kw)
         tokenizer_2 = load_clip_tokenizer(sd, subfolder="tokenizer_2")
         index = json.loads((Path(sd) / "model_index.json").read_text())
@@ -236,13 +240,15 @@ class SDXLDiffusionBackbone(DiffusionBackbone):
     def special_token_ids(self) -> list[int]:
         return sorted(set(super().special_token_ids()) | set(self.tokenizer_2.all_special_ids))
 
-    def fingerprint(self) -> str:
-        h = hashlib.sha256(super().fingerprint().encode())
+    def fingerprint(self, load_path: str | None = None) -> str:
+        h = hashlib.sha256(super().fingerprint(load_path).encode())
         cfg = {
             k: v
             for k, v in self.text_encoder_2.config.to_dict().items()
-            if "version" not in k and "dtype" not in k
+            if "version" not in k and "dtype" not in k and k != "_name_or_path"
         }
+        if load_path is not None:
+            cfg["_name_or_path"] = load_path
         h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
         t = self.text_encoder_2.get_input_embeddings().weight[:256]
         h.update(t.detach().to(torch.bfloat16).float().cpu().contiguous().numpy().tobytes())
@@ -390,9 +396,3 @@ def is_sdxl(pretrained_model_name_or_path: str) -> bool:
     if not index.is_file():
         return False
     return json.loads(index.read_text()).get("_class_name") == SDXL_PIPELINE
-
-
-def load_backbone(pretrained_model_name_or_path: str, *args, **kwargs) -> DiffusionBackbone:
-    """:meth:`SDXLDiffusionBackbone.from_pretrained` for an SDXL pipeline, else ``DiffusionBackbone``'s."""
-    cls = SDXLDiffusionBackbone if is_sdxl(pretrained_model_name_or_path) else DiffusionBackbone
-    return cls.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)

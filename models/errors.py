@@ -21,3 +21,11 @@ class ConfigurationError(TuningEncoderError, ValueError):
 
 class MissingFileError(TuningEncoderError, FileNotFoundError):
     """An input file the user named (image, checkpoint, concept artefact) that does not exist."""
+
+
+class NonFiniteError(TuningEncoderError, FloatingPointError):
+    """Training diverged: a loss term, a gradient or a trained weight became NaN or infinite."""
+
+
+class ArtifactWriteError(TuningEncoderError, OSError):
+    """A concept artefact or export that could not be written (full disk, read-only folder, a file in the way)."""

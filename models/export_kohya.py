@@ -29,6 +29,10 @@ A1111 (``textual_inversion.py`` ``create_embedding_from_data``: ``string_to_para
 ComfyUI (``sd1_clip.py`` ``load_embed``: the same two cases, ``.safetensors`` first) and diffusers
 (``load_textual_inversion``: a one-entry dict or ``string_to_param``) read both. Those tools name an embedding
 after its file, so the prompt word is ``<name>``, not the training placeholder.
+
+SDXL. The same key layout covers SDXL's UNet unchanged (names come from module paths alone); the files carry
+SDXL's ``ss_base_model_version`` and SAI architecture, and the embedding holds ``clip_l`` / ``clip_g`` (one part
+per text encoder, see :mod:`models.export_sdxl`) instead of ``emb_params``, with no ``.pt``.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ PROJECT = "tuning-encoder"
 # Text-conditioning width of each Stable Diffusion family: SD 1.x conditions on CLIP ViT-L/14, SD 2.x on
 # OpenCLIP ViT-H/14. Only used to label the file (kohya's ss_base_model_version, SAI's modelspec.architecture).
 _FAMILY_BY_WIDTH = {768: "v1", 1024: "v2"}
+KOHYA_SDXL_VERSION = "sdxl_base_v1-0"  # kohya sd-scripts' SDXL model-version string
+SAI_SDXL_ARCH = "stable-diffusion-xl-v1-base"
 
 
 def kohya_unet_name(module_path: str) -> str:
@@ -182,22 +188,33 @@ def write_kohya(
     resolution: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, Path]:
-    """Writes ``<name>_lora.safetensors``, ``<name>.safetensors`` (``emb_params``) and ``<name>.pt`` into ``out_dir``.
+    """Writes ``<name>_lora.safetensors`` and the embedding files into ``out_dir``.
 
-    See :meth:`models.artifact.ConceptArtifact.export_kohya`. Returns ``{"lora", "embedding", "embedding_pt"}``.
+    SD 1.x / 2.x: ``<name>.safetensors`` (``emb_params``) and ``<name>.pt`` (A1111's ``string_to_param``). SDXL
+    (an artefact with embedding parts): ``<name>.safetensors`` with ``clip_l`` / ``clip_g`` and no ``.pt`` (web UIs
+    read SDXL embeddings from safetensors with those keys), and SDXL's kohya / SAI labels. See
+    :meth:`models.artifact.ConceptArtifact.export_kohya`.
+
+    Returns:
+        ``{"lora", "embedding"}`` (+ ``"embedding_pt"`` for SD 1.x / 2.x).
     """
     out = Path(out_dir)
     if not artifact.lora:
         raise ValueError("the concept has no LoRA factors to export")
+    sdxl = bool(artifact.embedding_parts())
     rank = next(iter(artifact.lora.values()))[0].shape[0]
     tensors = kohya_state_dict(artifact.lora, alpha, dtype)
     meta = lora_metadata(
         artifact, name, rank, float(rank if alpha is None else alpha), prediction_type, resolution
     )
+    if sdxl:
+        meta["ss_base_model_version"] = KOHYA_SDXL_VERSION
+        meta["ss_v2"] = "False"
+        meta["modelspec.architecture"] = f"{SAI_SDXL_ARCH}/lora"
+        meta["ss_training_comment"] = meta["ss_training_comment"].replace(f" / {name}.pt", "")
     lora_path = atomic_write(
         out / f"{name}_lora.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta)
     )
-    vec = artifact.v_star.detach().float().cpu().reshape(1, -1).contiguous()
     emb_meta = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": meta["modelspec.architecture"].replace("/lora", "/textual-inversion"),
@@ -206,15 +223,16 @@ def write_kohya(
         "tuning_encoder.nearest_token": artifact.nearest_token,
         "tuning_encoder.version": meta["tuning_encoder.version"],
     }
-    emb_path = atomic_write(
-        out / f"{name}.safetensors", lambda tmp: save_file({"emb_params": vec}, tmp, metadata=emb_meta)
-    )
+    emb = artifact.embedding_tensors("emb_params")
+    emb_path = atomic_write(out / f"{name}.safetensors", lambda tmp: save_file(emb, tmp, metadata=emb_meta))
+    if sdxl:
+        return {"lora": lora_path, "embedding": emb_path}
     # Automatic1111's own Embedding.save layout; plain tensors / str / int only, so that torch.load with
     # weights_only=True (ComfyUI, A1111's safe unpickler) accepts it. 265 is the token id "*" had in SD's
     # original textual-inversion code: kept because A1111 writes it, never read back.
     pt = {
         "string_to_token": {"*": 265},
-        "string_to_param": {"*": vec.clone()},
+        "string_to_param": {"*": emb["emb_params"].clone()},
         "name": name,
         "step": int(artifact.steps),
         "sd_checkpoint": artifact.fingerprint,

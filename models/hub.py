@@ -128,3 +128,47 @@ def resolve_model_path(
             f"(a diffusers/transformers model directory) instead of a hub id"
         )
     return name
+
+
+def load_sd_components(
+    pretrained_model_name_or_path: str,
+    image_encoder_name_or_path: str,
+    revision: str | None = None,
+    torch_dtype=None,
+    variant: str | None = None,
+) -> dict:
+    """The components of :class:`models.backbone.DiffusionBackbone`, each loaded with ``from_pretrained``.
+
+    See :meth:`DiffusionBackbone.from_pretrained` for the arguments. Returns ``{"vae", "unet", "text_encoder",
+    "tokenizer", "scheduler", "image_encoder", "image_processor"}``.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPImageProcessor, CLIPTextModel, CLIPVisionModelWithProjection
+
+    from models.clip_tokenizer import load_clip_tokenizer
+
+    sd = resolve_model_path(pretrained_model_name_or_path, variant=variant, revision=revision)
+    kw: dict = {"revision": revision} if revision else {}
+    # Always explicit: transformers 5 would otherwise load in the dtype the files were saved in (fp16
+    # weights, such as the committed toy world's, would come back fp16 and meet fp32 trainable modules).
+    torch_dtype = torch_dtype or torch.float32
+    kw["torch_dtype"] = torch_dtype
+    if variant is not None:
+        kw["variant"] = variant
+    enc = resolve_model_path(image_encoder_name_or_path, variant=variant, accept_plain=True)
+    enc_sub, proc_sub = "", ""
+    if (Path(enc) / "image_encoder").is_dir():
+        enc_sub, proc_sub = "image_encoder", "feature_extractor"
+    dkw: dict = {"torch_dtype": torch_dtype}
+    if variant is not None and not missing_variant_folders(Path(enc) / enc_sub, (variant,)):
+        dkw["variant"] = variant
+    return {
+        "vae": AutoencoderKL.from_pretrained(sd, subfolder="vae", **kw),
+        "unet": UNet2DConditionModel.from_pretrained(sd, subfolder="unet", **kw),
+        "text_encoder": CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", **kw),
+        "tokenizer": load_clip_tokenizer(sd, subfolder="tokenizer"),
+        "scheduler": DDPMScheduler.from_pretrained(sd, subfolder="scheduler"),
+        "image_encoder": CLIPVisionModelWithProjection.from_pretrained(enc, subfolder=enc_sub, **dkw),
+        "image_processor": CLIPImageProcessor.from_pretrained(enc, subfolder=proc_sub),
+    }

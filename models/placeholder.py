@@ -14,6 +14,9 @@ from transformers import CLIPTokenizer
 
 from models.errors import TuningEncoderError
 
+# The pseudo-word of the configs and the default of every ``placeholder`` argument; written in prompts.
+DEFAULT_PLACEHOLDER = "<s*>"
+
 try:  # transformers >= 4.48 builds the causal mask through this helper
     from transformers.masking_utils import create_causal_mask
 except ImportError:  # pragma: no cover - older transformers
@@ -38,7 +41,7 @@ def add_placeholder_token(tokenizer: CLIPTokenizer, placeholder: str) -> int:
     if placeholder in vocab or len(existing) == 1 and placeholder.lower() + "</w>" in vocab:
         raise PlaceholderError(
             f"placeholder {placeholder!r} already exists in the tokenizer's vocabulary "
-            f"(id {vocab.get(placeholder, existing[0])}); choose a new string such as '<s*>'"
+            f"(id {vocab.get(placeholder, existing[0])}); choose a new string such as '{DEFAULT_PLACEHOLDER}'"
         )
     tokenizer.add_tokens([placeholder], special_tokens=False)
     new_id = tokenizer.convert_tokens_to_ids(placeholder)
@@ -113,15 +116,42 @@ def encode_with_placeholder(
     Returns:
         (B, L, D) last hidden states, the UNet's ``encoder_hidden_states``.
     """
-    embeds = placeholder_input_embeds(text_encoder, input_ids, placeholder_id, placeholder_embeds)
-    hidden = text_encoder.embeddings(inputs_embeds=embeds)
-    attn_mask = None
+    return run_text_model(text_encoder, input_ids, placeholder_id, placeholder_embeds)[0]
+
+
+def run_text_model(
+    text_model: nn.Module,
+    input_ids: torch.Tensor,
+    placeholder_id: int | None = None,
+    placeholder_embeds: torch.Tensor | None = None,
+    keep_layer: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``CLIPTextModel.forward`` with v* injected, through the model's public sub-modules (the one copy of it).
+
+    Embeddings, causal mask, each encoder layer, final layer norm: the computation of
+    ``CLIPTextModel.forward(input_ids, output_hidden_states=True)`` (tested against it, here and for SDXL).
+
+    Args:
+        text_model: a ``CLIPTextModel`` (for ``CLIPTextModelWithProjection``, its ``text_model``).
+        input_ids, placeholder_id, placeholder_embeds: as for :func:`encode_with_placeholder`.
+        keep_layer: also return the states after this encoder layer (SDXL conditions on the penultimate one).
+
+    Returns:
+        ``(final-layer-normed last states (B, L, D), states after layer keep_layer (B, L, D) or None)``.
+    """
+    embeds = placeholder_input_embeds(text_model, input_ids, placeholder_id, placeholder_embeds)
+    hidden = text_model.embeddings(inputs_embeds=embeds)
+    mask = None
     if create_causal_mask is not None:
-        attn_mask = create_causal_mask(
-            config=text_encoder.config, inputs_embeds=hidden, attention_mask=None, cache=None
+        mask = create_causal_mask(
+            config=text_model.config, inputs_embeds=hidden, attention_mask=None, cache=None
         )
-    out = text_encoder.encoder(inputs_embeds=hidden, attention_mask=attn_mask, is_causal=True)
-    return text_encoder.final_layer_norm(out.last_hidden_state)
+    kept = None
+    for i, layer in enumerate(text_model.encoder.layers):
+        hidden = layer(hidden, mask, is_causal=True)
+        if i == keep_layer:
+            kept = hidden
+    return text_model.final_layer_norm(hidden), kept
 
 
 def replace_placeholder_ids(

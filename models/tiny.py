@@ -4,6 +4,9 @@ Usage::
 
     python -m models.tiny OUT_DIR [--config configs/backbone/tiny.yaml] [--prediction-type v_prediction]
 
+With an SDXL component config (``configs/backbone/tiny_sdxl.yaml``) it builds the tiny SDXL through
+:mod:`models.tiny_sdxl`.
+
 The folder has the standard diffusers layout (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``) plus ``image_encoder/`` (CLIP vision tower) and ``feature_extractor/`` (its
 image processor), so plain ``StableDiffusionPipeline.from_pretrained(OUT_DIR)`` loads and samples from it and
@@ -28,6 +31,7 @@ from transformers import (
 )
 
 from models.clip_tokenizer import load_clip_tokenizer, write_clip_tokenizer
+from models.errors import ConfigurationError
 from models.io import atomic_write_dir
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "backbone" / "tiny.yaml"
@@ -35,9 +39,24 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
+def is_sdxl_config(cfg: dict) -> bool:
+    """Whether a component-config dict is the tiny SDXL's (two text encoders)."""
+    return "text_encoder_2" in cfg
+
+
 def build_tiny_pipeline(config_path: str | Path = DEFAULT_CONFIG, prediction_type: str | None = None):
-    """Builds the tiny pipeline in memory (seeded: the same config always gives the same weights)."""
+    """Builds the tiny pipeline in memory (seeded: the same config always gives the same weights).
+
+    Raises:
+        ConfigurationError: ``config_path`` describes a tiny SDXL (it has ``text_encoder_2``): build that with
+            :func:`models.tiny_sdxl.build_tiny_sdxl_pipeline`.
+    """
     cfg = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    if is_sdxl_config(cfg):
+        raise ConfigurationError(
+            f"{config_path} describes a tiny SDXL backbone (it has text_encoder_2): build it with "
+            "models.tiny_sdxl (python -m models.tiny_sdxl OUT --config ...)"
+        )
     torch.manual_seed(int(cfg["seed"]))
     unet = UNet2DConditionModel(**cfg["unet"])
     vae = AutoencoderKL(**cfg["vae"])
@@ -101,6 +120,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if the folder exists")
     args = parser.parse_args(argv)
+    if is_sdxl_config(OmegaConf.to_container(OmegaConf.load(args.config), resolve=True)):
+        from models.tiny_sdxl import write_tiny_sdxl_backbone  # imports this module
+
+        if args.prediction_type is not None:
+            parser.error("--prediction-type is not available for the tiny SDXL backbone (its config sets it)")
+        out = write_tiny_sdxl_backbone(args.out_dir, args.config, args.overwrite)
+        print(
+            f"tiny Stable Diffusion XL backbone at {out} (the config is an SDXL one: models.tiny_sdxl built it)"
+        )
+        return
     out = write_tiny_backbone(args.out_dir, args.config, args.prediction_type, args.overwrite)
     print(f"tiny Stable Diffusion backbone at {out}")
 

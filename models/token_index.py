@@ -17,9 +17,6 @@ Modes:
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.io import atomic_write
+from models.errors import NonFiniteError
+from models.token_index_cache import cache_key, cache_paths, load_cached, save_cached
 
 MODES = ("exact", "hnsw", "torch")
 # Bump when the cached files' layout or meaning changes: old entries then get a different key.
-CACHE_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -234,20 +231,13 @@ class TokenIndex:
         build_params = {"hnsw_m": hnsw_m, "ef_construction": ef_construction} if mode == "hnsw" else {}
         if mode == "hnsw":
             _check_positive(ef_search=ef_search)
-        key = _cache_key(weight, mode, build_params, vocab_ids)
-        cache = Path(cache_dir)
-        cache.mkdir(parents=True, exist_ok=True)
-        paths = {ext: cache / f"token_index-{key[:32]}.{ext}" for ext in ("faiss", "npy", "json")}
-        index = _load_cached(paths, key, vocab_ids, table.shape[1])
+        key = cache_key(weight, mode, build_params, vocab_ids)
+        paths = cache_paths(cache_dir, key)
+        index = load_cached(paths, key, vocab_ids, table.shape[1])
         loaded = index is not None
         if index is None:
             index = _build_faiss(table.numpy(), mode, hnsw_m, ef_construction, ef_search, threads)
-            meta = {"key": key, "format": CACHE_FORMAT_VERSION, "mode": mode, "params": build_params}
-            meta |= {"dim": table.shape[1], "num_indexed": len(vocab_ids), "faiss": faiss.__version__}
-            atomic_write(paths["faiss"], lambda p: faiss.write_index(index, p))
-            atomic_write(paths["npy"], lambda p: _save_npy(p, vocab_ids))
-            # The json goes last: its presence with a matching key marks a complete entry.
-            atomic_write(paths["json"], lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+            save_cached(paths, index, vocab_ids, key, mode, build_params)
         elif mode == "hnsw":
             index.hnsw.efSearch = ef_search
         return cls(
@@ -279,6 +269,9 @@ class TokenIndex:
                 f"queries must have shape (Q, {self.dim}) to match the index dim {self.dim}, "
                 f"got {tuple(queries.shape)} (dim {queries.shape[-1] if queries.ndim else None})"
             )
+        if not bool(torch.isfinite(queries.detach()).all()):
+            # FAISS would crash deep inside (or return garbage) on NaN / inf: the caller's training diverged.
+            raise NonFiniteError("non-finite query (NaN or inf in v*) to the nearest-token index")
         device = queries.device
         if queries.shape[0] == 0:
             empty_ids = torch.empty(0, k, dtype=torch.long, device=device)
@@ -387,41 +380,4 @@ def _build_faiss(
         index.hnsw.efSearch = ef_search
     with _faiss_threads(max(1, num_threads)):
         index.add(np.ascontiguousarray(table, dtype=np.float32))
-    return index
-
-
-def _cache_key(weight: Tensor, mode: str, params: dict[str, int], vocab_ids: np.ndarray) -> str:
-    """sha256 over the raw table bytes (dtype and shape included), mode, build params and kept ids."""
-    digest = hashlib.sha256()
-    raw = weight.detach().cpu().contiguous()
-    digest.update(f"{CACHE_FORMAT_VERSION}|{raw.dtype}|{tuple(raw.shape)}|{mode}|".encode())
-    digest.update(json.dumps(params, sort_keys=True).encode())
-    # view(uint8) hashes the exact bytes of any dtype (bf16 has no numpy equivalent).
-    digest.update(raw.view(-1).view(torch.uint8).numpy().tobytes())
-    digest.update(vocab_ids.astype(np.int64).tobytes())
-    return digest.hexdigest()
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, array)
-
-
-def _load_cached(paths: dict[str, Path], key: str, vocab_ids: np.ndarray, dim: int) -> faiss.Index | None:
-    """Returns the cached index if a complete, consistent entry exists; warns and returns None if corrupt."""
-    if not paths["json"].exists():
-        return None
-    try:
-        meta = json.loads(paths["json"].read_text())
-        if meta.get("key") != key:
-            raise ValueError("metadata key does not match")
-        cached_ids = np.load(paths["npy"], allow_pickle=False)
-        if not np.array_equal(cached_ids, vocab_ids):
-            raise ValueError("cached vocabulary ids differ")
-        index = faiss.read_index(str(paths["faiss"]))
-        if index.d != dim or index.ntotal != len(vocab_ids):
-            raise ValueError(f"cached index has d={index.d}, ntotal={index.ntotal}")
-    except Exception as err:  # any unreadable entry is rebuilt, never fatal
-        warnings.warn(f"token index cache {paths['faiss']} is unusable ({err}); rebuilding", stacklevel=3)
-        return None
     return index

@@ -8,11 +8,12 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from models.backbone import DiffusionBackbone, unet_feature_dim
+from models.backbone import DiffusionBackbone
 from models.clip_tokenizer import CLIP_VOCAB_SIZE, load_clip_tokenizer, write_clip_tokenizer
 from models.hub import ModelNotAvailableError, resolve_model_path
 from models.placeholder import PlaceholderError, add_placeholder_token
 from models.tiny import write_tiny_backbone
+from models.unet_features import unet_feature_dim
 
 
 def test_clip_tokenizer_is_the_real_vocabulary(tmp_path):
@@ -127,3 +128,15 @@ def test_backbone_configs_build(name, low, high):
     unet = UNet2DConditionModel(**cfg["unet"])
     assert low < sum(p.numel() for p in unet.parameters()) < high
     assert unet.config.cross_attention_dim == cfg["text_encoder"]["hidden_size"]
+
+
+def test_fingerprint_does_not_depend_on_the_path_the_model_was_loaded_from(backbone, tiny_sd_dir, tmp_path):
+    link = tmp_path / "same-model"
+    link.symlink_to(tiny_sd_dir, target_is_directory=True)
+    other = DiffusionBackbone.from_pretrained(str(link), str(link))
+    assert other.fingerprint() == backbone.fingerprint()
+    # Recorded by the earlier, path-dependent formula (the load folder was hashed too): still this model.
+    legacy = backbone.fingerprint(load_path=str(tiny_sd_dir))
+    assert legacy != backbone.fingerprint()
+    assert other.matches_fingerprint(legacy, recorded_base_model=str(tiny_sd_dir))
+    assert backbone.matches_fingerprint(legacy) and not other.matches_fingerprint(legacy)

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 from models.artifact import ConceptArtifact
 from models.attention import LoraDelta
 from models.backbone import DiffusionBackbone
-from models.backbone_sdxl import SDXLDiffusionBackbone, is_sdxl, load_backbone
+from models.backbone_sdxl import SDXLDiffusionBackbone, is_sdxl
 from models.encoder import MultiTokenEmbedder
+from models.loading import load_backbone
 from models.personalizer import Personalizer
 from models.sampling import sample_personalized
 from models.tiny_sdxl import write_tiny_sdxl_backbone
@@ -351,3 +352,27 @@ def test_evaluation_runs_on_the_tiny_sdxl(sdxl_dir, sdxl_pretrained, tmp_path):
     result = evaluate.main(argv)
     assert result.n_rows == 4  # 2 steps x 2 alphas x 1 prompt x 1 sample
     assert (out / "results.csv").is_file()
+
+
+def test_sdxl_loads_an_fp16_variant_folder(tmp_path):
+    from models.tiny_sdxl import build_tiny_sdxl_pipeline
+
+    folder = tmp_path / "tiny-sdxl-fp16"
+    build_tiny_sdxl_pipeline().to(torch.float16).save_pretrained(
+        folder, variant="fp16", safe_serialization=True
+    )
+    assert not list(folder.glob("unet/*[!6].safetensors"))  # the fp16 files only
+    bb = load_backbone(str(folder), str(folder), variant="fp16")
+    assert type(bb) is SDXLDiffusionBackbone
+    assert bb.unet.dtype == torch.float32 and bb.text_encoder_2.dtype == torch.float32  # cast on load
+
+
+def test_models_tiny_builds_the_tiny_sdxl_from_its_config(tmp_path, capsys):
+    from models.tiny import build_tiny_pipeline, main
+
+    config = REPO / "configs" / "backbone" / "tiny_sdxl.yaml"
+    main([str(tmp_path / "x"), "--config", str(config)])
+    assert "models.tiny_sdxl" in capsys.readouterr().out
+    assert is_sdxl(str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="models.tiny_sdxl"):
+        build_tiny_pipeline(config)

@@ -10,8 +10,6 @@ batch (same members, same order) to reproduce it.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from evaluation.plan import Setting
 from models.artifact import ConceptArtifact
 from models.attention import LoraDelta
 from models.backbone import DiffusionBackbone
+from models.io import atomic_write
 from models.sampling import sample_personalized
 
 IMAGES_DIR = "images"
@@ -57,17 +56,7 @@ def from_uint8(array: np.ndarray) -> Tensor:
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
     """Writes an (H, W, 3) uint8 image atomically (temporary file, then rename): no half-written PNGs."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(array, mode="RGB").save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, lambda tmp: Image.fromarray(array, mode="RGB").save(tmp, format="PNG"))
 
 
 def load_png(path: str | Path) -> np.ndarray:

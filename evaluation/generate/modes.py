@@ -18,7 +18,7 @@ from evaluation.recipe import TuneRecipe
 from evaluation.tuning import ConceptTuner
 from models.artifact import ConceptArtifact
 from models.backbone import DEFAULT_IMAGE_ENCODER, DiffusionBackbone
-from models.backbone_sdxl import load_backbone
+from models.loading import load_backbone
 
 EXPORTS_DIR = "exports"  # <out>/exports/<method>/<concept>/s<steps>/: the export-mode methods' files
 
