@@ -19,7 +19,7 @@ from lightning import Callback, LightningModule, Trainer, seed_everything
 
 from datamodules.concept import ConceptDataModule
 from evaluation.concepts.base import EvalConcept
-from evaluation.recipe import TuneRecipe, optimizer_factory
+from evaluation.recipe import TuneRecipe
 from lightning_modules.tuning import ConceptTuning
 from models.artifact import ConceptArtifact
 
