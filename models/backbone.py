@@ -19,6 +19,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPVisionModelWithP
 from models.attention import PERSONALIZATION_KWARG, LoraDelta, Personalization, install_dual_path
 from models.clip_tokenizer import load_clip_tokenizer
 from models.hub import missing_variant_folders, resolve_model_path
+from models.image_encoder import load_image_encoder, tower_dtype
 from models.placeholder import (
     add_placeholder_token,
     check_prompts,
@@ -146,8 +147,7 @@ class DiffusionBackbone(nn.Module):
         dkw: dict = {"torch_dtype": torch_dtype}
         if variant is not None and not missing_variant_folders(Path(enc) / enc_sub, (variant,)):
             dkw["variant"] = variant
-        image_encoder = CLIPVisionModelWithProjection.from_pretrained(enc, subfolder=enc_sub, **dkw)
-        image_processor = CLIPImageProcessor.from_pretrained(enc, subfolder=proc_sub)
+        image_encoder, image_processor = load_image_encoder(enc, enc_sub, proc_sub, **dkw)
         return cls(
             vae,
             unet,
@@ -189,6 +189,17 @@ class DiffusionBackbone(nn.Module):
     def token_embedding_table(self) -> torch.Tensor:
         """(V, D) the text encoder's input-embedding table (without the placeholder)."""
         return self.text_encoder.get_input_embeddings().weight
+
+    def image_encoder_fingerprint(self) -> str:
+        """A short hash of the image branch's tower (config and a few weights): an encoder trained on one image
+        tower is refused on another (the base-model fingerprint leaves the image encoder out)."""
+        h = hashlib.sha256()
+        cfg = {k: v for k, v in self.image_encoder.config.to_dict().items()}
+        cfg = {k: v for k, v in cfg.items() if "version" not in k and k not in {"dtype", "torch_dtype"}}
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+        for p in list(self.image_encoder.parameters())[:4]:
+            h.update(p.detach().to(torch.bfloat16).float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def fingerprint(self) -> str:
         """A short hash identifying the base model: component configs plus a few weight tensors.
@@ -277,6 +288,17 @@ class DiffusionBackbone(nn.Module):
         dist = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
         return dist.mean * self.vae.config.scaling_factor
 
+    def image_feature_widths(self) -> list[int]:
+        """Width of every hidden state of the image tower (embeddings first): from the config of a ViT (CLIP,
+        DINOv2, SigLIP), else measured with one blank image (convolutional towers widen stage by stage)."""
+        cfg = self.image_encoder.config
+        if hasattr(cfg, "hidden_size") and hasattr(cfg, "num_hidden_layers"):
+            return [int(cfg.hidden_size)] * (int(cfg.num_hidden_layers) + 1)
+        size = self.clip_image_size
+        with torch.no_grad():
+            states = self.clip_hidden_states(torch.zeros(1, 3, size, size, device=self.unet.device))
+        return [int(s.shape[1] if s.ndim == 4 else s.shape[-1]) for s in states]
+
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [0, 1] from scaled latents."""
         images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
@@ -285,7 +307,7 @@ class DiffusionBackbone(nn.Module):
     def clip_hidden_states(self, clip_pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Hidden states of every CLIP vision layer: a tuple of L + 1 tensors (B, N, C), embeddings first."""
         out = self.image_encoder(
-            pixel_values=clip_pixel_values.to(self.image_encoder.dtype), output_hidden_states=True
+            pixel_values=clip_pixel_values.to(tower_dtype(self.image_encoder)), output_hidden_states=True
         )
         return tuple(out.hidden_states)
 
