@@ -103,8 +103,9 @@ class ValidationIdentity(Callback):
             self.run(trainer, pl_module)
 
     @torch.no_grad()
-    def measure(self, pl_module) -> dict[str, float]:
-        """Identity / prompt accuracy per alpha of the module's encoder-only predictions."""
+    def measure(self, pl_module, zero_cores: bool = False) -> dict[str, float]:
+        """Identity / prompt accuracy per alpha of the module's encoder-only predictions (``zero_cores``: with the
+        predicted v* but no weight offsets, the reference the predicted cores must beat)."""
         from models.checker import AttributeChecker
         from models.sampling import sample_personalized
 
@@ -124,6 +125,7 @@ class ValidationIdentity(Callback):
         pred = pl_module.personalizer.predict(
             bb, clip, noised.noisy, noised.timesteps, pl_module.empty_context()
         )
+        cores = torch.zeros_like(pred.cores) if zero_cores else pred.cores
         rows = [context_prompts(o, self.k, self.seed + i, placeholder) for i, o in enumerate(objects)]
         prompts = [r["prompt"] for rs in rows for r in rs]
         wanted = [r["attributes"] for rs in rows for r in rs]
@@ -138,7 +140,7 @@ class ValidationIdentity(Callback):
                     bb,
                     prompts,
                     pred.v_star[index],
-                    pl_module.lora_deltas(pred.cores[index]),
+                    pl_module.lora_deltas(cores[index]),
                     hard[index],
                     alpha=alpha,
                     num_inference_steps=self.inference_steps,
@@ -198,3 +200,45 @@ def write_validation_concepts(out: str, n: int = 8, seed: int = 1234) -> str:
         )
     (folder / "concepts.json").write_text(json.dumps(rows, indent=1) + "\n")
     return str(folder)
+
+
+def measure_checkpoint(
+    ckpt: str, config: str = "configs/pretrain/toyworld.yaml", **kwargs
+) -> dict[str, float]:
+    """Encoder-only validation identity / prompt accuracy of a pretraining checkpoint at each alpha, with its
+    predicted cores and with zero cores (keys ``..._zero_cores``)."""
+    import train
+    from lightning_modules.base import check_checkpoint, read_checkpoint
+
+    cli = train.main(["--config", config, "--trainer.logger", "false"], run=False)
+    module = cli.model
+    checkpoint = read_checkpoint(ckpt, "encoder checkpoint")
+    check_checkpoint(checkpoint, module.backbone, phase="pretrain", source=ckpt)
+    module.load_state_dict(checkpoint["state_dict"], strict=False)
+    module.setup("validate")
+    callback = ValidationIdentity(**kwargs)
+    out = callback.measure(module)
+    out.update({f"{k}_zero_cores": v for k, v in callback.measure(module, zero_cores=True).items()})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m toyworld.validation",
+        description="Encoder-only identity of a pretraining checkpoint on the validation concepts.",
+    )
+    parser.add_argument(
+        "ckpt", help="a pretraining checkpoint (e.g. outputs/pretrain_toyworld/checkpoints/last.ckpt)"
+    )
+    parser.add_argument("--config", default="configs/pretrain/toyworld.yaml", help="its pretraining config")
+    parser.add_argument("--prompts", type=int, default=3, help="new contexts per validation concept")
+    args = parser.parse_args(argv)
+    if not Path(args.ckpt).is_file():
+        parser.error(f"checkpoint not found: {args.ckpt}")
+    print(json.dumps(measure_checkpoint(args.ckpt, args.config, prompts_per_concept=args.prompts), indent=1))
+
+
+if __name__ == "__main__":
+    main()
