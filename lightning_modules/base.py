@@ -30,7 +30,8 @@ from losses import (
 )
 from models.attention import LoraDelta
 from models.backbone import DEFAULT_IMAGE_ENCODER, DiffusionBackbone
-from models.errors import MissingFileError, TuningEncoderError
+from models.errors import ConfigurationError, MissingFileError, TuningEncoderError
+from models.image_encoder import tower_fingerprint
 from models.loading import load_backbone
 from models.personalizer import PersonalizerConfig
 from models.sampling import sample_personalized
@@ -52,6 +53,10 @@ class PersonalizationModule(LightningModule):
         placeholder: the pseudo-word S* written in prompts.
         personalizer: sizes of the encoder, token embedder and hypernetwork.
         alpha: dual-path blend of the adapted path during training (paper default 0.5).
+        alpha_range: ``[low, high]``: draw alpha uniformly from this range for each batch instead of the fixed
+            ``alpha`` (a function of the seed and step, so resuming is exact). Cores trained at one alpha only
+            serve that alpha; every export samples at alpha 1, so pretraining over ``[0.5, 1]`` teaches the
+            hypernetwork cores that help on the adapted path alone too. None: always ``alpha``.
         nn_weight: weight lambda_nn of the nearest-neighbour contrastive loss (0 disables it).
         nn_temperature: InfoNCE temperature.
         nn_k: number of nearest real tokens used as positives.
@@ -89,6 +94,7 @@ class PersonalizationModule(LightningModule):
         placeholder: str = "<s*>",
         personalizer: PersonalizerConfig | None = None,
         alpha: float = 0.5,
+        alpha_range: tuple[float, float] | None = None,
         nn_weight: float = 0.01,
         nn_temperature: float = 0.07,
         nn_k: int = 1,
@@ -107,6 +113,12 @@ class PersonalizationModule(LightningModule):
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        if alpha_range is not None:
+            alpha_range = tuple(float(a) for a in alpha_range)
+            if len(alpha_range) != 2 or not 0.0 <= alpha_range[0] <= alpha_range[1] <= 1.0:
+                raise ValueError(
+                    f"alpha_range must be [low, high] with 0 <= low <= high <= 1, got {alpha_range}"
+                )
         # An SDXL folder or hub id gets models.backbone_sdxl.SDXLDiffusionBackbone (by its model_index.json).
         self.backbone = load_backbone(
             pretrained_model_name_or_path,
@@ -115,6 +127,7 @@ class PersonalizationModule(LightningModule):
             torch_dtype=getattr(torch, torch_dtype) if torch_dtype else None,
             **({"variant": variant} if variant else {}),
         )
+        self.image_encoder_name_or_path = image_encoder_name_or_path
         self.token_vocabulary = token_vocabulary
         if token_vocabulary is not None:
             self.backbone.restrict_vocabulary(token_vocabulary)
@@ -123,6 +136,7 @@ class PersonalizationModule(LightningModule):
             self.backbone.unet.enable_gradient_checkpointing()
         self.personalizer_config = personalizer or PersonalizerConfig()
         self.alpha = alpha
+        self.alpha_range = alpha_range
         self.nn_k = nn_k
         self.token_index_mode = token_index_mode
         self.token_index_cache = token_index_cache
@@ -172,6 +186,8 @@ class PersonalizationModule(LightningModule):
             "phase": self.phase,
             "base_model": self.backbone.name_or_path,
             "fingerprint": self.backbone.fingerprint(),
+            "image_encoder": getattr(self, "image_encoder_name_or_path", None),
+            "image_encoder_fingerprint": tower_fingerprint(self.backbone.image_encoder),
             "placeholder": self.backbone.placeholder,
             "personalizer": asdict(self.personalizer_config),
         }
@@ -199,6 +215,14 @@ class PersonalizationModule(LightningModule):
         key = (self.seed * 1_000_003 + self.global_step) * 65_537 + self.global_rank
         return torch.Generator().manual_seed(key % (2**63))
 
+    def step_alpha(self) -> float:
+        """The dual-path blend of this training step: ``alpha``, or a draw from ``alpha_range``."""
+        if self.alpha_range is None or not self.training:
+            return self.alpha
+        low, high = self.alpha_range
+        g = torch.Generator().manual_seed((self.seed * 7_919 + self.global_step) % (2**63))
+        return float(low + (high - low) * torch.rand((), generator=g))
+
     # ----- the shared step -----
     def predict_concepts(self, batch: dict, noisy: torch.Tensor, timesteps: torch.Tensor):
         """Returns (v* (B, D), cores (B, T, r, r)) for the batch. Implemented by each phase."""
@@ -210,14 +234,22 @@ class PersonalizationModule(LightningModule):
     def model_step(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict]:
         """Diffusion loss under dual-path attention plus the regularisers; returns (losses, extras)."""
         bb = self.backbone
+        clip = batch.get("clip_pixel_values")
+        if clip is not None and clip.shape[-1] != bb.clip_image_size:
+            # A convolutional image tower would silently read an image of the wrong size.
+            raise ConfigurationError(
+                f"the data's clip_pixel_values are {clip.shape[-1]} px but the image encoder reads "
+                f"{bb.clip_image_size} px: set data.init_args.clip_size: {bb.clip_image_size}"
+            )
         with torch.no_grad():
             latents = bb.encode_images(batch["pixel_values"]).float()
         noised = add_noise(bb.scheduler, latents, generator=self.step_generator())
         v_star, cores = self.predict_concepts(batch, noised.noisy, noised.timesteps)
+        alpha = self.step_alpha()
         neighbours = neighbour_ids = hard_ids = None
         # The lookup feeds the hard prompt (alpha < 1) and the regulariser; single-path runs without the
         # regulariser (the baselines) skip it and its device-to-host sync.
-        if self.alpha < 1.0 or self.nn_weight > 0:
+        if alpha < 1.0 or self.nn_weight > 0:
             k = max(self.nn_k, 1)
             table = bb.token_embedding_table()
             neighbours, neighbour_ids = gather_neighbours(self.token_index, table, v_star, k)
@@ -231,7 +263,7 @@ class PersonalizationModule(LightningModule):
             ids,
             v_star,
             self.lora_deltas(cores),
-            self.alpha,
+            alpha,
             hard_ids,
         )
         losses = dict(self.diffusion_loss(pred.float(), noised.target.float()))
@@ -258,13 +290,15 @@ class PersonalizationModule(LightningModule):
             total = total + term["loss/core_penalty"]
         losses["loss"] = total
         check_finite(losses)
-        extras = {"v_star": v_star, "cores": cores, "neighbour_ids": neighbour_ids}
+        extras = {"v_star": v_star, "cores": cores, "neighbour_ids": neighbour_ids, "alpha": alpha}
         return losses, extras
 
     def log_step(self, losses: dict[str, torch.Tensor], extras: dict, batch_size: int) -> None:
         logs = {f"train/{k}": v.detach() for k, v in losses.items()}
         logs["train/v_star_norm"] = extras["v_star"].detach().norm(dim=-1).mean()
         logs["train/core_norm"] = extras["cores"].detach().flatten(1).norm(dim=-1).mean()
+        if self.alpha_range is not None:
+            logs["train/alpha"] = torch.tensor(extras["alpha"])
         self.log_dict(logs, batch_size=batch_size)
         self.log("loss", losses["loss"].detach(), prog_bar=True, logger=False, batch_size=batch_size)
 
@@ -349,5 +383,17 @@ def check_checkpoint(
         raise CheckpointMismatchError(
             f"{source} was made on base model {meta.get('base_model')!r} (fingerprint {meta.get('fingerprint')}), "
             f"not on {backbone.name_or_path!r} (fingerprint {backbone.fingerprint()})"
+        )
+    # Checkpoints from before the image-encoder fingerprint existed carry none: nothing to compare.
+    image_fp = meta.get("image_encoder_fingerprint")
+    if (
+        backbone is not None
+        and image_fp is not None
+        and image_fp != tower_fingerprint(backbone.image_encoder)
+    ):
+        raise CheckpointMismatchError(
+            f"{source} was made with image encoder {meta.get('image_encoder')!r} (fingerprint {image_fp}), "
+            f"not with the configured one (fingerprint {tower_fingerprint(backbone.image_encoder)}): "
+            "set model.init_args.image_encoder_name_or_path to the encoder's"
         )
     return meta

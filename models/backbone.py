@@ -18,6 +18,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPVisionModelWithP
 
 from models.attention import PERSONALIZATION_KWARG, LoraDelta, Personalization, install_dual_path
 from models.hub import load_sd_components
+from models.image_encoder import tower_dtype
 from models.placeholder import (
     DEFAULT_PLACEHOLDER,
     add_placeholder_token,
@@ -262,7 +263,7 @@ class DiffusionBackbone(nn.Module):
     def clip_hidden_states(self, clip_pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Hidden states of every CLIP vision layer: a tuple of L + 1 tensors (B, N, C), embeddings first."""
         out = self.image_encoder(
-            pixel_values=clip_pixel_values.to(self.image_encoder.dtype), output_hidden_states=True
+            pixel_values=clip_pixel_values.to(tower_dtype(self.image_encoder)), output_hidden_states=True
         )
         return tuple(out.hidden_states)
 

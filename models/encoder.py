@@ -9,40 +9,80 @@ from torch import nn
 
 from models.attention import LoraDelta
 
+IMAGE_FEATURES = ("cls", "mean", "cls_mean")
+
+
+def image_tokens(hidden_state: torch.Tensor, mode: str = "cls") -> torch.Tensor:
+    """Pools one vision layer's tokens (B, N, C) into the image branch's feature of that layer.
+
+    ``cls``: the [CLS] token (E4T; CLIP, DINOv2). ``mean``: the mean of the patch tokens (what a tower without a
+    [CLS] token offers, e.g. SigLIP; a [CLS] token, if present, is left out). ``cls_mean``: both concatenated
+    (B, 2C): the patch tokens carry where-and-what detail (shape) that a [CLS] trained on captions can drop.
+    A convolutional tower's feature map (B, C, H, W) has no [CLS]: it takes ``mean`` (global average pooling).
+    """
+    if hidden_state.ndim == 4:
+        if mode != "mean":
+            raise ValueError(
+                f"a convolutional image tower has no [CLS] token: set image_features to 'mean', not {mode!r}"
+            )
+        return hidden_state.mean(dim=(2, 3))
+    if mode == "cls":
+        return hidden_state[:, 0]
+    if mode == "mean":
+        return hidden_state[:, 1:].mean(dim=1) if hidden_state.shape[1] > 1 else hidden_state[:, 0]
+    if mode == "cls_mean":
+        return torch.cat([hidden_state[:, 0], hidden_state[:, 1:].mean(dim=1)], dim=-1)
+    raise ValueError(f"image_features must be one of {IMAGE_FEATURES}, got {mode!r}")
+
 
 class FeatureEncoder(nn.Module):
     """Fuses CLIP image features of the concept with UNet encoder features of the noisy latent (E4T).
 
-    CLIP branch: the [CLS] token of every ``clip_layer_stride``-th vision layer -> one linear layer each ->
-    average over layers -> LeakyReLU. UNet branch: pooled down/mid features -> 2-layer MLP. Fusion: concatenate
+    CLIP branch: the [CLS] token (or the pooled tokens chosen by ``image_features``) of every
+    ``clip_layer_stride``-th vision layer -> one linear layer each -> average over layers -> LeakyReLU. UNet branch: pooled down/mid features -> 2-layer MLP. Fusion: concatenate
     both -> linear.
 
     Args:
-        clip_hidden_size: width of the CLIP vision layers.
+        clip_hidden_size: width of the vision layers, or one width per hidden state (embeddings first) for
+            towers whose stages differ in width (convolutional ones).
         clip_num_layers: number of CLIP vision layers.
         unet_feature_dim: size of the pooled UNet features (``DiffusionBackbone.unet_feature_dim()``).
         feature_dim: width of the fused feature f.
         clip_layer_stride: take every n-th layer's [CLS] token (E4T: 2).
         unet_hidden_dim: hidden width of the UNet-branch MLP.
         negative_slope: LeakyReLU slope.
+        image_features: how each layer's tokens are pooled: ``cls`` (E4T), ``mean`` or ``cls_mean``
+            (:func:`image_tokens`).
     """
 
     def __init__(
         self,
-        clip_hidden_size: int,
+        clip_hidden_size: int | list[int],
         clip_num_layers: int,
         unet_feature_dim: int,
         feature_dim: int = 768,
         clip_layer_stride: int = 2,
         unet_hidden_dim: int = 1024,
         negative_slope: float = 0.2,
+        image_features: str = "cls",
     ) -> None:
         super().__init__()
         if clip_layer_stride < 1 or clip_layer_stride > clip_num_layers:
             raise ValueError(f"clip_layer_stride={clip_layer_stride} must lie in [1, {clip_num_layers}]")
+        if image_features not in IMAGE_FEATURES:
+            raise ValueError(f"image_features must be one of {IMAGE_FEATURES}, got {image_features!r}")
+        self.image_features = image_features
+        widths = (
+            list(clip_hidden_size)
+            if isinstance(clip_hidden_size, (list, tuple))
+            else [clip_hidden_size] * (clip_num_layers + 1)
+        )
+        factor = 2 if image_features == "cls_mean" else 1
         # hidden_states[0] is the embedding output; layer i's output is hidden_states[i].
         self.clip_layers = list(range(clip_layer_stride, clip_num_layers + 1, clip_layer_stride))
-        self.clip_linears = nn.ModuleList(nn.Linear(clip_hidden_size, feature_dim) for _ in self.clip_layers)
+        self.clip_linears = nn.ModuleList(
+            nn.Linear(widths[i] * factor, feature_dim) for i in self.clip_layers
+        )
         self.clip_act = nn.LeakyReLU(negative_slope)
         self.unet_mlp = nn.Sequential(
             nn.Linear(unet_feature_dim, unet_hidden_dim),
@@ -56,7 +96,8 @@ class FeatureEncoder(nn.Module):
     ) -> torch.Tensor:
         """Args: ``clip_hidden_states``: L + 1 tensors (B, N, C); ``unet_features``: (B, U). Returns (B, F)."""
         cls_feats = [
-            lin(clip_hidden_states[i][:, 0].float()) for i, lin in zip(self.clip_layers, self.clip_linears)
+            lin(image_tokens(clip_hidden_states[i], self.image_features).float())
+            for i, lin in zip(self.clip_layers, self.clip_linears)
         ]
         clip_f = self.clip_act(torch.stack(cls_feats, dim=0).mean(dim=0))
         unet_f = self.unet_mlp(unet_features.float())

@@ -144,9 +144,10 @@ def load_sd_components(
     """
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPImageProcessor, CLIPTextModel, CLIPVisionModelWithProjection
+    from transformers import CLIPTextModel
 
     from models.clip_tokenizer import load_clip_tokenizer
+    from models.image_encoder import load_image_encoder
 
     sd = resolve_model_path(pretrained_model_name_or_path, variant=variant, revision=revision)
     kw: dict = {"revision": revision} if revision else {}
@@ -163,12 +164,14 @@ def load_sd_components(
     dkw: dict = {"torch_dtype": torch_dtype}
     if variant is not None and not missing_variant_folders(Path(enc) / enc_sub, (variant,)):
         dkw["variant"] = variant
+    # CLIP's vision tower (E4T) or any transformers vision model (models.image_encoder)
+    image_encoder, image_processor = load_image_encoder(enc, enc_sub, proc_sub, **dkw)
     return {
         "vae": AutoencoderKL.from_pretrained(sd, subfolder="vae", **kw),
         "unet": UNet2DConditionModel.from_pretrained(sd, subfolder="unet", **kw),
         "text_encoder": CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", **kw),
         "tokenizer": load_clip_tokenizer(sd, subfolder="tokenizer"),
         "scheduler": DDPMScheduler.from_pretrained(sd, subfolder="scheduler"),
-        "image_encoder": CLIPVisionModelWithProjection.from_pretrained(enc, subfolder=enc_sub, **dkw),
-        "image_processor": CLIPImageProcessor.from_pretrained(enc, subfolder=proc_sub),
+        "image_encoder": image_encoder,
+        "image_processor": image_processor,
     }

@@ -10,6 +10,7 @@ from torch import nn
 from models.attention import DEFAULT_PROJECTIONS, LoraDelta, lora_targets
 from models.backbone import DiffusionBackbone
 from models.encoder import FeatureEncoder, HyperNetwork, MultiTokenEmbedder, TokenEmbedder
+from models.image_encoder import feature_widths
 
 
 @dataclass
@@ -27,6 +28,8 @@ class PersonalizerConfig:
         lora_projections: attention projections that get offsets.
         lora_attention: attention kinds that get offsets (attn1 = self, attn2 = cross).
         negative_slope: LeakyReLU slope everywhere.
+        image_features: how each read vision layer is pooled: ``cls`` (E4T), ``mean`` (towers without [CLS],
+            e.g. SigLIP) or ``cls_mean`` (both; see ``models.encoder.image_tokens``).
     """
 
     feature_dim: int = 768
@@ -39,6 +42,7 @@ class PersonalizerConfig:
     lora_projections: tuple[str, ...] = DEFAULT_PROJECTIONS
     lora_attention: tuple[str, ...] = ("attn1", "attn2")
     negative_slope: float = 0.2
+    image_features: str = "cls"
 
 
 @dataclass
@@ -67,15 +71,16 @@ class Personalizer(nn.Module):
         super().__init__()
         cfg = config or PersonalizerConfig()
         self.config = cfg
-        vision = backbone.image_encoder.config
+        widths = feature_widths(backbone.image_encoder, backbone.clip_image_size, backbone.clip_hidden_states)
         self.encoder = FeatureEncoder(
-            clip_hidden_size=vision.hidden_size,
-            clip_num_layers=vision.num_hidden_layers,
+            clip_hidden_size=widths,
+            clip_num_layers=len(widths) - 1,
             unet_feature_dim=backbone.unet_feature_dim(),
             feature_dim=cfg.feature_dim,
             clip_layer_stride=cfg.clip_layer_stride,
             unet_hidden_dim=cfg.unet_hidden_dim,
             negative_slope=cfg.negative_slope,
+            image_features=cfg.image_features,
         )
         if len(backbone.token_dims) == 1:
             self.token_embedder = TokenEmbedder(

@@ -4,7 +4,10 @@ python -m toyworld sample-prompts --n 4 --seed 0          # base-distribution pr
 python -m toyworld render --n 16 --seed 0 --out grid.png  # random scenes and their captions
 python -m toyworld write-concepts --out assets/toyworld/concepts
 python -m toyworld base-adherence --n 256 --seed 0        # the base model's accuracy per attribute
-python -m toyworld train checker --config configs/toyworld/checker.yaml   # also: base, clip
+python -m toyworld train checker --config configs/toyworld/checker.yaml   # also: base, clip, image-encoder
+python -m toyworld probe-image-encoder --encoder assets/toyworld/image_encoder   # the gate before pretraining
+python -m toyworld write-validation-concepts --out assets/toyworld/validation_concepts
+python -m toyworld validate-encoder assets/toyworld/encoder/date.ckpt  # encoder-only identity, cores vs none
 python -m toyworld export --config configs/toyworld/base.yaml             # assemble assets/toyworld/
 python -m toyworld card | probe --config configs/toyworld/base.yaml
 python -m toyworld export-encoder --ckpt .../last.ckpt --name date [--log-dir .../tb]
@@ -48,8 +51,28 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train", help="train one of the world's models (seeded; base resumes, the others restart)"
     )
-    t.add_argument("model", choices=["base", "checker", "clip"], help="which model")
+    t.add_argument("model", choices=["base", "checker", "clip", "image-encoder"], help="which model")
     t.add_argument("--config", required=True, help="YAML config under configs/toyworld/")
+    pi = sub.add_parser(
+        "probe-image-encoder", help="linear probe of the features DATE's image branch reads (the gate)"
+    )
+    pi.add_argument("--encoder", default="assets/toyworld/image_encoder", help="image-encoder folder")
+    pi.add_argument("--features", default="mean", help="cls | mean | cls_mean (models.encoder.image_tokens)")
+    pi.add_argument("--layers", type=int, nargs="*", help="hidden-state indices (default: every 2nd layer)")
+    v = sub.add_parser(
+        "write-validation-concepts", help="write the validation concepts' images and concepts.json"
+    )
+    v.add_argument("--out", default="assets/toyworld/validation_concepts", help="output folder")
+    ve = sub.add_parser(
+        "validate-encoder",
+        help="encoder-only identity of a pretraining checkpoint on the validation concepts",
+    )
+    ve.add_argument(
+        "ckpt", help="a pretraining checkpoint (e.g. outputs/pretrain_toyworld/checkpoints/last.ckpt)"
+    )
+    ve.add_argument(
+        "--pretrain-config", default="configs/pretrain/toyworld.yaml", help="its pretraining config"
+    )
     for name, text in (
         ("export", "assemble assets/toyworld/ from the trained models (and measure them)"),
         ("card", "rewrite assets/toyworld/README.md from the measured metrics"),
@@ -82,6 +105,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         for name, marker in (("pipeline", "model_index.json"), ("checker", "config.json")):
             if not (Path(getattr(args, name)) / marker).exists():
                 parser.error(f"--{name} {getattr(args, name)} is not a {name} folder")
+    if args.command == "probe-image-encoder" and not (Path(args.encoder) / "config.json").is_file():
+        parser.error(f"--encoder {args.encoder} is not an image-encoder folder (no config.json)")
+    if args.command == "validate-encoder" and not Path(args.ckpt).is_file():
+        parser.error(f"checkpoint {args.ckpt} does not exist")
     if args.command == "figures" and not (Path(args.run) / "results.csv").is_file():
         parser.error(f"{args.run} holds no results.csv (an evaluate.py run's out_dir)")
 
@@ -115,6 +142,18 @@ def main(argv: list[str] | None = None) -> None:
         from toyworld.figures import write_figures
 
         print(write_figures(Path(args.run), args.concept, Path(args.out)))
+    elif args.command == "probe-image-encoder":
+        from toyworld.image_encoder import probe
+
+        print(json.dumps(probe(args.encoder, args.features, args.layers), indent=1))
+    elif args.command == "write-validation-concepts":
+        from toyworld.validation import write_validation_concepts
+
+        print(write_validation_concepts(args.out))
+    elif args.command == "validate-encoder":
+        from toyworld.validation import measure_checkpoint
+
+        print(json.dumps(measure_checkpoint(args.ckpt, args.pretrain_config), indent=1))
     elif args.command == "export-encoder":
         from toyworld.assets import export_encoder
 
@@ -132,6 +171,10 @@ def _run_config_command(args: argparse.Namespace) -> None:
             from toyworld.train_clip import train_clip
 
             train_clip(cfg)
+        elif args.model == "image-encoder":
+            from toyworld.image_encoder import train
+
+            print(train(cfg))
         else:
             from toyworld.train import train_base, train_checker
 

@@ -77,7 +77,14 @@ def _check_entry(entry: dict[str, Any], where: str) -> Scene:
     if bad:
         raise EvaluationConfigError(f"{where}: concept {entry['name']!r} has unknown values of {bad}")
     scene = Scene(**{a: attrs[a] for a in ATTRIBUTES})
-    if scene.shape not in HELD_OUT_SHAPES and scene.identity not in HELD_OUT_COMBOS:
+    # Validation concepts (kind "validation", toyworld.validation) are objects of the base distribution on
+    # purpose: settings are chosen on them, never on the held-out test concepts.
+    held_out = scene.shape in HELD_OUT_SHAPES or scene.identity in HELD_OUT_COMBOS
+    if entry.get("kind") == "validation" and held_out:
+        raise EvaluationConfigError(
+            f"{where}: validation concept {entry['name']!r} is a held-out test object"
+        )
+    if entry.get("kind") != "validation" and not held_out:
         raise EvaluationConfigError(
             f"{where}: concept {entry['name']!r} ({entry['words']}) is in the base training distribution"
         )
