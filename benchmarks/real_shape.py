@@ -108,7 +108,9 @@ class ProfileStep(Callback):
             return
         bb = pl_module.backbone
         self._hooks = self._ranges(bb.vae.encoder, "vae_encode") + self._ranges(bb.unet, "unet_forward")
-        self._hooks += self._ranges(bb.text_encoder.encoder, "text_encoder_forward")
+        # models.placeholder.run_text_model calls the encoder's layers one by one (not encoder.forward)
+        for layer in getattr(bb.text_encoder, "text_model", bb.text_encoder).encoder.layers:
+            self._hooks += self._ranges(layer, "text_encoder_forward")
         for module in bb.unet.modules():
             if type(module).__name__ == "Attention":
                 self._hooks += self._ranges(module, "attention_forward")
