@@ -78,6 +78,22 @@ class TuningEncoderCLI(LightningCLI):
             if isinstance(init, Namespace):
                 check_resume_base_model(meta, init, source)
 
+    def before_instantiate_classes(self) -> None:
+        # `--trainer.enable_progress_bar false` on a recipe that lists a progress-bar callback (the tuning
+        # recipes' StepProgressBar): drop the bar instead of Lightning's MisconfigurationException.
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        trainer = config.get("trainer")
+        if trainer is None or trainer.get("enable_progress_bar") is not False or not trainer.get("callbacks"):
+            return
+        from lightning.pytorch.callbacks import ProgressBar
+
+        def is_bar(callback) -> bool:
+            cls = import_class(callback.get("class_path", "")) if isinstance(callback, Namespace) else None
+            return isinstance(cls, type) and issubclass(cls, ProgressBar)
+
+        trainer.callbacks = [c for c in trainer.callbacks if not is_bar(c)]
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()

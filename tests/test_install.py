@@ -38,12 +38,12 @@ from losses import DiffusionLoss, NearestNeighbourContrastiveLoss
 from lightning_modules import ConceptTuning, EncoderPretraining
 from datamodules import ConceptDataModule, PretrainDataModule
 from evaluation import IdentitySimilarity
-import evaluation.dreambench, benchmarks
+import evaluation.concepts.dreambench, benchmarks
 import tempfile
 folder = models.clip_tokenizer.write_clip_tokenizer(tempfile.mkdtemp())  # from the BPE file shipped as package data
 tokenizer = models.clip_tokenizer.load_clip_tokenizer(folder)
 print(json.dumps({
-    "files": [m.__file__ for m in (models.artifact, models.personalizer, evaluation.dreambench)],
+    "files": [m.__file__ for m in (models.artifact, models.personalizer, evaluation.concepts.dreambench)],
     "vocab": len(tokenizer),
     "ids": tokenizer("a photo of a dog").input_ids,
 }))

@@ -205,6 +205,7 @@ def test_one_concept_run_has_checker_metrics_plain_words_and_export(toy_inputs, 
     overrides = {
         "model.init_args.pretrained_model_name_or_path": str(tiny_sd_dir),
         "model.init_args.image_encoder_name_or_path": str(tiny_sd_dir),
+        "data.init_args.clip_size": 32,  # the tiny backbone's CLIP tower (the toy world's reads 64 px)
         "model.init_args.encoder_checkpoint": str(toy_inputs["ckpt"]),
         "model.init_args.token_index_cache": None,
         "model.init_args.token_vocabulary": None,
