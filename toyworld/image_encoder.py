@@ -39,14 +39,11 @@ from toyworld.world import (
     caption,
     random_scene,
     render,
+    seeded_rng,
     to_tensor,
 )
 
 IDENTITY = ("shape", "colour", "pattern")
-
-
-def _rng(seed: int, *keys: int) -> np.random.Generator:
-    return np.random.default_rng([seed & ((1 << 63) - 1), *keys])
 
 
 def _context(rng: np.random.Generator, shape: str, colour: str, pattern: str) -> Scene:
@@ -58,7 +55,7 @@ def object_pair_batch(n_objects: int, seed: int, step: int, group: int = 4, spli
     ``group`` that share two identity attributes and differ in the third (shape half the time).
 
     Returns ``pixels`` (2N, 3, 32, 32) in [-1, 1], ``object_ids`` (2N,), ``captions`` (2N full captions)."""
-    rng = _rng(seed, 0x70616972, step)
+    rng = seeded_rng(seed, 0x70616972, step)
     shapes = SHAPES if split == "all" else TRAIN_SHAPES
     objects: list[tuple[str, str, str]] = []
     while len(objects) < n_objects:
@@ -190,7 +187,7 @@ def train(cfg: dict) -> Path:
 # --------------------------------------------------------------------------------------------- probe gate
 def probe_renders(n: int, seed: int, combos: bool) -> tuple[torch.Tensor, list[Scene]]:
     """``n`` renders of base-distribution objects, or of the held-out combinations (``combos``)."""
-    rng = _rng(seed, 0x70726F62)
+    rng = seeded_rng(seed, 0x70726F62)
     scenes = []
     for i in range(n):
         if combos:

@@ -27,6 +27,7 @@ from toyworld.world import (
     is_held_out,
     random_scene,
     render,
+    seeded_rng,
     to_tensor,
 )
 
@@ -38,7 +39,7 @@ CONTEXT = ("background", "position", "size")
 def validation_concepts(n: int = 8, seed: int = 1234) -> list[tuple[str, str, str]]:
     """``n`` distinct (shape, colour, pattern) objects of the base distribution, disjoint from the test concepts.
     Shapes cycle through the training shapes so every one is represented."""
-    rng = np.random.default_rng([seed, 0x76616C])
+    rng = seeded_rng(seed, 0x76616C)
     out: list[tuple[str, str, str]] = []
     while len(out) < n:
         shape = TRAIN_SHAPES[len(out) % len(TRAIN_SHAPES)]
@@ -52,7 +53,7 @@ def validation_concepts(n: int = 8, seed: int = 1234) -> list[tuple[str, str, st
 
 def context_prompts(obj: tuple[str, str, str], n: int, seed: int, placeholder: str = "<s*>") -> list[dict]:
     """``n`` new contexts for an object: prompts with the placeholder for the object, and the wanted attributes."""
-    rng = np.random.default_rng([seed, 0x637478])
+    rng = seeded_rng(seed, 0x637478)
     rows = []
     for _ in range(n):
         scene = random_scene(rng, "all", shape=obj[0], colour=obj[1], pattern=obj[2])
