@@ -1,7 +1,7 @@
 """Cost of both phases at Stable Diffusion 1.5's exact shapes (random weights), through the real LightningModules.
 
     python -m models.tiny .cache/sd15-shape --config configs/backbone/sd15_shape.yaml   # once, ~2 min, 5.2 GB
-    OMP_NUM_THREADS=1 taskset -c 0 python -m benchmarks.real_shape    # CPU, bf16 autocast, 1 thread, ~30 min
+    OMP_NUM_THREADS=1 taskset -c 1 python -m benchmarks.real_shape --batched 2   # CPU, bf16, 1 thread, ~45 min
     python -m benchmarks.real_shape --device cuda --threads 0          # a GPU
 
 Phases, each a Lightning ``fit`` of the committed SD 1.5 recipe (configs/pretrain/sd15.yaml, configs/tune/sd15.yaml,
@@ -41,7 +41,8 @@ from lightning import Callback, Trainer
 from torch.autograd.profiler import record_function
 
 from benchmarks.common import PeakMemory, machine_notes, markdown_table, rss_bytes, sync
-from datamodules import ConceptDataModule, PretrainDataModule
+from datamodules import ConceptDataModule, ConceptSetDataModule, PretrainDataModule
+from datamodules.synthetic import render_concept
 from lightning_modules import ConceptTuning
 from lightning_modules.cli import resolve_config
 from models.tiny import write_tiny_backbone
@@ -273,13 +274,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "date_prediction_plus_12_steps": date["fit_start_to_first_step_s"] + 12 * date["step_s"],
         "lora_500_steps": 500 * lora["step_s"],
     }
+    if args.batched:
+        _save(results, args.out)  # the rounds are kept if the larger batch runs out of memory
+        results["phases"]["date_batched"] = _batched(args, backbone, ckpt, work, device, n)
+        b = results["phases"]["date_batched"]
+        per_concept = (b["fit_start_to_first_step_s"] + 12 * b["step_s"]) / b["k"]
+        results["per_concept_s"]["date_batched"] = per_concept
     return results
+
+
+def _batched(args: argparse.Namespace, backbone: Path, ckpt: Path, work: Path, device, n: int) -> dict:
+    """DATE tuning of ``args.batched`` synthetic concepts in one run (``ConceptSetDataModule``), batch 4 each."""
+    extra = {"model.init_args.export_dir": str(work / "batched"), "model.init_args.export_diffusers": False,
+             "model.init_args.encoder_checkpoint": str(ckpt)}  # fmt: skip
+    cfg = resolve_config([REPO / "configs/tune/sd15.yaml"], {**_weights(backbone), **extra})
+    module: ConceptTuning = cfg.build_model()
+    res, clip = module.backbone.resolution, module.backbone.clip_image_size
+    folder = work / "batched_images"
+    folder.mkdir(exist_ok=True)
+    for i in range(args.batched):
+        render_concept(0, i, res).save(folder / f"concept_{i}.png")
+    data = ConceptSetDataModule(
+        images=str(folder), concepts_per_batch=args.batched, resolution=res, clip_size=clip, batch_size=4,
+        steps=n,
+    )  # fmt: skip
+    probe = StepProbe(device)
+    _fit(module, data, args, [probe], n)
+    out = {
+        "k": args.batched, "batch": 4 * args.batched, **_timed_steps(probe, args.warmup),
+        "fit_start_to_first_step_s": probe.to_first_step_cpu if probe.clock == "cpu_s" else probe.to_first_step,
+        "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+    }  # fmt: skip
+    print(json.dumps({"date_batched": out}), flush=True)
+    return out
+
+
+def _save(results: dict[str, Any], out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2))
 
 
 def render(results: dict[str, Any]) -> str:
     ph = results["phases"]
     labels = {"pretrain": "pretraining step", "date": "DATE tuning step (dual path)",
-              "lora": "one-shot LoRA step (peft)"}  # fmt: skip
+              "lora": "one-shot LoRA step (peft)", "date_batched": "DATE tuning step, K concepts batched"}  # fmt: skip
     rows = [
         [labels[k], str(v["batch"]), f"{v['step_s']:.1f}", f"{v['step_s'] / v['batch']:.1f}", f"{v['peak_gib']:.2f}",
          f"{v['trainable_params'] / 1e6:.3f} M"]
@@ -299,6 +337,13 @@ def render(results: dict[str, Any]) -> str:
         f"(1/{lo / d:.1f})",
         f"precision {results['precision']}; process RSS at the end {results['peak_rss_gib']:.1f} GiB",
     ]
+    if "date_batched" in cost:
+        b = ph["date_batched"]
+        lines.append(
+            f"DATE with K = {b['k']} concepts batched: {cost['date_batched']:.0f} s per concept "
+            f"((fit start to first step {b['fit_start_to_first_step_s']:.0f} s + 12 steps) / K); "
+            f"DATE-12 / LoRA-500 = 1/{lo / cost['date_batched']:.1f}"
+        )
     if "profile" in results:
         prof = results["profile"]
         total, r = prof["step_s"], prof["ranges_s"]
@@ -345,6 +390,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-profile", dest="profile", action="store_false", help="skip the profiled DATE step"
     )
+    parser.add_argument(
+        "--batched", type=int, default=0, metavar="K",
+        help="also time DATE tuning K concepts in one run (K x 4 rows per step; 0: skip)",
+    )  # fmt: skip
     parser.add_argument("--out", default="outputs/bench_real_shape.json")
     parser.add_argument("--render", metavar="JSON", help="only print the tables of a saved --out file")
     args = parser.parse_args(argv)
@@ -353,9 +402,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.warmup < 0 or args.steps < 1 or args.rounds < 1:
         parser.error("--warmup must be >= 0, --steps and --rounds >= 1")
+    if args.batched < 0:
+        parser.error(f"--batched must be >= 0, got {args.batched}")
     results = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    _save(results, args.out)
     print(render(results))
 
 

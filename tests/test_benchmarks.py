@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import bench_batched, bench_token_index, bench_tuning, real_shape, sdxl_shape
 
 
@@ -59,10 +61,15 @@ def test_real_shape_runs_and_writes_json(tmp_path, tiny_sd_dir):
     out = tmp_path / "real_shape.json"
     real_shape.main(
         ["--backbone", str(tiny_sd_dir), "--backbone-config", "configs/backbone/tiny.yaml", "--warmup", "1",
-         "--steps", "1", "--rounds", "1", "--precision", "32-true", "--out", str(out)]
+         "--steps", "1", "--rounds", "1", "--precision", "32-true", "--batched", "2", "--out", str(out)]
     )  # fmt: skip
     res = json.loads(out.read_text())
-    assert set(res["phases"]) == {"pretrain", "date", "lora"}
+    assert set(res["phases"]) == {"pretrain", "date", "lora", "date_batched"}
+    batched = res["phases"]["date_batched"]
+    assert batched["k"] == 2 and batched["batch"] == 8 and len(batched["steps_s"]) == 1
+    assert res["per_concept_s"]["date_batched"] == pytest.approx(
+        (batched["fit_start_to_first_step_s"] + 12 * batched["step_s"]) / 2
+    )
     assert (
         res["rounds_detail"][0]["date"]["warmup_s"] and len(res["rounds_detail"][0]["date"]["steps_s"]) == 1
     )
