@@ -34,6 +34,7 @@ from pixels. Command line: ``python -m toyworld instance-concepts | instance-ren
 from __future__ import annotations
 
 import colorsys
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -352,11 +353,13 @@ def input_context(inst: Instance) -> Context:
     return Context(bg, "center", "large")
 
 
-def prompt_contexts(inst: Instance, n: int, seed: int, key: int = 0) -> list[Context]:
-    """``n`` distinct contexts drawn with (seed, key), never the input image's."""
+def prompt_contexts(inst: Instance, n: int, seed: int, name: str = "", salt: int = 0) -> list[Context]:
+    """``n`` distinct contexts drawn with (seed, concept name, salt), never the input image's (prompt ``i`` is the
+    same for any ``n > i``)."""
     pool = [c for c in all_contexts(inst) if c != input_context(inst)]
     if not 0 <= n <= len(pool):
         raise ValueError(f"need between 0 and {len(pool)} contexts, got {n}")
+    key = int.from_bytes(hashlib.sha256(f"{name}|{salt}".encode()).digest()[:7], "big")
     return [pool[i] for i in seeded_rng(seed, 0x70637478, key).permutation(len(pool))[:n]]
 
 
