@@ -96,11 +96,15 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("run", help="the evaluation's out_dir")
     f.add_argument("--concept", default="red_striped_star", help="the concept drawn across methods")
     f.add_argument("--out", default="assets/toyworld/results", help="output folder")
-    ir = sub.add_parser("instance-render", help="instance world: N training scenes in a PNG grid, captions printed")
+    ir = sub.add_parser(
+        "instance-render", help="instance world: N training scenes in a PNG grid, captions printed"
+    )
     ir.add_argument("--n", type=int, default=16, help="number of scenes")
     ir.add_argument("--seed", type=int, default=0, help="random seed (batch 0 of the training stream)")
     ir.add_argument("--out", default="instance_grid.png", help="output PNG")
-    ic = sub.add_parser("instance-concepts", help="instance world: write a split's concept images and concepts.json")
+    ic = sub.add_parser(
+        "instance-concepts", help="instance world: write a split's concept images and concepts.json"
+    )
     ic.add_argument("--split", choices=["test", "validation"], default="test", help="which concept set")
     ic.add_argument(
         "--out",
@@ -112,7 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     ca.add_argument("--prompts", type=int, default=6, help="prompt contexts per concept")
     ca.add_argument("--negatives", type=int, default=3, help="random instances per context (words rows)")
-    ca.add_argument("--seed", type=int, default=0, help="seed of contexts, jitter, noise and random instances")
+    ca.add_argument(
+        "--seed", type=int, default=0, help="seed of contexts, jitter, noise and random instances"
+    )
     ca.add_argument("--out", default="instance_calibration.json", help="output JSON")
     return parser
 

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import IterableDataset
 
 from toyworld.world import COLOURS, _article, _shape_mask, seeded_rng, to_tensor
@@ -75,7 +74,8 @@ ANCHORS: dict[str, tuple[float, float]] = {  # object centre (x, y) as a fractio
     "bottom": (0.5, 0.67),
     "center": (0.5, 0.5),
 }
-RADIUS: dict[str, float] = {"small": 0.18, "large": 0.28}  # no part of an object is farther than this from its centre
+# No part of an object is farther than this from its centre (fraction of the image side).
+RADIUS: dict[str, float] = {"small": 0.18, "large": 0.28}
 DARK = 0.45  # a pattern's second tone: the object colour at this brightness (as in world.render)
 MIN_CONTRAST = 100.0  # RGB distance between each object tone and an allowed background
 # Rotation range per category (degrees): beyond it a family turns into another (a square at 45 deg is a diamond).
@@ -193,7 +193,9 @@ def backgrounds_for(inst: Instance) -> list[str]:
 
 def _details(rng: np.random.Generator, category: str, hue_bin: int | None, pattern: str | None) -> Instance:
     width = 360 / HUE_BINS
-    hue = float(rng.uniform(0, 360)) if hue_bin is None else float((hue_bin + rng.uniform(0.02, 0.98)) * width)
+    hue = (
+        float(rng.uniform(0, 360)) if hue_bin is None else float((hue_bin + rng.uniform(0.02, 0.98)) * width)
+    )
     lo, hi = _ROTATION[category]
     alo, ahi = _ASPECT.get(category, (0.75, 1.0))
     return Instance(
@@ -417,7 +419,12 @@ class InstanceWorldStream(IterableDataset):
         contexts = [random_context(rng, i) for i in instances]
         images = np.stack([render(i, c, self.size, rng) for i, c in zip(instances, contexts)])
         captions = [self._caption(rng, i, c) for i, c in zip(instances, contexts)]
-        return {"pixels": to_tensor(images), "captions": captions, "instances": instances, "contexts": contexts}
+        return {
+            "pixels": to_tensor(images),
+            "captions": captions,
+            "instances": instances,
+            "contexts": contexts,
+        }
 
     def __iter__(self) -> Iterator[dict]:
         step = self.start_step
@@ -446,7 +453,8 @@ def concept_instances(split: str) -> list[tuple[str, str, Instance]]:
     for ci, (kind, category, count) in enumerate(plan):
         rng = seeded_rng(CONCEPT_SEED[split], ci)
         for j in range(count):
-            inst = Instance.from_json(sample_instance(rng, split, category).to_json())  # as concepts.json has it
+            # Rounded as concepts.json holds it, so the folder's renders are the instance's.
+            inst = Instance.from_json(sample_instance(rng, split, category).to_json())
             out.append((f"{category}_{'val' if split == 'validation' else split}{j}", kind, inst))
     return out
 

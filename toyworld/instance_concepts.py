@@ -24,7 +24,15 @@ from datamodules.transforms import load_rgb
 from evaluation.concepts.base import EvalConcept
 from evaluation.config import EvaluationConfigError
 from toyworld.concepts import CONCEPTS_FILE, ToyWorldConcepts
-from toyworld.instance import Context, Instance, caption, input_context, instance_split, prompt_contexts, render
+from toyworld.instance import (
+    Context,
+    Instance,
+    caption,
+    input_context,
+    instance_split,
+    prompt_contexts,
+    render,
+)
 
 _KEYS = ("name", "image", "kind", "class_noun", "words", "template", "attributes", "instance", "split")
 _REFERENCE_SALT = 0x5EF
@@ -38,7 +46,9 @@ def _entry(entry: dict[str, Any], where: str) -> Instance:
         inst = Instance.from_json(entry["instance"])
         split = instance_split(inst)
     except (KeyError, TypeError, ValueError) as e:
-        raise EvaluationConfigError(f"{where}: concept {entry['name']!r} has bad instance details: {e}") from e
+        raise EvaluationConfigError(
+            f"{where}: concept {entry['name']!r} has bad instance details: {e}"
+        ) from e
     if split == "train":
         raise EvaluationConfigError(
             f"{where}: concept {entry['name']!r} is an instance of the base training distribution"
@@ -125,7 +135,12 @@ class InstanceConcepts(ToyWorldConcepts):
                     input_reference_index=0,
                     plain_words=entry["words"],
                     attributes=[
-                        {"category": inst.category, "background": c.background, "position": c.position, "size": c.size}
+                        {
+                            "category": inst.category,
+                            "background": c.background,
+                            "position": c.position,
+                            "size": c.size,
+                        }
                         for c in contexts
                     ],
                     kind=entry["kind"],

@@ -155,9 +155,7 @@ def segment(image: np.ndarray | Tensor, threshold: float = SEGMENT_THRESHOLD) ->
     centre = ((bbox[0] + bbox[2]) / 2 / w, (bbox[1] + bbox[3]) / 2 / h)
     # The diameter: farthest pair among the boundary pixels (the object's own pixels farthest apart lie on it).
     inner = mask.copy()
-    inner[1:-1, 1:-1] = (
-        mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
-    )
+    inner[1:-1, 1:-1] = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
     by, bx = np.nonzero(mask & ~inner)
     pts = np.stack([bx, by], 1).astype(np.float64)
     d = np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1)).max() if len(pts) > 1 else 0.0
@@ -245,7 +243,12 @@ def similarity(a: Features, b: Features) -> dict[str, float]:
         + abs(a.density - b.density) / s["density"]
     )
     pattern = float(np.exp(-d))
-    return {"iou": iou, "colour": colour, "pattern": pattern, "identity": float((iou * colour * pattern) ** (1 / 3))}
+    return {
+        "iou": iou,
+        "colour": colour,
+        "pattern": pattern,
+        "identity": float((iou * colour * pattern) ** (1 / 3)),
+    }
 
 
 def identity(generated: np.ndarray | Tensor, reference: np.ndarray | Tensor) -> dict[str, float]:
@@ -256,11 +259,19 @@ def identity(generated: np.ndarray | Tensor, reference: np.ndarray | Tensor) -> 
 def read_context(image: np.ndarray | Tensor, seg: Segmentation | None = None) -> dict[str, str | None]:
     """Background, position and size read from pixels (None where no object was found)."""
     seg = seg if seg is not None else segment(image)
-    background = min(COLOURS, key=lambda n: float(np.linalg.norm(np.array(COLOURS[n], float) - seg.background)))
+    background = min(
+        COLOURS, key=lambda n: float(np.linalg.norm(np.array(COLOURS[n], float) - seg.background))
+    )
     if not seg.found:
         return {"background": background, "position": None, "size": None}
-    position = min(ANCHORS, key=lambda p: (ANCHORS[p][0] - seg.centre[0]) ** 2 + (ANCHORS[p][1] - seg.centre[1]) ** 2)
-    return {"background": background, "position": position, "size": "large" if seg.diameter > SIZE_THRESHOLD else "small"}
+    position = min(
+        ANCHORS, key=lambda p: (ANCHORS[p][0] - seg.centre[0]) ** 2 + (ANCHORS[p][1] - seg.centre[1]) ** 2
+    )
+    return {
+        "background": background,
+        "position": position,
+        "size": "large" if seg.diameter > SIZE_THRESHOLD else "small",
+    }
 
 
 def score_images(
@@ -456,7 +467,9 @@ def calibrate_threshold(
     return best_threshold(scores["ceiling_noisy"], scores["words_noisy"])
 
 
-def reference_table(prompts: int = 6, seed: int = 0, negatives: int = 3, threshold: float | None = None) -> dict:
+def reference_table(
+    prompts: int = 6, seed: int = 0, negatives: int = 3, threshold: float | None = None
+) -> dict:
     """Every reference row scored on the validation and the test concepts: per row and group (``validation``,
     ``test``, and the test's ``held_out_instance`` / ``held_out_category`` kinds), the mean identity score,
     identity accuracy, prompt accuracy and the number of images (each concept weighs the same)."""
