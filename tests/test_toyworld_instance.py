@@ -15,6 +15,8 @@ import torch
 
 from evaluation.config import EvaluationConfigError
 from toyworld import instance as I
+from toyworld import instance_calibration as cal
+from toyworld import instance_concepts as C
 from toyworld import pixels as P
 from toyworld.instance_concepts import InstanceConcepts
 
@@ -38,14 +40,14 @@ def test_sampling_rendering_and_stream_are_deterministic():
     assert torch.equal(s1["pixels"], s2["pixels"]) and s1["captions"] == s2["captions"]
     assert s1["pixels"].shape == (8, 3, 32, 32) and s1["pixels"].min() >= -1 and s1["pixels"].max() <= 1
     assert next(iter(I.InstanceWorldStream(8, seed=5, start_step=7)))["captions"] == s1["captions"]
-    assert I.concept_instances("test") == I.concept_instances("test")
+    assert C.concept_instances("test") == C.concept_instances("test")
 
 
 def test_committed_concept_folders_are_what_the_writer_writes(tmp_path):
     from PIL import Image
 
     for split, folder in (("test", TEST_DIR), ("validation", VAL_DIR)):
-        out = Path(I.write_instance_concepts(tmp_path / split, split))
+        out = Path(C.write_instance_concepts(tmp_path / split, split))
         assert (out / "concepts.json").read_text() == (folder / "concepts.json").read_text()
         for row in json.loads((folder / "concepts.json").read_text()):
             assert np.array_equal(
@@ -65,7 +67,7 @@ def test_captions_name_category_and_context_never_a_detail():
         for c in InstanceConcepts(str(folder), num_prompts=6).load("<s*>"):
             for text in [*c.prompts, c.data_args["templates"][0].format("<s*>")]:
                 assert set(text.split()) <= CAPTION_WORDS, text
-    inst = I.concept_instances("test")[0][2]
+    inst = C.concept_instances("test")[0][2]
     assert I.caption(inst.category, I.Context("green", "top", "large")) == (
         f"a large {inst.category} at the top on a green background"
     )
@@ -85,7 +87,7 @@ def test_held_out_splits_are_disjoint_from_each_other_and_from_training():
     assert all(I.instance_split(i) == "train" for i in seen)
     assert {i.category for i in seen} == set(I.TRAIN_CATEGORIES)
     assert len({i.cell() for i in seen}) > 100  # many instances per caption
-    test, val = I.concept_instances("test"), I.concept_instances("validation")
+    test, val = C.concept_instances("test"), C.concept_instances("validation")
     assert len(test) >= 24 and len(val) >= 8
     assert {k for _, k, _ in test} == {"held_out_instance", "held_out_category"}
     assert {k for _, k, _ in val} == {"validation_instance", "validation_category"}
@@ -103,11 +105,11 @@ def test_same_instance_in_another_context_beats_another_of_its_category():
         rng = I.seeded_rng(seed, 9)
         for category in I.TRAIN_CATEGORIES:
             inst = I.sample_instance(rng, "test", category)
-            source = I.render(inst, I.input_context(inst))
-            ctx = I.prompt_contexts(inst, 1, seed, "x")[0]
+            source = I.render(inst, C.input_context(inst))
+            ctx = C.prompt_contexts(inst, 1, seed, "x")[0]
             same = P.identity(I.render(inst, ctx, rng=rng), source)["identity"]
             others = [
-                P.identity(I.render(P._stand_in(rng, inst, ctx, True), ctx, rng=rng), source)["identity"]
+                P.identity(I.render(cal.stand_in(rng, inst, ctx, True), ctx, rng=rng), source)["identity"]
                 for _ in range(3)
             ]
             margins.append(same - max(others))
@@ -142,7 +144,7 @@ def test_segmentation_recovers_position_and_size():
             }
             assert np.allclose(seg.background, I.COLOURS[ctx.background], atol=1)
     # A plain circle without jitter: the box is the disc's, to a pixel.
-    circle = replace(I.concept_instances("test")[0][2], aspect=1.0, roundness=1 / 3, pattern="plain")
+    circle = replace(C.concept_instances("test")[0][2], aspect=1.0, roundness=1 / 3, pattern="plain")
     seg = P.segment(I.render(circle, I.Context("white", "right", "large")))
     x0, y0, x1, y1 = seg.bbox
     r = I.RADIUS["large"] * 32
@@ -204,9 +206,9 @@ def test_instance_concepts_refuse_training_instances_and_bad_folders(tmp_path):
 
 
 def test_committed_threshold_is_the_validation_calibration():
-    threshold, balanced = P.calibrate_threshold()
+    threshold, balanced = cal.calibrate_threshold()
     assert abs(threshold - P.IDENTITY_THRESHOLD) < 5e-4 and balanced >= 0.95
-    assert P.best_threshold([0.5, 0.6], [0.1, 0.3]) == (pytest.approx(0.4), 1.0)
+    assert cal.best_threshold([0.5, 0.6], [0.1, 0.3]) == (pytest.approx(0.4), 1.0)
 
 
 def test_cli_writes_concepts_and_renders(tmp_path, capsys):

@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             print(c)
         print(f"wrote {args.out}", file=sys.stderr)
     elif args.command == "instance-concepts":
-        from toyworld.instance import write_instance_concepts
+        from toyworld.instance_concepts import write_instance_concepts
 
         print(write_instance_concepts(args.out or INSTANCE_DIRS[args.split], args.split))
     elif args.command == "instance-calibrate":
@@ -214,23 +214,24 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _instance_calibrate(args: argparse.Namespace) -> None:
-    from toyworld import pixels
+    from toyworld import instance_calibration as cal
+    from toyworld.pixels import IDENTITY_THRESHOLD
 
-    threshold, balanced = pixels.calibrate_threshold()
-    table = pixels.reference_table(args.prompts, args.seed, args.negatives, threshold)
+    threshold, balanced = cal.calibrate_threshold()
+    table = cal.reference_table(args.prompts, args.seed, args.negatives, threshold)
     table["calibration"] = {
         "threshold": threshold,
         "balanced_accuracy_on_validation": balanced,
-        "committed_threshold": pixels.IDENTITY_THRESHOLD,
-        **pixels.CALIBRATION,
+        "committed_threshold": IDENTITY_THRESHOLD,
+        **cal.CALIBRATION,
     }
     Path(args.out).write_text(json.dumps(table, indent=1) + "\n")
     print(
         f"identity threshold {threshold:.3f} (validation concepts only: same instance vs random same-category "
-        f"instances, jitter + noise {pixels.CALIBRATION['noise']}; balanced accuracy {balanced:.3f}; "
-        f"committed IDENTITY_THRESHOLD {pixels.IDENTITY_THRESHOLD:.3f})"
+        f"instances, jitter + noise {cal.CALIBRATION['noise']}; balanced accuracy {balanced:.3f}; "
+        f"committed IDENTITY_THRESHOLD {IDENTITY_THRESHOLD:.3f})"
     )
-    print(pixels.format_table(table))
+    print(cal.format_table(table))
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -26,19 +26,16 @@ different instances for the same words (:class:`InstanceWorldStream`).
 (the main kind) are drawn inside held-out cells; the training stream never yields an instance in a held-out
 cell nor of a held-out category. Test and validation concepts use disjoint cells and disjoint held-out categories.
 
-Concepts are written like the world's (``<name>.png`` + ``concepts.json``, :func:`write_instance_concepts`) and
-served to ``evaluate.py run`` by :class:`InstanceConcepts`; ``toyworld/pixels.py`` measures identity and prompt
-from pixels. Command line: ``python -m toyworld instance-concepts | instance-render | instance-calibrate``.
+Concepts (``toyworld/instance_concepts.py``) are written like the world's and served to ``evaluate.py run``;
+``toyworld/pixels.py`` measures identity and prompt from pixels. Command line: ``python -m toyworld
+instance-concepts | instance-render | instance-calibrate``.
 """
 
 from __future__ import annotations
 
 import colorsys
-import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,10 +49,7 @@ VALIDATION_CATEGORIES: tuple[str, ...] = ("arrow",)  # held out of training: the
 HELD_OUT_CATEGORIES: tuple[str, ...] = TEST_CATEGORIES + VALIDATION_CATEGORIES
 CATEGORIES: tuple[str, ...] = TRAIN_CATEGORIES + HELD_OUT_CATEGORIES
 PATTERN_KINDS: tuple[str, ...] = ("plain", "stripes", "checks", "dots")
-HUE_BINS = 12
-TEST_CELLS_PER_CATEGORY = 8
-VALIDATION_CELLS_PER_CATEGORY = 4
-SPLIT_SEED = 16
+HUE_BINS, TEST_CELLS_PER_CATEGORY, VALIDATION_CELLS_PER_CATEGORY, SPLIT_SEED = 12, 8, 4, 16
 BACKGROUNDS: tuple[str, ...] = tuple(COLOURS)
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
 SIZES: tuple[str, ...] = ("small", "large")
@@ -79,17 +73,9 @@ RADIUS: dict[str, float] = {"small": 0.18, "large": 0.28}
 DARK = 0.45  # a pattern's second tone: the object colour at this brightness (as in world.render)
 MIN_CONTRAST = 100.0  # RGB distance between each object tone and an allowed background
 # Rotation range per category (degrees): beyond it a family turns into another (a square at 45 deg is a diamond).
-_ROTATION = {
-    "circle": (0.0, 180.0),
-    "square": (-15.0, 15.0),
-    "triangle": (-20.0, 20.0),
-    "star": (0.0, 360.0),
-    "diamond": (-15.0, 15.0),
-    "cross": (-20.0, 20.0),
-    "heart": (-25.0, 25.0),
-    "moon": (0.0, 360.0),
-    "arrow": (0.0, 360.0),
-}
+_ROTATION = {"circle": (0.0, 180.0), "star": (0.0, 360.0), "moon": (0.0, 360.0), "arrow": (0.0, 360.0)}
+_ROTATION |= {"square": (-15.0, 15.0), "diamond": (-15.0, 15.0), "triangle": (-20.0, 20.0)}
+_ROTATION |= {"cross": (-20.0, 20.0), "heart": (-25.0, 25.0)}
 _ASPECT = {"circle": (0.65, 1.0), "diamond": (0.5, 0.85), "cross": (0.7, 1.0)}  # others: (0.75, 1.0)
 
 
@@ -193,9 +179,7 @@ def backgrounds_for(inst: Instance) -> list[str]:
 
 def _details(rng: np.random.Generator, category: str, hue_bin: int | None, pattern: str | None) -> Instance:
     width = 360 / HUE_BINS
-    hue = (
-        float(rng.uniform(0, 360)) if hue_bin is None else float((hue_bin + rng.uniform(0.02, 0.98)) * width)
-    )
+    hue = float(rng.uniform(0, 360) if hue_bin is None else (hue_bin + rng.uniform(0.02, 0.98)) * width)
     lo, hi = _ROTATION[category]
     alo, ahi = _ASPECT.get(category, (0.75, 1.0))
     return Instance(
@@ -232,10 +216,8 @@ def sample_instance(rng: np.random.Generator, split: str = "train", category: st
                 raise ValueError(f"no {split} cells for category {category!r}")
             cat, hue_bin, pattern = cells[int(rng.integers(len(cells)))]
             inst = _details(rng, cat, hue_bin, pattern)
-        if split != "any" and instance_split(inst) != split:
-            if category in HELD_OUT_CATEGORIES:
-                raise ValueError(f"category {category!r} is not in split {split!r}")
-            continue
+        if split != "any" and instance_split(inst) != split:  # only a held-out category of the other split
+            raise ValueError(f"category {category!r} is not in split {split!r}")
         if len(backgrounds_for(inst)) >= 3:
             return inst
     raise ValueError(f"no {split} instance of {category!r} with three backgrounds")
@@ -348,23 +330,6 @@ def all_contexts(inst: Instance) -> list[Context]:
     return [Context(b, p, s) for b in backgrounds_for(inst) for p in POSITIONS for s in SIZES]
 
 
-def input_context(inst: Instance) -> Context:
-    """A concept's input-image context: large, in the center, on the allowed background farthest from its colour."""
-    main = inst.rgb()
-    bg = max(backgrounds_for(inst), key=lambda b: float(np.linalg.norm(np.array(COLOURS[b], float) - main)))
-    return Context(bg, "center", "large")
-
-
-def prompt_contexts(inst: Instance, n: int, seed: int, name: str = "", salt: int = 0) -> list[Context]:
-    """``n`` distinct contexts drawn with (seed, concept name, salt), never the input image's (prompt ``i`` is the
-    same for any ``n > i``)."""
-    pool = [c for c in all_contexts(inst) if c != input_context(inst)]
-    if not 0 <= n <= len(pool):
-        raise ValueError(f"need between 0 and {len(pool)} contexts, got {n}")
-    key = int.from_bytes(hashlib.sha256(f"{name}|{salt}".encode()).digest()[:7], "big")
-    return [pool[i] for i in seeded_rng(seed, 0x70637478, key).permutation(len(pool))[:n]]
-
-
 def random_context(rng: np.random.Generator, inst: Instance) -> Context:
     bgs = backgrounds_for(inst)
     return Context(
@@ -431,59 +396,3 @@ class InstanceWorldStream(IterableDataset):
         while True:
             yield self.batch(step)
             step += 1
-
-
-# The concept sets: (kind, category, count) per split. Test: 3 held-out instances of each training category (the
-# main kind) and 3 instances of each held-out test category (the hard kind); validation: 1 + 2 the same way.
-TEST_PLAN: tuple[tuple[str, str, int], ...] = (
-    *(("held_out_instance", c, 3) for c in TRAIN_CATEGORIES),
-    *(("held_out_category", c, 3) for c in TEST_CATEGORIES),
-)
-VALIDATION_PLAN: tuple[tuple[str, str, int], ...] = (
-    *(("validation_instance", c, 1) for c in TRAIN_CATEGORIES),
-    *(("validation_category", c, 2) for c in VALIDATION_CATEGORIES),
-)
-CONCEPT_SEED = {"test": 0x7465, "validation": 0x7661}
-
-
-def concept_instances(split: str) -> list[tuple[str, str, Instance]]:
-    """The concepts of ``split`` (``test`` or ``validation``): (name, kind, instance), seeded."""
-    plan = {"test": TEST_PLAN, "validation": VALIDATION_PLAN}[split]
-    out = []
-    for ci, (kind, category, count) in enumerate(plan):
-        rng = seeded_rng(CONCEPT_SEED[split], ci)
-        for j in range(count):
-            # Rounded as concepts.json holds it, so the folder's renders are the instance's.
-            inst = Instance.from_json(sample_instance(rng, split, category).to_json())
-            out.append((f"{category}_{'val' if split == 'validation' else split}{j}", kind, inst))
-    return out
-
-
-def write_instance_concepts(out: str | Path, split: str = "test") -> str:
-    """Writes ``<name>.png`` (32 px, no jitter, :func:`input_context`) for every concept of ``split`` and
-    ``concepts.json`` (the world's keys; ``attributes`` is the input's category and context, ``instance`` its
-    details)."""
-    from PIL import Image
-
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name, kind, inst in concept_instances(split):
-        ctx = input_context(inst)
-        Image.fromarray(render(inst, ctx)).save(folder / f"{name}.png")
-        held_cat = inst.category in HELD_OUT_CATEGORIES
-        rows.append(
-            {
-                "name": name,
-                "image": f"{name}.png",
-                "kind": kind,
-                "class_noun": "object" if held_cat else inst.category,
-                "words": inst.category,
-                "template": caption(inst.category, ctx, identity="{}"),
-                "attributes": {"category": inst.category, **asdict(ctx)},
-                "instance": inst.to_json(),
-                "split": split,
-            }
-        )
-    (folder / "concepts.json").write_text(json.dumps(rows, indent=1) + "\n")
-    return str(folder)

@@ -13,7 +13,9 @@ rendered.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +27,20 @@ from evaluation.concepts.base import EvalConcept
 from evaluation.config import EvaluationConfigError
 from toyworld.concepts import CONCEPTS_FILE, ToyWorldConcepts
 from toyworld.instance import (
+    HELD_OUT_CATEGORIES,
+    TEST_CATEGORIES,
+    TRAIN_CATEGORIES,
+    VALIDATION_CATEGORIES,
     Context,
     Instance,
+    all_contexts,
+    backgrounds_for,
     caption,
-    input_context,
     instance_split,
-    prompt_contexts,
     render,
+    sample_instance,
 )
+from toyworld.world import COLOURS, seeded_rng
 
 _KEYS = ("name", "image", "kind", "class_noun", "words", "template", "attributes", "instance", "split")
 _REFERENCE_SALT = 0x5EF
@@ -152,3 +160,76 @@ class InstanceConcepts(ToyWorldConcepts):
 def _references(inst: Instance, contexts: list[Context]) -> torch.Tensor:
     arrays = np.stack([render(inst, c) for c in contexts])
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255.0
+
+
+def input_context(inst: Instance) -> Context:
+    """A concept's input-image context: large, in the center, on the allowed background farthest from its colour."""
+    main = inst.rgb()
+    bg = max(backgrounds_for(inst), key=lambda b: float(np.linalg.norm(np.array(COLOURS[b], float) - main)))
+    return Context(bg, "center", "large")
+
+
+def prompt_contexts(inst: Instance, n: int, seed: int, name: str = "", salt: int = 0) -> list[Context]:
+    """``n`` distinct contexts drawn with (seed, concept name, salt), never the input image's (prompt ``i`` is the
+    same for any ``n > i``)."""
+    pool = [c for c in all_contexts(inst) if c != input_context(inst)]
+    if not 0 <= n <= len(pool):
+        raise ValueError(f"need between 0 and {len(pool)} contexts, got {n}")
+    key = int.from_bytes(hashlib.sha256(f"{name}|{salt}".encode()).digest()[:7], "big")
+    return [pool[i] for i in seeded_rng(seed, 0x70637478, key).permutation(len(pool))[:n]]
+
+
+# The concept sets: (kind, category, count) per split. Test: 3 held-out instances of each training category (the
+# main kind) and 3 instances of each held-out test category (the hard kind); validation: 1 + 2 the same way.
+TEST_PLAN: tuple[tuple[str, str, int], ...] = (
+    *(("held_out_instance", c, 3) for c in TRAIN_CATEGORIES),
+    *(("held_out_category", c, 3) for c in TEST_CATEGORIES),
+)
+VALIDATION_PLAN: tuple[tuple[str, str, int], ...] = (
+    *(("validation_instance", c, 1) for c in TRAIN_CATEGORIES),
+    *(("validation_category", c, 2) for c in VALIDATION_CATEGORIES),
+)
+CONCEPT_SEED = {"test": 0x7465, "validation": 0x7661}
+
+
+def concept_instances(split: str) -> list[tuple[str, str, Instance]]:
+    """The concepts of ``split`` (``test`` or ``validation``): (name, kind, instance), seeded."""
+    plan = {"test": TEST_PLAN, "validation": VALIDATION_PLAN}[split]
+    out = []
+    for ci, (kind, category, count) in enumerate(plan):
+        rng = seeded_rng(CONCEPT_SEED[split], ci)
+        for j in range(count):
+            # Rounded as concepts.json holds it, so the folder's renders are the instance's.
+            inst = Instance.from_json(sample_instance(rng, split, category).to_json())
+            out.append((f"{category}_{'val' if split == 'validation' else split}{j}", kind, inst))
+    return out
+
+
+def write_instance_concepts(out: str | Path, split: str = "test") -> str:
+    """Writes ``<name>.png`` (32 px, no jitter, :func:`input_context`) for every concept of ``split`` and
+    ``concepts.json`` (the world's keys; ``attributes`` is the input's category and context, ``instance`` its
+    details)."""
+    from PIL import Image
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, kind, inst in concept_instances(split):
+        ctx = input_context(inst)
+        Image.fromarray(render(inst, ctx)).save(folder / f"{name}.png")
+        held_cat = inst.category in HELD_OUT_CATEGORIES
+        rows.append(
+            {
+                "name": name,
+                "image": f"{name}.png",
+                "kind": kind,
+                "class_noun": "object" if held_cat else inst.category,
+                "words": inst.category,
+                "template": caption(inst.category, ctx, identity="{}"),
+                "attributes": {"category": inst.category, **asdict(ctx)},
+                "instance": inst.to_json(),
+                "split": split,
+            }
+        )
+    (folder / "concepts.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return str(folder)
