@@ -225,3 +225,29 @@ def test_cli_writes_concepts_and_renders(tmp_path, capsys):
     )
     with pytest.raises(SystemExit):
         main(["instance-calibrate", "--prompts", "0"])
+
+
+def test_an_evaluation_config_takes_the_instance_concepts_and_the_pixel_metric(tmp_path, capsys):
+    """The plug-ins are named by class_path in an ``evaluate.py run`` config, like the world's (the core never
+    imports them)."""
+    from omegaconf import OmegaConf
+
+    import evaluate
+
+    cfg = OmegaConf.load(REPO / "configs" / "evaluate" / "toyworld_quick.yaml")
+    cfg.concepts = {
+        "class_path": "toyworld.instance_concepts.InstanceConcepts",
+        "init_args": {"concepts_dir": str(TEST_DIR), "names": ["star_test0"], "num_prompts": 3},
+    }
+    cfg.metrics.plugins = [
+        {"class_path": "toyworld.pixels.PixelIdentityMetric", "init_args": {"threshold": 0.5}}
+    ]
+    path = tmp_path / "instance.yaml"
+    OmegaConf.save(cfg, path)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["run", "--config", str(path), "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert (
+        "toyworld.pixels.PixelIdentityMetric" in out and "toyworld.instance_concepts.InstanceConcepts" in out
+    )
