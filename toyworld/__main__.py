@@ -14,7 +14,7 @@ python -m toyworld export-encoder --ckpt .../last.ckpt --name date [--log-dir ..
 python -m toyworld figures outputs/eval_toyworld [--concept red_striped_star]
 python -m toyworld instance-render --n 16 --seed 0 --out grid.png   # the instance world: scenes, captions
 python -m toyworld instance-concepts --split test                   # -> assets/toyworld/instance_concepts
-python -m toyworld instance-calibrate --out calibration.json         # pixel metric: threshold, reference rows
+python -m toyworld instance-calibrate      # pixel metric: threshold, reference rows (JSON in assets/toyworld/)
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     ca.add_argument(
         "--seed", type=int, default=0, help="seed of contexts, jitter, noise and random instances"
     )
-    ca.add_argument("--out", default="instance_calibration.json", help="output JSON")
+    ca.add_argument("--out", default="assets/toyworld/instance_calibration.json", help="output JSON")
     return parser
 
 
