@@ -99,7 +99,7 @@ def test_held_out_splits_are_disjoint_from_each_other_and_from_training():
 
 def test_same_instance_in_another_context_beats_another_of_its_category():
     """Over 8 seeds x 6 categories: the same instance in a new context (with jitter) scores at least 0.1 above the
-    best of 3 random same-category instances in that context (measured: min margin 0.16, mean 0.56)."""
+    best of 3 random same-category instances in that context (measured: min margin 0.23, mean 0.57)."""
     margins = []
     for seed in range(8):
         rng = I.seeded_rng(seed, 9)

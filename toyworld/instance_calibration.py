@@ -4,12 +4,15 @@ from the validation concepts only, and the reference rows on the validation and 
 Reference rows (:data:`REFERENCE_ROWS`), each scored against the concept's input image and its prompt contexts:
 the same instance rendered in the prompt contexts (the ceiling: what a perfect method makes), random instances of
 the same category in those contexts (what the class word alone gives), random instances of another category, and
-the input image pasted unchanged (identity 1, prompt accuracy 0: copying is not personalization).
+the input image pasted unchanged (identity 1, prompt accuracy 0: copying is not personalization). The first two also
+come with the world's jitter and pixel noise, and with a blur besides (a generator's samples are softer than
+renders: those rows show what that costs the metric).
 ``python -m toyworld instance-calibrate`` prints them and writes JSON.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,14 +46,24 @@ def best_threshold(positives: Sequence[float], negatives: Sequence[float]) -> tu
 REFERENCE_ROWS: tuple[tuple[str, str], ...] = (
     ("ceiling", "same instance in the prompt contexts (ceiling)"),
     ("ceiling_noisy", "same instance, jitter + noise 0.05"),
+    ("ceiling_blurred", "same instance, jitter + blur 0.8 px + noise 0.05"),
     ("words", "random same-category instances (= the words)"),
     ("words_noisy", "random same-category, jitter + noise 0.05"),
+    ("words_blurred", "random same-category, jitter + blur 0.8 px + noise 0.05"),
     ("other_category", "random instances of another category"),
     ("pasted", "the input image pasted unchanged"),
 )
 
 
-def degrade(image: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
+BLUR = 0.8  # Gaussian blur radius (px) of the *_blurred rows: a stand-in for a generator's softer samples
+
+
+def degrade(image: np.ndarray, rng: np.random.Generator, noise: float, blur: float = 0.0) -> np.ndarray:
+    """``image`` blurred (Gaussian, radius ``blur`` px), then with pixel noise of std ``noise`` (0..1)."""
+    if blur > 0:
+        from PIL import Image, ImageFilter
+
+        image = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(blur)))
     return np.clip(image + rng.normal(0, noise * 255.0, image.shape), 0, 255).astype(np.uint8)
 
 
@@ -82,24 +95,25 @@ def reference_images(
         raise ValueError(f"unknown reference row {row!r}; known: {', '.join(rows)}")
     out = []
     for ci, (name, kind, inst) in enumerate(concept_instances(split)):
-        rng = seeded_rng(seed, 0x726566, ci, list(rows).index(row))
+        rng = seeded_rng(seed, 0x726566, ci, zlib.crc32(row.encode()))
         source = render(inst, input_context(inst))
         contexts = prompt_contexts(inst, prompts, seed, name)
+        degraded = row.endswith(("noisy", "blurred"))
         images, wanted = [], []
         for ctx in contexts:
             want = {"background": ctx.background, "position": ctx.position, "size": ctx.size}
             if row == "pasted":
                 made = [source]
             elif row.startswith("ceiling"):
-                made = [render(inst, ctx, rng=rng if row.endswith("noisy") else None)]
+                made = [render(inst, ctx, rng=rng if degraded else None)]
             else:
                 same = row.startswith("words")
                 made = [
-                    render(stand_in(rng, inst, ctx, same), ctx, rng=rng if row.endswith("noisy") else None)
+                    render(stand_in(rng, inst, ctx, same), ctx, rng=rng if degraded else None)
                     for _ in range(negatives)
                 ]
-            if row.endswith("noisy"):
-                made = [degrade(m, rng, noise) for m in made]
+            if degraded:
+                made = [degrade(m, rng, noise, BLUR if row.endswith("blurred") else 0.0) for m in made]
             images += made
             wanted += [want] * len(made)
         out.append({"name": name, "kind": kind, "input": source, "images": images, "wanted": wanted})

@@ -59,7 +59,7 @@ COLOUR_SCALE = 20.0  # dE (CIE76) at which the colour similarity is 1/e
 PATTERN_SCALES = {"dark": 0.25, "c2": 0.8, "c4": 0.8, "density": 0.1}
 SIZE_THRESHOLD = 2 * (RADIUS["small"] + RADIUS["large"]) / 2  # diameters: small ~0.36, large ~0.56
 # toyworld.instance_calibration.calibrate_threshold() on the validation concepts (see the module docstring).
-IDENTITY_THRESHOLD = 0.407
+IDENTITY_THRESHOLD = 0.386
 
 PIXEL_COLUMNS: tuple[Column, ...] = register(
     Column("pixel_identity", "identity score (pixels)", table=True),
@@ -216,7 +216,7 @@ def features(image: np.ndarray | Tensor, seg: Segmentation | None = None) -> Fea
         e[0], e[-1], e[:, 0], e[:, -1] = False, False, False, False
         core = e if e.sum() >= 8 else core
     light = lab[..., 0][core]
-    bright = light >= np.median(light)
+    bright = light >= np.percentile(light, 75)
     main = np.median(lab[core][bright], axis=0)
     rel = np.clip(lab[..., 0] / max(main[0], 1.0), 0, 1.5)
     dark = float((rel[core] < 0.8).mean())
