@@ -12,6 +12,9 @@ python -m toyworld export --config configs/toyworld/base.yaml             # asse
 python -m toyworld card | probe --config configs/toyworld/base.yaml
 python -m toyworld export-encoder --ckpt .../last.ckpt --name date [--log-dir .../tb]
 python -m toyworld figures outputs/eval_toyworld [--concept red_striped_star]
+python -m toyworld instance-render --n 16 --seed 0 --out grid.png   # the instance world: scenes, captions
+python -m toyworld instance-concepts --split test                   # -> assets/toyworld/instance_concepts
+python -m toyworld instance-calibrate      # pixel metric: threshold, reference rows (JSON in assets/toyworld/)
 """
 
 from __future__ import annotations
@@ -93,12 +96,45 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("run", help="the evaluation's out_dir")
     f.add_argument("--concept", default="red_striped_star", help="the concept drawn across methods")
     f.add_argument("--out", default="assets/toyworld/results", help="output folder")
+    ir = sub.add_parser(
+        "instance-render", help="instance world: N training scenes in a PNG grid, captions printed"
+    )
+    ir.add_argument("--n", type=int, default=16, help="number of scenes")
+    ir.add_argument("--seed", type=int, default=0, help="random seed (batch 0 of the training stream)")
+    ir.add_argument("--out", default="instance_grid.png", help="output PNG")
+    ic = sub.add_parser(
+        "instance-concepts", help="instance world: write a split's concept images and concepts.json"
+    )
+    ic.add_argument("--split", choices=["test", "validation"], default="test", help="which concept set")
+    ic.add_argument(
+        "--out",
+        help="output folder (default assets/toyworld/instance_concepts or .../instance_validation_concepts)",
+    )
+    ca = sub.add_parser(
+        "instance-calibrate",
+        help="instance world: calibrate the pixel identity threshold on validation, score the reference rows",
+    )
+    ca.add_argument("--prompts", type=int, default=6, help="prompt contexts per concept")
+    ca.add_argument("--negatives", type=int, default=3, help="random instances per context (words rows)")
+    ca.add_argument(
+        "--seed", type=int, default=0, help="seed of contexts, jitter, noise and random instances"
+    )
+    ca.add_argument("--out", default="assets/toyworld/instance_calibration.json", help="output JSON")
     return parser
+
+
+INSTANCE_DIRS = {
+    "test": "assets/toyworld/instance_concepts",
+    "validation": "assets/toyworld/instance_validation_concepts",
+}
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if getattr(args, "n", 1) < 1:
         parser.error(f"--n must be >= 1, got {args.n}")
+    for name in ("prompts", "negatives"):
+        if getattr(args, name, 1) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if getattr(args, "config", None) and not Path(args.config).is_file():
         parser.error(f"--config {args.config} does not exist")
     if args.command == "base-adherence":
@@ -154,12 +190,49 @@ def main(argv: list[str] | None = None) -> None:
         from toyworld.validation import measure_checkpoint
 
         print(json.dumps(measure_checkpoint(args.ckpt, args.pretrain_config), indent=1))
+    elif args.command == "instance-render":
+        from evaluation.generate.images import save_grid
+        from toyworld.instance import InstanceWorldStream
+
+        batch = InstanceWorldStream(args.n, seed=args.seed, empty_prob=0.0, drop_prob=0.0).batch(0)
+        save_grid(((batch["pixels"].permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy(), args.out)
+        for c in batch["captions"]:
+            print(c)
+        print(f"wrote {args.out}", file=sys.stderr)
+    elif args.command == "instance-concepts":
+        from toyworld.instance_concepts import write_instance_concepts
+
+        print(write_instance_concepts(args.out or INSTANCE_DIRS[args.split], args.split))
+    elif args.command == "instance-calibrate":
+        _instance_calibrate(args)
     elif args.command == "export-encoder":
         from toyworld.assets import export_encoder
 
         print(export_encoder(args.ckpt, args.name, args.log_dir))
     else:
         _run_config_command(args)
+
+
+def _instance_calibrate(args: argparse.Namespace) -> None:
+    from toyworld import instance_calibration as cal
+    from toyworld.pixels import IDENTITY_THRESHOLD
+
+    threshold, balanced = cal.calibrate_threshold()
+    table = cal.reference_table(args.prompts, args.seed, args.negatives, threshold)
+    table["calibration"] = {
+        "threshold": threshold,
+        "balanced_accuracy_on_validation": balanced,
+        "committed_threshold": IDENTITY_THRESHOLD,
+        **cal.CALIBRATION,
+    }
+    Path(args.out).write_text(json.dumps(table, indent=1) + "\n")
+    print(
+        f"identity threshold {threshold:.3f} (validation concepts only: same instance vs random same-category "
+        f"instances, jitter + noise {cal.CALIBRATION['noise']}; balanced accuracy {balanced:.3f}; "
+        f"committed IDENTITY_THRESHOLD {IDENTITY_THRESHOLD:.3f})"
+    )
+    print(cal.format_table(table))
+    print(f"wrote {args.out}", file=sys.stderr)
 
 
 def _run_config_command(args: argparse.Namespace) -> None:
