@@ -63,18 +63,19 @@ def _tensors(art: ConceptArtifact) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_k3_equals_k1_per_concept_same_paths(setup):
+def _check_k3_equals_k1(setup, name: str, overlay: str | None = None) -> dict[str, dict]:
+    """Tunes the concepts one per run and 3 in one run; every K = 3 snapshot equals its K = 1 one."""
     root, recipe, concepts = setup
-    alone = ConceptTuner(recipe("date", out="k1"))
-    single = {c.name: alone.tune(c, STEPS, root / "k1" / c.name) for c in concepts}
-    batched = ConceptTuner(recipe("date"), concepts_per_batch=3)
+    alone = ConceptTuner(recipe(name, overlay, out="k1"))
+    single = {c.name: alone.tune(c, STEPS, root / "k1" / name / c.name) for c in concepts}
+    batched = ConceptTuner(recipe(name, overlay), concepts_per_batch=3)
     assert batched.per_batch == 3
     got = batched.snapshots(concepts, lambda c: set(STEPS), root / "k3", STEPS)
     assert batched.tuned == 3 and batched.seconds > 0
     assert set(got) == set(STEPS)
     for c in concepts:
         for k in STEPS:
-            path = snapshot_path(root / "k3" / ARTIFACTS_DIR / "date" / c.name, k)
+            path = snapshot_path(root / "k3" / ARTIFACTS_DIR / name / c.name, k)
             art = ConceptArtifact.load(path)  # the paths K = 1 writes, one folder per concept
             ref = single[c.name][k]
             assert art.steps == ref.steps == k
@@ -86,8 +87,21 @@ def test_k3_equals_k1_per_concept_same_paths(setup):
                 torch.testing.assert_close(a[key], b[key], atol=ATOL, rtol=0, msg=f"{c.name} {k} {key}")
     v = [single[n][3].v_star for n in NAMES]
     assert not torch.allclose(v[0], v[1], atol=1e-3)  # the concepts differ: no slot mix-up goes unseen
+    return single
+
+
+def test_k3_equals_k1_per_concept_same_paths(setup):
+    root = setup[0]
+    _check_k3_equals_k1(setup, "date")
     # The group's final artefacts are written as a single run writes them (export_dir/<concept>.safetensors).
     assert all((root / "k3" / ARTIFACTS_DIR / "date" / f"{n}.safetensors").is_file() for n in NAMES)
+
+
+def test_textual_inversion_batches_too(setup):
+    """v* alone, started from the class noun, weight decay on: per concept as well."""
+    _check_k3_equals_k1(
+        setup, "textual_inversion", str(REPO / "configs/tune/toyworld_textual_inversion.yaml")
+    )
 
 
 def _fake_tuning(root: Path, groups: list[list[str]]):
