@@ -252,12 +252,16 @@ class ConceptDataModule(LightningDataModule):
         """The one concept, as ``ConceptTuning`` reads the concepts of the data it is fitted on."""
         return [self.concept]
 
+    def dataset(self, world: int = 1) -> SingleConceptDataset:
+        """The ``steps * batch_size`` augmented views of each of ``world`` ranks (item ``(epoch, k)``)."""
+        return SingleConceptDataset(
+            self.concept_image, num_samples=self.steps * self.batch_size * world, **self._dataset_args
+        )
+
     def train_dataloader(self) -> ResumableDataLoader:
         """``steps`` batches of ``batch_size`` augmented views, in index order, resumable."""
         world, rank = world_info(self)
-        dataset = SingleConceptDataset(
-            self.concept_image, num_samples=self.steps * self.batch_size * world, **self._dataset_args
-        )
+        dataset = self.dataset(world)
         sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=False, seed=self.seed)
         return ResumableDataLoader(
             dataset,

@@ -112,6 +112,10 @@ class ConceptSetDataset(Dataset):
         item = self.datasets[c][(0, s * self.batch_size + b)]
         return {**item, "slot": j, "group": g, "step": s}
 
+    def loader(self, num_workers: int = 0) -> DataLoader:
+        """The batches in order (``groups * steps`` of them)."""
+        return DataLoader(self, batch_sampler=self.batches, num_workers=num_workers)
+
 
 class ConceptSetDataModule(LightningDataModule):
     """Data for tuning many concepts, K per batch (``concepts_per_batch``), each for ``steps`` steps.
@@ -211,5 +215,4 @@ class ConceptSetDataModule(LightningDataModule):
         """``groups * steps`` batches of ``K * B`` rows (the last group may hold fewer concepts)."""
         if world_info(self)[0] > 1:
             raise ConfigurationError("ConceptSetDataModule runs on one device (devices: 1)")
-        data = self.dataset()
-        return DataLoader(data, batch_sampler=data.batches, num_workers=self.num_workers)
+        return self.dataset().loader(self.num_workers)

@@ -11,6 +11,7 @@ continues where it stopped.
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,6 +60,7 @@ def run_evaluation(
     inference_autocast: Literal["auto", "bf16", "fp16", "off"] = "auto",
     num_threads: int | None = 1,
     bootstrap_samples: int = 1000,
+    concepts_per_batch: int = 1,
     grids: bool = True,
     reference_points: bool = False,
     tensorboard: bool = False,
@@ -90,6 +92,7 @@ def run_evaluation(
             ``off`` on any device. With CUDA present, TF32 matmuls are enabled either way.
         num_threads: torch CPU threads (None: leave as is); 1 is fastest for tiny models on a shared machine.
         bootstrap_samples: bootstrap resamples of the 95 % intervals (over concepts).
+        concepts_per_batch: concepts tuned in one run (K) by methods that allow it (``evaluation/tuning.py``).
         grids: write an image grid per method x setting.
         reference_points: draw the published DreamBench numbers on ``tradeoff.png`` (SD 1.x scale only).
         tensorboard: also log aggregates and grids to ``<out_dir>/tb``.
@@ -110,6 +113,8 @@ def run_evaluation(
         raise EvaluationConfigError(
             "sampling: num_inference_steps, samples_per_prompt and batch_size must be >= 1"
         )
+    if not isinstance(concepts_per_batch, int) or concepts_per_batch < 1:
+        raise EvaluationConfigError(f"concepts_per_batch must be an integer >= 1, got {concepts_per_batch!r}")
     out = Path(out_dir)
     given = {
         "pretrained_model_name_or_path": pretrained_model_name_or_path,
@@ -135,7 +140,8 @@ def run_evaluation(
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.set_float32_matmul_precision("high")
         sampler = Sampler(out, base, sampling, device, autocast_dtype(inference_autocast, device))
-        run = _Run(out, sampler, MetricSuite(metrics, device), metrics, device, precision, progress)
+        suite = MetricSuite(metrics, device)
+        run = _Run(out, sampler, suite, metrics, device, precision, progress, concepts_per_batch)
         write_json(out / METRICS_INFO, run.suite.describe())
         run.walls["load"] = time.perf_counter() - start
         run.execute(plans, concept_list)
@@ -166,9 +172,11 @@ class _Run:
         device: str,
         precision: str,
         progress: bool,
+        concepts_per_batch: int = 1,
     ) -> None:
         self.out, self.sampler, self.suite, self.sampling = out, sampler, suite, sampler.sampling
-        self.device, self.precision, self.progress = device, precision, progress
+        self.device, self.progress = device, progress
+        self.tuner_args = (accelerator(device), precision, concepts_per_batch)  # ConceptTuner's
         self.store = ResultsStore(out / RESULTS_FILE, metrics.columns())
         self.walls = {"load": 0.0, "tuning": 0.0, "generation": 0.0, "scoring": 0.0}
         self.n_generated = self.n_tuned = 0
@@ -189,17 +197,15 @@ class _Run:
         total = sum(len(self.pending(p, c, s)) for p in plans for c in concepts for s in p.settings)
         bar = tqdm(total=total, desc="evaluate", unit="img", disable=not self.progress, dynamic_ncols=True)
         for plan in plans:
-            tuner = (
-                ConceptTuner(plan.recipe, accelerator(self.device), self.precision) if plan.recipe else None
-            )
-            for concept in concepts:
+            tuner = ConceptTuner(plan.recipe, *self.tuner_args) if plan.recipe else None
+            for i, concept in enumerate(concepts):
                 todo = {s: keys for s in plan.settings if (keys := self.pending(plan, concept, s))}
                 if not todo:
                     continue
                 arts: dict[int, ConceptArtifact | None]
                 if tuner is not None:
                     bar.set_postfix_str(f"{plan.spec.name}/{concept.name}: tuning")
-                    arts = dict(self._snapshots(tuner, plan, concept, {s.steps for s in todo}))
+                    arts = tuner.snapshots(concepts[i:], partial(self._needed, plan), self.out, plan.steps)
                 elif plan.kind == "plain_words":
                     arts = {0: None}
                 elif plan.kind == "export":
@@ -220,21 +226,14 @@ class _Run:
                 for setting, keys in todo.items():
                     bar.set_postfix_str(f"{plan.spec.name}/{concept.name}/{setting.label}")
                     self._group(backbone, plan, concept, setting, arts[setting.steps], keys, references, bar)
+            if tuner is not None:
+                self.walls["tuning"] += tuner.seconds
+                self.n_tuned += tuner.tuned
         bar.close()
 
-    def _snapshots(
-        self, tuner: ConceptTuner, plan: MethodPlan, concept: EvalConcept, needed: set[int]
-    ) -> dict[int, ConceptArtifact]:
-        """The saved snapshots when all needed ones exist, else those of a fresh tuning run."""
-        folder = self.out / ARTIFACTS_DIR / plan.spec.name / concept.name
-        paths = {k: snapshot_path(folder, k) for k in needed}
-        if all(p.is_file() for p in paths.values()):
-            return {k: ConceptArtifact.load(p) for k, p in paths.items()}
-        begin = time.perf_counter()
-        arts = tuner.tune(concept, plan.steps, folder)
-        self.walls["tuning"] += time.perf_counter() - begin
-        self.n_tuned += 1
-        return arts
+    def _needed(self, plan: MethodPlan, concept: EvalConcept) -> set[int]:
+        """The step counts of the concept's settings that still have rows to write."""
+        return {s.steps for s in plan.settings if self.pending(plan, concept, s)}
 
     def _group(
         self,

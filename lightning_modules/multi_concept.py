@@ -63,6 +63,11 @@ class ConceptSlots:
         return global_step - self.started_at
 
 
+def shared_tunables(tune: Sequence[str]) -> list[str]:
+    """The weights in ``tune`` that every concept of a batch would share; empty: the method can be batched."""
+    return sorted(SHARED_TUNABLES & set(tune))
+
+
 def check_concepts(
     concepts: Sequence[TuningConcept], per_batch: int, tune: Sequence[str]
 ) -> list[TuningConcept]:
@@ -75,7 +80,7 @@ def check_concepts(
     concepts = list(concepts)
     if not concepts or per_batch < 1:
         raise ConfigurationError(f"nothing to tune: {len(concepts)} concepts, {per_batch} per batch")
-    shared = sorted(SHARED_TUNABLES & set(tune))
+    shared = shared_tunables(tune)
     if len(concepts) > 1 and shared:
         raise ConfigurationError(
             f"tune={list(tune)} trains weights all concepts share ({', '.join(shared)}): tune one concept per run"
