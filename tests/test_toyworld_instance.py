@@ -253,3 +253,33 @@ def test_an_evaluation_config_takes_the_instance_concepts_and_the_pixel_metric(t
     assert (
         "toyworld.pixels.PixelIdentityMetric" in out and "toyworld.instance_concepts.InstanceConcepts" in out
     )
+
+
+def test_base_training_on_the_instance_world_runs_and_resumes(tmp_path):
+    """The overlay selects the instance stream for the autoencoder and the base model; a rerun resumes."""
+    from toyworld.instance import InstanceWorldStream
+    from toyworld.train import load_config, train_base, world_stream
+
+    overlay = tmp_path / "short.yaml"
+    overlay.write_text(
+        f"out_dir: {tmp_path / 'run'}\nvae: {{steps: 2, batch_size: 4}}\n"
+        "train: {steps: 2, batch_size: 4, warmup: 1, ckpt_every: 1}\n"
+    )
+    cfg = load_config(["configs/toyworld/base.yaml", "configs/toyworld/instance_base.yaml", str(overlay)])
+    assert cfg["world"] == "instance" and cfg["unet"]["sample_size"] == 16 and cfg["train"]["steps"] == 2
+    assert isinstance(world_stream(cfg, 2, 0, "base"), InstanceWorldStream)
+    train_base(cfg)
+    run = tmp_path / "run"
+    assert torch.load(run / "last.pt", weights_only=False)["step"] == 2
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert {r["model"] for r in rows} == {"vae", "base"}
+    cfg["train"]["steps"] = 3
+    train_base(cfg)
+    assert torch.load(run / "last.pt", weights_only=False)["step"] == 3
+
+
+def test_unknown_world_is_refused():
+    from toyworld.train import world_stream
+
+    with pytest.raises(ValueError, match="world must be"):
+        world_stream({"world": "other", "resolution": 32}, 2, 0, "base")

@@ -55,7 +55,10 @@ def _parser() -> argparse.ArgumentParser:
         "train", help="train one of the world's models (seeded; base resumes, the others restart)"
     )
     t.add_argument("model", choices=["base", "checker", "clip", "image-encoder"], help="which model")
-    t.add_argument("--config", required=True, help="YAML config under configs/toyworld/")
+    t.add_argument(
+        "--config", required=True, action="append",
+        help="YAML config under configs/toyworld/; repeat it to merge an overlay onto a base (later wins)",
+    )  # fmt: skip
     pi = sub.add_parser(
         "probe-image-encoder", help="linear probe of the features DATE's image branch reads (the gate)"
     )
@@ -135,8 +138,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     for name in ("prompts", "negatives"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if getattr(args, "config", None) and not Path(args.config).is_file():
-        parser.error(f"--config {args.config} does not exist")
+    configs = getattr(args, "config", None) or []
+    for config in [configs] if isinstance(configs, str) else configs:
+        if not Path(config).is_file():
+            parser.error(f"--config {config} does not exist")
     if args.command == "base-adherence":
         for name, marker in (("pipeline", "model_index.json"), ("checker", "config.json")):
             if not (Path(getattr(args, name)) / marker).exists():

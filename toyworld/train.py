@@ -32,9 +32,23 @@ from toyworld.measure import attribute_accuracy, clip_tokenizer
 from toyworld.world import ATTRIBUTES, VALUES, ToyWorldStream
 
 
-def load_config(path: str) -> dict:
-    """A toy-world training YAML (``configs/toyworld/``) as a resolved dict."""
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+def load_config(path: str | list[str]) -> dict:
+    """A toy-world training YAML (``configs/toyworld/``) as a resolved dict; a list of paths is merged in order."""
+    paths = [path] if isinstance(path, str) else list(path)
+    return OmegaConf.to_container(OmegaConf.merge(*(OmegaConf.load(p) for p in paths)), resolve=True)
+
+
+def world_stream(cfg: dict, batch_size: int, seed: int, split: str, **caption_args):
+    """The training stream of the config's ``world``: ``named`` (``ToyWorldStream`` of ``split``) or ``instance``
+    (``toyworld.instance.InstanceWorldStream``: category and context captions, the training distribution only)."""
+    world = cfg.get("world", "named")
+    if world == "named":
+        return ToyWorldStream(batch_size, seed=seed, split=split, size=cfg["resolution"], **caption_args)
+    if world == "instance":
+        from toyworld.instance import InstanceWorldStream
+
+        return InstanceWorldStream(batch_size, seed=seed, size=cfg["resolution"], **caption_args)
+    raise ValueError(f"world must be 'named' or 'instance', got {world!r}")
 
 
 def _save_ckpt(path: Path, state: dict) -> None:
@@ -80,7 +94,7 @@ def train_vae(cfg: dict, out: Path):
     vae = AutoencoderKL(**vcfg["config"])
     opt = torch.optim.AdamW(vae.parameters(), lr=vcfg["lr"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(100, vcfg["steps"]))
-    stream = ToyWorldStream(vcfg["batch_size"], seed=cfg["seed"] + 1, split="all", size=cfg["resolution"])
+    stream = world_stream(cfg, vcfg["batch_size"], cfg["seed"] + 1, "all")
     bar = tqdm(range(vcfg["steps"]), desc="vae", file=sys.stderr, mininterval=5)
     for step in bar:
         x = stream.batch(step)["pixels"]
@@ -152,13 +166,13 @@ def train_base(cfg: dict) -> None:
     ddim_only = ("timestep_spacing", "set_alpha_to_one")
     noise_sched = DDPMScheduler(**{k: v for k, v in cfg["scheduler"].items() if k not in ddim_only})
     tokenizer = clip_tokenizer()
-    stream = ToyWorldStream(
+    stream = world_stream(
+        cfg,
         tcfg["batch_size"],
-        seed=cfg["seed"],
-        split="base",
+        cfg["seed"],
+        "base",
         drop_prob=tcfg["drop_prob"],
         empty_prob=tcfg["empty_prob"],
-        size=cfg["resolution"],
     )
     unet.train()
     text_encoder.train()
