@@ -88,3 +88,13 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     assert result["rows"][0]["cells"]["distractors"] == 11
     with pytest.raises(SystemExit):
         main(["instance-probe", "--n-test", "2"])
+
+
+def test_the_committed_towers_are_read_as_date_reads_them(sets):
+    px = sets["cells"]["pixels"][:3]
+    for folder, desc, width in (
+        ("assets/toyworld/image_encoder", "mean of layers 1, 2, 3", 32 + 64 + 128),  # ResNet stages
+        ("assets/toyworld/clip", "cls of layers 2, 4", 2 * 64),  # the first encoders' [CLS] tokens
+    ):
+        read, text = P.feature_reader(folder)
+        assert text.endswith(desc) and read(px).shape == (3, width)

@@ -59,7 +59,6 @@ CATEGORICAL = ("pattern", "points", "category")
 COLUMNS = (*CONTINUOUS, *CATEGORICAL, "1nn", "1nn_z")
 TURNING = ("circle", "star", "moon", "arrow")  # rotate all the way round; the others only lean (tilt)
 ALPHAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)  # ridge penalties, times the number of training samples
-DEFAULT_ENCODERS = ("assets/toyworld/image_encoder", "assets/toyworld/clip")
 
 
 def _circ(degrees: float, period: float) -> list[float]:
@@ -218,11 +217,15 @@ def feature_reader(option: str):
 
     from models.image_encoder import CLIP_MODEL_TYPES, image_encoder_model_type
 
-    logging.set_verbosity_error()  # a CLIP folder's text tower is "unexpected" in the vision model: expected
     is_clip = image_encoder_model_type(option) in CLIP_MODEL_TYPES
-    enc = (CLIPVisionModelWithProjection if is_clip else AutoModel).from_pretrained(
-        option, dtype=torch.float32
-    )
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # a CLIP folder's text tower is "unexpected" in its vision model, as meant
+    try:
+        enc = (CLIPVisionModelWithProjection if is_clip else AutoModel).from_pretrained(
+            option, dtype=torch.float32
+        )
+    finally:
+        logging.set_verbosity(verbosity)
     enc.eval()
     n_states = enc.config.num_hidden_layers + 1 if hasattr(enc.config, "num_hidden_layers") else None
     if is_clip:
