@@ -15,6 +15,7 @@ python -m toyworld figures outputs/eval_toyworld [--concept red_striped_star]
 python -m toyworld instance-render --n 16 --seed 0 --out grid.png   # the instance world: scenes, captions
 python -m toyworld instance-concepts --split test                   # -> assets/toyworld/instance_concepts
 python -m toyworld instance-calibrate      # pixel metric: threshold, reference rows (JSON in assets/toyworld/)
+python -m toyworld instance-probe --out probe.json   # the image-branch gate on held-out instances
 """
 
 from __future__ import annotations
@@ -123,6 +124,20 @@ def _parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed of contexts, jitter, noise and random instances"
     )
     ca.add_argument("--out", default="assets/toyworld/instance_calibration.json", help="output JSON")
+    ip = sub.add_parser(
+        "instance-probe", help="instance world: linear probes + 1-NN of image features on held-out instances"
+    )
+    ip.add_argument(
+        "--encoder", nargs="*", default=["assets/toyworld/image_encoder", "assets/toyworld/clip"],
+        help="image-encoder folders, one row each (raw pixels are always the last row)",
+    )  # fmt: skip
+    ip.add_argument("--n-train", type=int, default=1000, help="training-distribution instances (probe fit)")
+    ip.add_argument(
+        "--n-test", type=int, default=300, help="held-out instances in test cells (2 renders each)"
+    )
+    ip.add_argument("--n-categories", type=int, default=150, help="held-out-category instances (2 renders)")
+    ip.add_argument("--seed", type=int, default=0, help="seed of instances, contexts and jitter")
+    ip.add_argument("--out", help="also write the result as JSON here")
     return parser
 
 
@@ -146,6 +161,13 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         for name, marker in (("pipeline", "model_index.json"), ("checker", "config.json")):
             if not (Path(getattr(args, name)) / marker).exists():
                 parser.error(f"--{name} {getattr(args, name)} is not a {name} folder")
+    if args.command == "instance-probe":
+        for name in ("n_train", "n_test", "n_categories"):
+            if getattr(args, name) < 5:
+                parser.error(f"--{name.replace('_', '-')} must be >= 5, got {getattr(args, name)}")
+        for folder in args.encoder:
+            if not (Path(folder) / "config.json").is_file():
+                parser.error(f"--encoder {folder} is not an image-encoder folder (no config.json)")
     if args.command == "probe-image-encoder" and not (Path(args.encoder) / "config.json").is_file():
         parser.error(f"--encoder {args.encoder} is not an image-encoder folder (no config.json)")
     if args.command == "validate-encoder" and not Path(args.ckpt).is_file():
@@ -210,6 +232,16 @@ def main(argv: list[str] | None = None) -> None:
         print(write_instance_concepts(args.out or INSTANCE_DIRS[args.split], args.split))
     elif args.command == "instance-calibrate":
         _instance_calibrate(args)
+    elif args.command == "instance-probe":
+        from toyworld.instance_probe import format_table, instance_probe
+
+        result = instance_probe(
+            [*args.encoder, "pixels"], args.n_train, args.n_test, args.n_categories, args.seed
+        )
+        print(format_table(result))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+            print(f"wrote {args.out}", file=sys.stderr)
     elif args.command == "export-encoder":
         from toyworld.assets import export_encoder
 
