@@ -121,6 +121,8 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
     holder: dict = {}
     load_s = timed(lambda: holder.setdefault("m", cfg.build_model(**model_args)), device)
     module = holder["m"].to(device)
+    # the images' sizes follow the backbone built (a config's tuning YAML names one backbone's sizes)
+    data_args |= {"resolution": module.backbone.resolution, "clip_size": module.backbone.clip_image_size}
 
     def batched(k: int) -> None:
         listing = work / f"k{k}.txt"

@@ -91,3 +91,14 @@ def test_sdxl_shape_sizes_write_json(tmp_path):
     out = tmp_path / "sdxl.json"
     sdxl_shape.main(["--sizes-only", "--out", str(out)])
     assert json.loads(out.read_text())["sizes"]["unet_params"] == 2_567_463_684
+
+
+def test_bench_batched_sizes_the_images_for_the_backbone(tmp_path):
+    """small25m's image encoder reads 64 px while the tuning YAML it shares with tiny says 32: the harness must
+    size the data from the backbone it built (this config died with a clip_size error before)."""
+    out = tmp_path / "batched_small25m.json"
+    bench_batched.main(
+        ["--configs", "small25m", "--ks", "1", "--steps", "1", "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    )  # fmt: skip
+    res = json.loads(out.read_text())["configs"]["small25m"]
+    assert len(res["ks"]["1"]["batched_s"]) == 1 and res["ks"]["1"]["batched_s"][0] > 0
