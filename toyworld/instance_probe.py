@@ -97,13 +97,18 @@ def target(inst: Instance, detail: str) -> list[float] | int | None:
     raise ValueError(f"unknown detail {detail!r}; known: {', '.join(COLUMNS)}")
 
 
-def instance_sets(n_train: int, n_test: int, n_categories: int, seed: int = 0) -> dict[str, dict]:
-    """Renders (B, 3, 32, 32) in [-1, 1] and instances: ``train`` (one context each), ``cells`` and
-    ``categories`` (two different contexts each: ``pixels`` then ``pixels_b``)."""
+def instance_sets(
+    n_train: int, n_test: int, n_categories: int, seed: int = 0, cells: str = "test"
+) -> dict[str, dict]:
+    """Renders (B, 3, 32, 32) in [-1, 1] and instances: ``train`` (one context each), ``cells`` (instances of the
+    ``cells`` split's cells: ``test``, or ``validation`` to choose among variants) and ``categories`` (two
+    different contexts each: ``pixels`` then ``pixels_b``)."""
+    if cells not in ("test", "validation"):
+        raise ValueError(f"cells must be test or validation, got {cells!r}")
     out: dict[str, dict] = {}
     for key, (n, split) in {
         "train": (n_train, "train"),
-        "cells": (n_test, "test"),
+        "cells": (n_test, cells),
         "categories": (n_categories, "held_out_categories"),
     }.items():
         rng = seeded_rng(seed, 0x69707262, len(out))
@@ -244,24 +249,32 @@ def feature_reader(option: str):
 
 
 def instance_probe(
-    options: list[str], n_train: int = 1000, n_test: int = 300, n_categories: int = 150, seed: int = 0
+    options: list[str],
+    n_train: int = 1000,
+    n_test: int = 300,
+    n_categories: int = 150,
+    seed: int = 0,
+    cells: str = "test",
 ) -> dict:
-    """The probe table: one row per feature option, for held-out cells and held-out categories."""
+    """The probe table: one row per feature option, for held-out cells (``cells``: the test cells, or the
+    validation cells to choose among variants) and held-out categories."""
     torch.manual_seed(seed)
-    sets = instance_sets(n_train, n_test, n_categories, seed)
+    sets = instance_sets(n_train, n_test, n_categories, seed, cells)
     rows = []
     for option in options:
         read, desc = feature_reader(option)
         feats = {k: read(s["pixels"]) for k, s in sets.items()}
         feats |= {f"{k}_b": read(s["pixels_b"]) for k, s in sets.items() if "pixels_b" in s}
         rows.append({"option": option, "features": desc, **probe_features(feats, sets)})
-    return {"n_train": n_train, "n_test": n_test, "n_categories": n_categories, "seed": seed, "rows": rows}
+    out = {"n_train": n_train, "n_test": n_test, "n_categories": n_categories, "seed": seed, "rows": rows}
+    return out if cells == "test" else {**out, "cells": cells}  # the committed JSON (test cells) unchanged
 
 
 def format_table(result: dict) -> str:
     """Markdown: one table per held-out set, rows = feature options, columns = details, category, 1-NN."""
     out = []
-    for key, title in (("cells", "held-out instances (test cells)"), ("categories", "held-out categories")):
+    cells = f"held-out instances ({result.get('cells', 'test')} cells)"
+    for key, title in (("cells", cells), ("categories", "held-out categories")):
         n = result["rows"][0][key]["n"] if result["rows"] else 0
         out.append(f"{title}: {n} instances x 2 contexts; 1-NN among {n - 1} distractors")
         out.append("| features | " + " | ".join(COLUMNS) + " |")
