@@ -67,8 +67,9 @@ def test_the_probe_can_choose_on_the_validation_cells():
 
 
 def test_the_committed_instance_encoder_sees_more_of_the_instance_than_the_named_one():
-    """About 3 s. On a small seeded probe (400 training instances, 120 held-out test-cell instances: 119 distractors), the
-    committed instance encoder keeps near the values its probe JSON states and beats the named-world encoder."""
+    """About 3 s. On a small seeded probe (400 training instances, 120 held-out test-cell instances: 119
+    distractors), the committed instance encoder keeps near the values its probe JSON states and beats the
+    named-world encoder."""
     from toyworld.instance_probe import instance_probe
 
     stated = json.loads((COMMITTED / "probe.json").read_text())["rows"][0]["cells"]

@@ -7,8 +7,10 @@ cell, never a held-out category) is rendered twice in two different random conte
 background, position, size, jitter): the two renders are positives, every other instance a negative. Instances
 come in groups of ``group`` of one category (hard negatives): a fraction ``one_detail`` of the groups (by default
 half) are a base instance with one detail redrawn per member (hue, saturation, value, aspect, rotation,
-roundness, points, pattern kind, angle or period), the others independent instances of that category. The caption side is a read-out of the category, the only
-identity word this world's captions state (``labels["category"]``).
+roundness, points, pattern kind, angle or period), the others independent instances of that category. The
+caption side is a read-out of the category, the only identity word this world's captions state
+(``labels["category"]``). The encoder trained so is committed in ``assets/toyworld/instance_image_encoder/``; it
+does not pass the gate yet (docs/toyworld.md, Instance world).
 
     python -m toyworld train image-encoder --config configs/toyworld/instance_image_encoder.yaml
 """
