@@ -3,8 +3,8 @@ instance, not only the category?
 
 Probes are fitted on ``n_train`` training-distribution instances (``sample_instance(rng, "train")``), one random
 context each, and tested on held-out instances, each rendered in two different contexts (both renders are probed):
-``cells``, instances in the **test** cells of the training categories (``cell_split()["test"]``; the validation
-cells are not used), and ``categories``, instances of the held-out categories (heart, moon, arrow; whole detail
+``cells``, instances in the **test** cells of the training categories (``cell_split()["test"]``; with
+``--cells validation``, the validation cells instead, to choose among encoder variants), and ``categories``, instances of the held-out categories (heart, moon, arrow; whole detail
 space). Every render has the world's place / size jitter.
 
 Each detail gets a linear read-out of the features: continuous ones by ridge regression (standardised features,
@@ -35,6 +35,7 @@ first encoders did; any other tower: the mean-pooled stages, all of them, as ``c
 reads the committed ResNet), and ``pixels`` (the 32 x 32 x 3 render flattened), the floor.
 
     python -m toyworld instance-probe --out instance_probe.json
+    python -m toyworld instance-probe --encoder assets/toyworld/instance_image_encoder --cells validation
 """
 
 from __future__ import annotations
