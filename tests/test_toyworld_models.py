@@ -46,9 +46,10 @@ def test_assets_are_small_fp16_safetensors():
     for p in weights:
         with safe_open(p, "pt") as f:
             dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
-        if p.parent.name == "image_encoder" and p.parent.parent == ASSETS:
-            # The encoders' image branch (1.3 MB): kept in the float32 it was trained and read in, since the
-            # encoders record its fingerprint and fp16 rounding would change what they were trained on.
+        if p.parent.name in ("image_encoder", "instance_image_encoder") and p.parent.parent == ASSETS:
+            # The encoders' image branch (1.3 MB; the instance world's one likewise): kept in the float32 it was
+            # trained and read in, since the encoders record its fingerprint and fp16 rounding would change what
+            # they were trained on.
             assert p.stat().st_size < 2 * 2**20, p
             continue
         assert "F32" not in dtypes, p

@@ -137,6 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     ip.add_argument("--n-categories", type=int, default=150, help="held-out-category instances (2 renders)")
     ip.add_argument("--seed", type=int, default=0, help="seed of instances, contexts and jitter")
+    ip.add_argument(
+        "--cells", choices=["test", "validation"], default="test",
+        help="held-out cells probed: test (the gate) or validation (to choose among encoder variants)",
+    )  # fmt: skip
     ip.add_argument("--out", help="also write the result as JSON here")
     return parser
 
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         from toyworld.instance_probe import format_table, instance_probe
 
         result = instance_probe(
-            [*args.encoder, "pixels"], args.n_train, args.n_test, args.n_categories, args.seed
+            [*args.encoder, "pixels"], args.n_train, args.n_test, args.n_categories, args.seed, args.cells
         )
         print(format_table(result))
         if args.out:

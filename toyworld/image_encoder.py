@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from toyworld.instance import TRAIN_CATEGORIES
+from toyworld.instance_pairs import instance_pair_batch
 from toyworld.measure import clip_pixels
 from toyworld.world import (
     HELD_OUT_COMBOS,
@@ -131,7 +133,8 @@ def train(cfg: dict) -> Path:
     """A small ConvNeXt (``transformers.ConvNextModel``) trained from scratch with the image-image objective
     alone (SupCon on a linear projection of its pooled output, dropped after training): the toy world's
     counterpart of a self-supervised image tower such as DINOv2. Saved with ``save_pretrained`` (+ processor
-    config) to ``out_dir/image_encoder``; the project loads it through ``AutoModel``."""
+    config) to ``out_dir/image_encoder``; the project loads it through ``AutoModel``. ``world: instance`` trains
+    on the instance world instead (``toyworld.instance_pairs``; the caption side reads out the category)."""
     from transformers import AutoModel, ConvNextConfig, ConvNextModel, ResNetConfig, ResNetModel
 
     out = Path(cfg["out_dir"])
@@ -148,7 +151,14 @@ def train(cfg: dict) -> Path:
     head = torch.nn.Linear(width, cfg["projection_dim"])
     # The caption side: one linear read-out per identity word a full caption states (shape, colour, pattern),
     # the simplest text objective (what a CLIP's caption loss asks of the image tower); dropped after training.
-    words = torch.nn.ModuleDict({a: torch.nn.Linear(width, len(VALUES[a])) for a in IDENTITY})
+    # The instance world's captions state one identity word, the category (toyworld/instance_pairs.py).
+    world = cfg.get("world", "named")
+    if world not in ("named", "instance"):
+        raise ValueError(f"world must be named or instance, got {world!r}")
+    vocab = {a: len(VALUES[a]) for a in IDENTITY}
+    if world == "instance":
+        vocab = {"category": len(TRAIN_CATEGORIES)}
+    words = torch.nn.ModuleDict({a: torch.nn.Linear(width, n) for a, n in vocab.items()})
     if cfg.get("init_from") and (Path(cfg["init_from"]).parent / "heads.pt").is_file():
         heads = torch.load(Path(cfg["init_from"]).parent / "heads.pt", weights_only=True)
         head.load_state_dict(heads["projection"])
@@ -162,10 +172,15 @@ def train(cfg: dict) -> Path:
     model.train()
     with open(out / "log.jsonl", "a") as log:
         for step in bar:
-            batch = object_pair_batch(cfg["n_objects"], cfg["seed"], step, cfg["group"], cfg["split"])
+            if world == "instance":
+                batch = instance_pair_batch(
+                    cfg["n_objects"], cfg["seed"], step, cfg["group"], cfg.get("one_detail", 0.5)
+                )
+            else:
+                batch = object_pair_batch(cfg["n_objects"], cfg["seed"], step, cfg["group"], cfg["split"])
             pooled = model(pixel_values=tower_pixels(batch["pixels"], size)).pooler_output.flatten(1)
             image_loss = supcon_loss(head(pooled), batch["object_ids"], cfg["temperature"])
-            word_loss = sum(F.cross_entropy(words[a](pooled), batch["labels"][a]) for a in IDENTITY) / 3
+            word_loss = sum(F.cross_entropy(words[a](pooled), batch["labels"][a]) for a in vocab) / len(vocab)
             loss = cfg["image_weight"] * image_loss + cfg["word_weight"] * word_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -3,8 +3,8 @@ instance, not only the category?
 
 Probes are fitted on ``n_train`` training-distribution instances (``sample_instance(rng, "train")``), one random
 context each, and tested on held-out instances, each rendered in two different contexts (both renders are probed):
-``cells``, instances in the **test** cells of the training categories (``cell_split()["test"]``; the validation
-cells are not used), and ``categories``, instances of the held-out categories (heart, moon, arrow; whole detail
+``cells``, instances in the **test** cells of the training categories (``cell_split()["test"]``; with
+``--cells validation``, the validation cells instead, to choose among encoder variants), and ``categories``, instances of the held-out categories (heart, moon, arrow; whole detail
 space). Every render has the world's place / size jitter.
 
 Each detail gets a linear read-out of the features: continuous ones by ridge regression (standardised features,
@@ -35,6 +35,7 @@ first encoders did; any other tower: the mean-pooled stages, all of them, as ``c
 reads the committed ResNet), and ``pixels`` (the 32 x 32 x 3 render flattened), the floor.
 
     python -m toyworld instance-probe --out instance_probe.json
+    python -m toyworld instance-probe --encoder assets/toyworld/instance_image_encoder --cells validation
 """
 
 from __future__ import annotations
@@ -97,13 +98,18 @@ def target(inst: Instance, detail: str) -> list[float] | int | None:
     raise ValueError(f"unknown detail {detail!r}; known: {', '.join(COLUMNS)}")
 
 
-def instance_sets(n_train: int, n_test: int, n_categories: int, seed: int = 0) -> dict[str, dict]:
-    """Renders (B, 3, 32, 32) in [-1, 1] and instances: ``train`` (one context each), ``cells`` and
-    ``categories`` (two different contexts each: ``pixels`` then ``pixels_b``)."""
+def instance_sets(
+    n_train: int, n_test: int, n_categories: int, seed: int = 0, cells: str = "test"
+) -> dict[str, dict]:
+    """Renders (B, 3, 32, 32) in [-1, 1] and instances: ``train`` (one context each), ``cells`` (instances of the
+    ``cells`` split's cells: ``test``, or ``validation`` to choose among variants) and ``categories`` (two
+    different contexts each: ``pixels`` then ``pixels_b``)."""
+    if cells not in ("test", "validation"):
+        raise ValueError(f"cells must be test or validation, got {cells!r}")
     out: dict[str, dict] = {}
     for key, (n, split) in {
         "train": (n_train, "train"),
-        "cells": (n_test, "test"),
+        "cells": (n_test, cells),
         "categories": (n_categories, "held_out_categories"),
     }.items():
         rng = seeded_rng(seed, 0x69707262, len(out))
@@ -244,24 +250,32 @@ def feature_reader(option: str):
 
 
 def instance_probe(
-    options: list[str], n_train: int = 1000, n_test: int = 300, n_categories: int = 150, seed: int = 0
+    options: list[str],
+    n_train: int = 1000,
+    n_test: int = 300,
+    n_categories: int = 150,
+    seed: int = 0,
+    cells: str = "test",
 ) -> dict:
-    """The probe table: one row per feature option, for held-out cells and held-out categories."""
+    """The probe table: one row per feature option, for held-out cells (``cells``: the test cells, or the
+    validation cells to choose among variants) and held-out categories."""
     torch.manual_seed(seed)
-    sets = instance_sets(n_train, n_test, n_categories, seed)
+    sets = instance_sets(n_train, n_test, n_categories, seed, cells)
     rows = []
     for option in options:
         read, desc = feature_reader(option)
         feats = {k: read(s["pixels"]) for k, s in sets.items()}
         feats |= {f"{k}_b": read(s["pixels_b"]) for k, s in sets.items() if "pixels_b" in s}
         rows.append({"option": option, "features": desc, **probe_features(feats, sets)})
-    return {"n_train": n_train, "n_test": n_test, "n_categories": n_categories, "seed": seed, "rows": rows}
+    out = {"n_train": n_train, "n_test": n_test, "n_categories": n_categories, "seed": seed, "rows": rows}
+    return out if cells == "test" else {**out, "cells": cells}  # the committed JSON (test cells) unchanged
 
 
 def format_table(result: dict) -> str:
     """Markdown: one table per held-out set, rows = feature options, columns = details, category, 1-NN."""
     out = []
-    for key, title in (("cells", "held-out instances (test cells)"), ("categories", "held-out categories")):
+    cells = f"held-out instances ({result.get('cells', 'test')} cells)"
+    for key, title in (("cells", cells), ("categories", "held-out categories")):
         n = result["rows"][0][key]["n"] if result["rows"] else 0
         out.append(f"{title}: {n} instances x 2 contexts; 1-NN among {n - 1} distractors")
         out.append("| features | " + " | ".join(COLUMNS) + " |")
