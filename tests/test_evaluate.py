@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -361,8 +362,12 @@ def test_evaluation_overlays_parse_on_their_base(capsys):
     overlays = sorted(Path("configs/evaluate/overlays").glob("*.yaml"))
     assert overlays
     for path in overlays:
-        base = f"configs/evaluate/{path.stem.split('_')[0]}.yaml"
-        assert base in path.read_text(), path
+        # the header's usage line names the base: --config configs/evaluate/<base>.yaml --config <this overlay>
+        usage = re.search(
+            rf"--config (configs/evaluate/[\w.]+\.yaml) --config {path.as_posix()}", path.read_text()
+        )
+        assert usage, f"{path}: no usage line naming its base config"
+        base = usage.group(1)
         with pytest.raises(SystemExit) as exit_info:
             evaluate.main(["run", "--config", base, "--config", str(path), "--print_config"])
         assert exit_info.value.code == 0, path
