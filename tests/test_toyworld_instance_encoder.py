@@ -55,6 +55,13 @@ def test_world_instance_trains_an_encoder_with_a_category_read_out(tmp_path):
     assert heads["words"]["category.weight"].shape == (len(TRAIN_CATEGORIES), 16)
     with pytest.raises(ValueError, match="world must be"):
         train({**cfg, "world": "instances"})
+    # head_features: stages puts both heads on the mean-pooled stages concatenated, the features DATE reads
+    train({**cfg, "head_features": "stages", "out_dir": str(tmp_path / "stages")})
+    heads = torch.load(tmp_path / "stages" / "heads.pt", weights_only=True)
+    assert heads["words"]["category.weight"].shape == (len(TRAIN_CATEGORIES), 8 + 16)
+    assert heads["projection"]["weight"].shape == (8, 8 + 16)
+    with pytest.raises(ValueError, match="head_features must be"):
+        train({**cfg, "head_features": "all"})
 
 
 def test_the_probe_can_choose_on_the_validation_cells():

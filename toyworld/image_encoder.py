@@ -129,12 +129,24 @@ def _schedule(opt, total: int, warm: int = 100):
     )
 
 
+def _head_input(model, pixel_values: torch.Tensor, head_features: str) -> torch.Tensor:
+    """The features the training heads read: the pooled last stage, or the mean-pooled stages concatenated."""
+    from models.encoder import image_tokens
+
+    if head_features == "last":
+        return model(pixel_values=pixel_values).pooler_output.flatten(1)
+    states = model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+    return torch.cat([image_tokens(h, "mean") for h in states[1:]], dim=-1)
+
+
 def train(cfg: dict) -> Path:
     """A small ConvNeXt (``transformers.ConvNextModel``) trained from scratch with the image-image objective
     alone (SupCon on a linear projection of its pooled output, dropped after training): the toy world's
     counterpart of a self-supervised image tower such as DINOv2. Saved with ``save_pretrained`` (+ processor
     config) to ``out_dir/image_encoder``; the project loads it through ``AutoModel``. ``world: instance`` trains
-    on the instance world instead (``toyworld.instance_pairs``; the caption side reads out the category)."""
+    on the instance world instead (``toyworld.instance_pairs``; the caption side reads out the category).
+    ``head_features: stages`` puts both heads on the mean-pooled stages concatenated (what DATE reads) instead
+    of the pooled last stage."""
     from transformers import AutoModel, ConvNextConfig, ConvNextModel, ResNetConfig, ResNetModel
 
     out = Path(cfg["out_dir"])
@@ -147,7 +159,14 @@ def train(cfg: dict) -> Path:
         model = ConvNextModel(ConvNextConfig(image_size=size, **cfg["convnext"]))
     if cfg.get("init_from"):  # a second stage continues the first one (tower and heads)
         model = AutoModel.from_pretrained(cfg["init_from"], dtype=torch.float32)
-    width = model.config.hidden_sizes[-1]
+    # Which features the heads read: ``last``, the pooled last stage (the default, what the first encoders were
+    # trained with), or ``stages``, every stage mean-pooled and concatenated: what DATE's image branch reads
+    # (``image_features: mean``, ``clip_layer_stride: 1``; ``toyworld.instance_probe``), so the losses shape
+    # the very features DATE and the gate read.
+    head_features = cfg.get("head_features", "last")
+    if head_features not in ("last", "stages"):
+        raise ValueError(f"head_features must be last or stages, got {head_features!r}")
+    width = sum(model.config.hidden_sizes) if head_features == "stages" else model.config.hidden_sizes[-1]
     head = torch.nn.Linear(width, cfg["projection_dim"])
     # The caption side: one linear read-out per identity word a full caption states (shape, colour, pattern),
     # the simplest text objective (what a CLIP's caption loss asks of the image tower); dropped after training.
@@ -178,7 +197,7 @@ def train(cfg: dict) -> Path:
                 )
             else:
                 batch = object_pair_batch(cfg["n_objects"], cfg["seed"], step, cfg["group"], cfg["split"])
-            pooled = model(pixel_values=tower_pixels(batch["pixels"], size)).pooler_output.flatten(1)
+            pooled = _head_input(model, tower_pixels(batch["pixels"], size), head_features)
             image_loss = supcon_loss(head(pooled), batch["object_ids"], cfg["temperature"])
             word_loss = sum(F.cross_entropy(words[a](pooled), batch["labels"][a]) for a in vocab) / len(vocab)
             loss = cfg["image_weight"] * image_loss + cfg["word_weight"] * word_loss
