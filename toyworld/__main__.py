@@ -16,6 +16,7 @@ python -m toyworld instance-render --n 16 --seed 0 --out grid.png   # the instan
 python -m toyworld instance-concepts --split test                   # -> assets/toyworld/instance_concepts
 python -m toyworld instance-calibrate      # pixel metric: threshold, reference rows (JSON in assets/toyworld/)
 python -m toyworld instance-probe --out probe.json   # the image-branch gate on held-out instances
+python -m toyworld instance-oracle --steps 2000   # DIAGNOSTIC: ResNet told every detail (gate upper bound)
 """
 
 from __future__ import annotations
@@ -142,6 +143,15 @@ def _parser() -> argparse.ArgumentParser:
         help="held-out cells probed: test (the gate) or validation (to choose among encoder variants)",
     )  # fmt: skip
     ip.add_argument("--out", help="also write the result as JSON here")
+    io = sub.add_parser(
+        "instance-oracle",
+        help="instance world: a DIAGNOSTIC ResNet trained supervised on every instance detail (gate upper bound)",
+    )
+    io.add_argument("--steps", type=int, default=2000, help="training steps (96 renders each)")
+    io.add_argument("--seed", type=int, default=0, help="seed of weights, instances and contexts")
+    io.add_argument(
+        "--out-dir", default=".cache/toyworld/instance_oracle", help="writes out-dir/image_encoder"
+    )
     return parser
 
 
@@ -246,6 +256,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
             print(f"wrote {args.out}", file=sys.stderr)
+    elif args.command == "instance-oracle":
+        from toyworld.instance_oracle import train_oracle
+
+        print(train_oracle(args.out_dir, args.steps, seed=args.seed))
     elif args.command == "export-encoder":
         from toyworld.assets import export_encoder
 
