@@ -132,6 +132,34 @@ class ToyWorldConcepts(ConceptSet):
         return toyworld_concepts(self, placeholder)
 
 
+def read_concept_index(
+    folder: Path, names: list[str] | None, num_references: int, write_command: str
+) -> list[tuple[str, dict]]:
+    """The ``(name, entry)`` pairs of ``names`` (None: all) from ``folder/concepts.json``, each with its image file.
+
+    Raises:
+        EvaluationConfigError: a missing index or image, an unknown name, ``num_references < 1``; the message names
+            ``python -m toyworld <write_command>`` as the way to write the folder.
+    """
+    index = Path(folder) / CONCEPTS_FILE
+    if not index.is_file():
+        raise EvaluationConfigError(
+            f"{index} does not exist (concepts.concepts_dir; write it with `python -m toyworld {write_command}`)"
+        )
+    entries = {e["name"]: e for e in json.loads(index.read_text())}
+    names = list(names) if names is not None else list(entries)
+    unknown = [n for n in names if n not in entries]
+    if unknown or not names:
+        raise EvaluationConfigError(f"concepts.names {unknown or names} not in {index} ({list(entries)})")
+    if num_references < 1:
+        raise EvaluationConfigError(f"concepts.num_references must be >= 1, got {num_references}")
+    for name in names:
+        image = Path(folder) / entries[name]["image"]
+        if not image.is_file():
+            raise EvaluationConfigError(f"input image {image} of concept {name!r} does not exist")
+    return [(name, entries[name]) for name in names]
+
+
 def toyworld_concepts(spec: ToyWorldConcepts, placeholder: str) -> list[EvalConcept]:
     """The evaluation concepts of the toy world (see the module docstring).
 
@@ -145,25 +173,10 @@ def toyworld_concepts(spec: ToyWorldConcepts, placeholder: str) -> list[EvalConc
     """
     folder = Path(spec.concepts_dir)
     index = folder / CONCEPTS_FILE
-    if not index.is_file():
-        raise EvaluationConfigError(
-            f"{index} does not exist (concepts.concepts_dir; write it with "
-            "`python -m toyworld write-concepts`)"
-        )
-    entries = {e["name"]: e for e in json.loads(index.read_text())}
-    names = list(spec.names) if spec.names is not None else list(entries)
-    unknown = [n for n in names if n not in entries]
-    if unknown or not names:
-        raise EvaluationConfigError(f"concepts.names {unknown or names} not in {index} ({list(entries)})")
-    if spec.num_references < 1:
-        raise EvaluationConfigError(f"concepts.num_references must be >= 1, got {spec.num_references}")
     concepts = []
-    for name in names:
-        entry = entries[name]
+    for name, entry in read_concept_index(folder, spec.names, spec.num_references, "write-concepts"):
         scene = _check_entry(entry, str(index))
         image = folder / entry["image"]
-        if not image.is_file():
-            raise EvaluationConfigError(f"input image {image} of concept {name!r} does not exist")
         input_ctx = (scene.background, scene.position, scene.size)
         prompts = [
             Scene(scene.shape, scene.colour, scene.pattern, *c)

@@ -25,7 +25,7 @@ import torch
 from datamodules.transforms import load_rgb
 from evaluation.concepts.base import EvalConcept
 from evaluation.config import EvaluationConfigError
-from toyworld.concepts import CONCEPTS_FILE, ToyWorldConcepts
+from toyworld.concepts import CONCEPTS_FILE, ToyWorldConcepts, read_concept_index
 from toyworld.instance import (
     HELD_OUT_CATEGORIES,
     TEST_CATEGORIES,
@@ -103,25 +103,10 @@ class InstanceConcepts(ToyWorldConcepts):
         """
         folder = Path(self.concepts_dir)
         index = folder / CONCEPTS_FILE
-        if not index.is_file():
-            raise EvaluationConfigError(
-                f"{index} does not exist (concepts.concepts_dir; write it with "
-                "`python -m toyworld instance-concepts`)"
-            )
-        entries = {e["name"]: e for e in json.loads(index.read_text())}
-        names = list(self.names) if self.names is not None else list(entries)
-        unknown = [n for n in names if n not in entries]
-        if unknown or not names:
-            raise EvaluationConfigError(f"concepts.names {unknown or names} not in {index} ({list(entries)})")
-        if self.num_references < 1:
-            raise EvaluationConfigError(f"concepts.num_references must be >= 1, got {self.num_references}")
         concepts = []
-        for name in names:
-            entry = entries[name]
+        for name, entry in read_concept_index(folder, self.names, self.num_references, "instance-concepts"):
             inst = _entry(entry, str(index))
             image = folder / entry["image"]
-            if not image.is_file():
-                raise EvaluationConfigError(f"input image {image} of concept {name!r} does not exist")
             try:
                 contexts = prompt_contexts(inst, self.num_prompts, self.seed, name)
                 others = prompt_contexts(inst, self.num_references - 1, self.seed, name, _REFERENCE_SALT)
