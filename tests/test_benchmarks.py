@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from benchmarks import bench_batched, bench_token_index, bench_tuning, real_shape, sdxl_shape
+from benchmarks import bench_batched, bench_token_index, bench_tuning, real_shape, sdxl_shape, step_probes
 
 
 def test_bench_tuning_runs_and_writes_json(tmp_path):
@@ -74,7 +74,7 @@ def test_real_shape_runs_and_writes_json(tmp_path, tiny_sd_dir):
         res["rounds_detail"][0]["date"]["warmup_s"] and len(res["rounds_detail"][0]["date"]["steps_s"]) == 1
     )
     ranges = res["profile"]["ranges_s"]
-    assert all(ranges[k] > 0 for k in real_shape.RANGES), ranges
+    assert all(ranges[k] > 0 for k in step_probes.RANGES), ranges
     assert ranges["attention_forward"] < ranges["unet_forward"] < res["profile"]["step_s"]
 
 
