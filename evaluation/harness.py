@@ -126,7 +126,15 @@ def run_evaluation(
     base, concept_list, plans = make_plans(out, tune_config, methods, concepts, sweep, overrides)
     metrics.check(concept_list)
     record = run_record(
-        tune_config, overrides, plan_recipes(plans), methods, concepts, sampling, metrics, plan_inputs(plans)
+        tune_config,
+        overrides,
+        plan_recipes(plans),
+        methods,
+        concepts,
+        sampling,
+        metrics,
+        plan_inputs(plans),
+        concepts_per_batch,
     )
     check_run_record(out, record, overwrite)
     # Nothing above loads a model: configuration errors cost nothing.

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from evaluation.concepts.synthetic import SyntheticConcepts
@@ -12,10 +14,18 @@ from evaluation.store.run_state import OUTPUTS, RECORD_FILE, check_run_record, r
 from toyworld.concepts import ToyWorldConcepts
 
 
-def _record(concepts) -> dict:
+def _record(concepts, concepts_per_batch: int = 1) -> dict:
     methods = [MethodSpec(name="date")]
     return run_record(
-        "configs/tune/toyworld.yaml", {}, {}, methods, concepts, SamplingSpec(), MetricSpec(), {}
+        "configs/tune/toyworld.yaml",
+        {},
+        {},
+        methods,
+        concepts,
+        SamplingSpec(),
+        MetricSpec(),
+        {},
+        concepts_per_batch,
     )
 
 
@@ -40,6 +50,16 @@ def test_a_concept_sets_own_settings_are_part_of_the_resume_key(tmp_path):
     # More concepts or prompts only add rows: the folder resumes.
     more = ToyWorldConcepts(seed=0, num_prompts=6, names=["red_striped_star"])
     check_run_record(out, _record(more), overwrite=False)
+
+
+def test_concepts_per_batch_is_recorded_but_a_folder_resumes_with_another_k(tmp_path):
+    """run.json says how many concepts one tuning run held; a rerun with another K resumes, since batched rows
+    equal the sequential ones within tolerance."""
+    out = _folder_made_with(tmp_path, ToyWorldConcepts(seed=0, num_prompts=3))
+    assert json.loads((out / RECORD_FILE).read_text())["tuning"] == {"concepts_per_batch": 1}
+    batched = _record(ToyWorldConcepts(seed=0, num_prompts=3), concepts_per_batch=4)
+    assert batched["tuning"] == {"concepts_per_batch": 4}
+    check_run_record(out, batched, overwrite=False)
 
 
 def test_synthetic_concepts_resume_with_more_ids_but_not_another_seed(tmp_path):

@@ -77,6 +77,7 @@ def run_record(
     sampling: SamplingSpec,
     metrics: MetricSpec,
     inputs: dict[str, Any],
+    concepts_per_batch: int = 1,
 ) -> dict[str, Any]:
     """The record of a run's configuration (JSON-compatible).
 
@@ -89,6 +90,8 @@ def run_record(
         sampling: sampling options.
         metrics: metric backbones.
         inputs: identities of the input files rows depend on (checkpoints, artefacts), by method name.
+        concepts_per_batch: concepts tuned per run (K) by the last invocation, under ``tuning``; not part of
+            the resume key (batched rows equal the sequential ones within tolerance, tests/test_eval_batched.py).
     """
     return _plain(
         {
@@ -100,6 +103,7 @@ def run_record(
             "sampling": asdict(sampling),
             "metrics": metrics.record(),
             "inputs": inputs,
+            "tuning": {"concepts_per_batch": concepts_per_batch},
         }
     )
 
