@@ -89,6 +89,24 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=text).add_argument(
             "--config", required=True, help="configs/toyworld/base.yaml"
         )
+    ei = sub.add_parser(
+        "export-instance",
+        help="instance world: write assets/toyworld/instance_pipeline/ from its base checkpoint",
+    )
+    ei.add_argument(
+        "--config", required=True, action="append",
+        help="configs/toyworld/base.yaml, then configs/toyworld/instance_base.yaml (later wins)",
+    )  # fmt: skip
+    ia = sub.add_parser(
+        "instance-adherence",
+        help="instance world: the base model's prompt accuracy and diversity from pixels",
+    )
+    ia.add_argument("--n", type=int, default=128, help="captions sampled (twice each, two seeds)")
+    ia.add_argument("--seed", type=int, default=0, help="caption and sampling seed")
+    ia.add_argument(
+        "--pipeline", default="assets/toyworld/instance_pipeline", help="base model folder (diffusers layout)"
+    )
+    ia.add_argument("--out", help="also write the result as JSON here")
     e = sub.add_parser(
         "export-encoder", help="write a pretraining checkpoint's weights to assets/toyworld/encoder/"
     )
@@ -171,6 +189,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     for config in [configs] if isinstance(configs, str) else configs:
         if not Path(config).is_file():
             parser.error(f"--config {config} does not exist")
+    if args.command == "instance-adherence":
+        if args.n < 2:
+            parser.error(f"--n must be >= 2, got {args.n}")
+        if not (Path(args.pipeline) / "model_index.json").is_file():
+            parser.error(f"--pipeline {args.pipeline} is not a pipeline folder (no model_index.json)")
     if args.command == "base-adherence":
         for name, marker in (("pipeline", "model_index.json"), ("checker", "config.json")):
             if not (Path(getattr(args, name)) / marker).exists():
@@ -256,6 +279,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
             print(f"wrote {args.out}", file=sys.stderr)
+    elif args.command == "instance-adherence":
+        from toyworld.instance_assets import instance_adherence
+
+        result = json.dumps(instance_adherence(args.n, args.seed, args.pipeline), indent=1)
+        if args.out:
+            Path(args.out).write_text(result + "\n")
+        print(result)
     elif args.command == "instance-oracle":
         from toyworld.instance_oracle import train_oracle
 
@@ -310,7 +340,11 @@ def _run_config_command(args: argparse.Namespace) -> None:
         return
     from toyworld import assets
 
-    if args.command == "export":
+    if args.command == "export-instance":
+        from toyworld.instance_assets import export_instance
+
+        print(export_instance(cfg))
+    elif args.command == "export":
         assets.export(cfg)
     elif args.command == "probe":
         assets.probe(cfg)

@@ -131,6 +131,13 @@ def build_base(cfg: dict):
 
     torch.manual_seed(cfg["seed"])
     unet = UNet2DConditionModel(**cfg["unet"])
+    shared = cfg.get("text_encoder_from")
+    if shared:  # a trained pipeline's text encoder, frozen: the instance world speaks the named world's words
+        folder = Path(shared) / "text_encoder"
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"text_encoder_from: no text encoder at {folder}")
+        text_encoder = CLIPTextModel.from_pretrained(folder, torch_dtype=torch.float32).requires_grad_(False)
+        return unet, text_encoder.eval()
     text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
     return unet, text_encoder
 
@@ -143,7 +150,8 @@ def train_base(cfg: dict) -> None:
     vae = train_vae(cfg, out)
     unet, text_encoder = build_base(cfg)
     tcfg = cfg["train"]
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    frozen_text = bool(cfg.get("text_encoder_from"))
+    params = list(unet.parameters()) + ([] if frozen_text else list(text_encoder.parameters()))
     opt = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg["warmup"], tcfg["steps"]))
     ema_unet, ema_text = (
@@ -175,7 +183,7 @@ def train_base(cfg: dict) -> None:
         empty_prob=tcfg["empty_prob"],
     )
     unet.train()
-    text_encoder.train()
+    text_encoder.train(not frozen_text)
     t0 = time.time()
     bar = tqdm(
         range(start, tcfg["steps"]),
@@ -197,7 +205,8 @@ def train_base(cfg: dict) -> None:
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (z0.shape[0],))
         zt = noise_sched.add_noise(z0, noise, t)
         target = noise_sched.get_velocity(z0, noise, t)
-        ctx = text_encoder(ids)[0]
+        with torch.set_grad_enabled(not frozen_text):
+            ctx = text_encoder(ids)[0]
         pred = unet(zt, t, encoder_hidden_states=ctx).sample
         loss = F.mse_loss(pred.float(), target.float())
         if not torch.isfinite(loss):

@@ -1,0 +1,94 @@
+"""The instance world's base model as an asset (toyworld/instance_assets.py): a few training steps with the named
+world's text encoder frozen, the export that links the shared components instead of copying them, plain
+diffusers loading the result, and the pixel read-outs of its samples."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from toyworld.__main__ import main
+from toyworld.instance_assets import SHARED, export_instance, instance_adherence
+from toyworld.train import load_config, train_base
+
+NAMED = Path("assets/toyworld/pipeline")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("instance_base")
+    overlay = root / "short.yaml"
+    short = {"out_dir": str(root / "ckpt"), "vae": {"steps": 2}, "train": {"steps": 2, "warmup": 1}}
+    overlay.write_text(yaml.safe_dump(short))
+    configs = ["configs/toyworld/base.yaml", "configs/toyworld/instance_base.yaml", str(overlay)]
+    cfg = load_config(configs)
+    train_base(cfg)
+    return root, cfg
+
+
+def test_frozen_text_encoder_is_the_named_one_and_the_export_links_it(trained):
+    from diffusers import StableDiffusionPipeline
+
+    root, cfg = trained
+    assert cfg["text_encoder_from"] == str(NAMED)
+    dest = export_instance(cfg, out=root / "assets")
+    for comp in SHARED:  # relative links, so a clone anywhere resolves them
+        link = dest / comp
+        assert link.is_symlink() and not os.path.isabs(os.readlink(link))
+        assert link.resolve() == (NAMED / comp).resolve()
+    for comp in ("unet", "vae", "scheduler"):
+        assert (dest / comp).is_dir() and not (dest / comp).is_symlink()
+    pipe = StableDiffusionPipeline.from_pretrained(str(dest))  # plain diffusers follows the links
+    named = StableDiffusionPipeline.from_pretrained(str(NAMED))
+    for (k, a), b in zip(pipe.text_encoder.state_dict().items(), named.text_encoder.state_dict().values()):
+        assert torch.equal(a, b), k
+    trained_unet = torch.load(Path(cfg["out_dir"]) / "last.pt", weights_only=False)["ema_unet"]
+    key = "conv_in.weight"
+    assert torch.equal(pipe.unet.state_dict()[key], trained_unet[key].half())
+    summary = json.loads((dest / "train_summary.json").read_text())
+    assert summary["base_steps"] == 2 and summary["text_encoder_from"] == str(NAMED)
+
+
+def test_export_refuses_a_checkpoint_whose_text_encoder_moved(trained, tmp_path):
+    root, cfg = trained
+    ckpt = Path(cfg["out_dir"]) / "last.pt"
+    state = torch.load(ckpt, weights_only=False)
+    moved = {**state, "text_encoder": {k: v + 1.0 for k, v in state["text_encoder"].items()}}
+    other = tmp_path / "ckpt"
+    other.mkdir()
+    torch.save(moved, other / "last.pt")
+    for name in ("log.jsonl", "vae"):
+        os.symlink((Path(cfg["out_dir"]) / name).resolve(), other / name)
+    with pytest.raises(ValueError, match="differs from"):
+        export_instance({**cfg, "out_dir": str(other)}, out=tmp_path / "assets")
+    assert not (tmp_path / "assets" / "instance_pipeline").exists()
+
+
+def test_adherence_reads_samples_from_pixels(trained):
+    root, cfg = trained
+    dest = export_instance(cfg, out=root / "assets2")
+    result = instance_adherence(n=3, seed=0, pipeline_dir=dest, steps=2)
+    for key, value in result["prompt_accuracy"].items():
+        assert 0.0 <= value <= 1.0, key
+    # Two renders of one instance score far above two instances of one category: the diversity read-out's scale.
+    assert result["renders_same_instance_identity"] > result["renders_same_category_identity"] + 0.2
+    assert 0.0 <= result["same_caption_two_seeds_identity"] <= 1.0 and result["n"] == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--n", "1"], "--n must be >= 2, got 1"),
+        (["--pipeline", "nowhere"], "--pipeline nowhere is not a pipeline folder (no model_index.json)"),
+    ],
+)
+def test_adherence_bad_input_is_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["instance-adherence", *argv])
+    assert err.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"python -m toyworld: error: {message}"
