@@ -168,6 +168,9 @@ def _parser() -> argparse.ArgumentParser:
     io.add_argument("--steps", type=int, default=2000, help="training steps (96 renders each)")
     io.add_argument("--seed", type=int, default=0, help="seed of weights, instances and contexts")
     io.add_argument(
+        "--image-size", type=int, default=64, help="tower input in px (32 px renders, bilinear; >= 32)"
+    )
+    io.add_argument(
         "--out-dir", default=".cache/toyworld/instance_oracle", help="writes out-dir/image_encoder"
     )
     return parser
@@ -205,6 +208,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         for folder in args.encoder:
             if not (Path(folder) / "config.json").is_file():
                 parser.error(f"--encoder {folder} is not an image-encoder folder (no config.json)")
+    if args.command == "instance-oracle" and args.image_size < 32:
+        parser.error(f"--image-size must be >= 32 (the renders are 32 px), got {args.image_size}")
     if args.command == "probe-image-encoder" and not (Path(args.encoder) / "config.json").is_file():
         parser.error(f"--encoder {args.encoder} is not an image-encoder folder (no config.json)")
     if args.command == "validate-encoder" and not Path(args.ckpt).is_file():
@@ -289,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "instance-oracle":
         from toyworld.instance_oracle import train_oracle
 
-        print(train_oracle(args.out_dir, args.steps, seed=args.seed))
+        print(train_oracle(args.out_dir, args.steps, seed=args.seed, image_size=args.image_size))
     elif args.command == "export-encoder":
         from toyworld.assets import export_encoder
 

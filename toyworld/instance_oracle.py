@@ -13,6 +13,9 @@ Its weights are not committed.
 
     python -m toyworld instance-oracle --steps 2000 --out-dir .cache/toyworld/instance_oracle
     python -m toyworld instance-probe --encoder .cache/toyworld/instance_oracle/image_encoder --cells validation
+
+``--image-size 128`` trains it on the renders upsampled 4x instead of 2x (the stem's 4x downsampling then hands
+stage 1 the render's own 32 x 32 resolution; rows in docs/toyworld.md); the gate reads the folder at that size.
 """
 
 from __future__ import annotations
