@@ -125,16 +125,9 @@ def run_evaluation(
     overrides.update(tune_overrides or {})
     base, concept_list, plans = make_plans(out, tune_config, methods, concepts, sweep, overrides)
     metrics.check(concept_list)
+    recipes, inputs = plan_recipes(plans), plan_inputs(plans)
     record = run_record(
-        tune_config,
-        overrides,
-        plan_recipes(plans),
-        methods,
-        concepts,
-        sampling,
-        metrics,
-        plan_inputs(plans),
-        concepts_per_batch,
+        tune_config, overrides, recipes, methods, concepts, sampling, metrics, inputs, concepts_per_batch
     )
     check_run_record(out, record, overwrite)
     # Nothing above loads a model: configuration errors cost nothing.
