@@ -72,7 +72,10 @@ def test_export_refuses_a_checkpoint_whose_text_encoder_moved(trained, tmp_path)
 def test_adherence_reads_samples_from_pixels(trained):
     root, cfg = trained
     dest = export_instance(cfg, out=root / "assets2")
-    result = instance_adherence(n=3, seed=0, pipeline_dir=dest, steps=2)
+    result = instance_adherence(n=3, seed=0, pipeline_dir=dest, steps=2, grid=root / "grid.png")
+    from PIL import Image
+
+    assert Image.open(root / "grid.png").size == (3 * 3 * 33 + 3, 3 * 3 * 33 + 3)  # 3 rows x 3, scale 3
     for key, value in result["prompt_accuracy"].items():
         assert 0.0 <= value <= 1.0, key
     # Two renders of one instance score far above two instances of one category: the diversity read-out's scale.

@@ -107,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
         "--pipeline", default="assets/toyworld/instance_pipeline", help="base model folder (diffusers layout)"
     )
     ia.add_argument("--out", help="also write the result as JSON here")
+    ia.add_argument("--grid", help="also write a PNG: per caption, a training render and the two samples")
     e = sub.add_parser(
         "export-encoder", help="write a pretraining checkpoint's weights to assets/toyworld/encoder/"
     )
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "instance-adherence":
         from toyworld.instance_assets import instance_adherence
 
-        result = json.dumps(instance_adherence(args.n, args.seed, args.pipeline), indent=1)
+        result = json.dumps(instance_adherence(args.n, args.seed, args.pipeline, grid=args.grid), indent=1)
         if args.out:
             Path(args.out).write_text(result + "\n")
         print(result)

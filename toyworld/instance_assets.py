@@ -117,8 +117,11 @@ def instance_adherence(
     pipeline_dir: str | Path = ASSETS / PIPELINE_NAME,
     steps: int = SAMPLE_STEPS,
     guidance: float = GUIDANCE,
+    grid: str | Path | None = None,
 ) -> dict:
-    """Prompt accuracy from pixels and same-caption diversity of the instance base model (module docstring)."""
+    """Prompt accuracy from pixels and same-caption diversity of the instance base model (module docstring);
+    ``grid``: also a PNG whose rows are the first 8 captions: a render of the instance it was drawn from, then the
+    two samples (the same words, two seeds)."""
     t0 = time.time()
     pipe = load_pipeline(pipeline_dir)
     rng = seeded_rng(seed, 0x61646865)
@@ -137,6 +140,13 @@ def instance_adherence(
         pair = [j for j in range(n) if instances[j].category == inst.category and j != i]
         other = instances[pair[0]] if pair else other
         other_instance.append(pixels.identity(render(inst, ctx), render(other, again))["identity"])
+    if grid is not None:
+        from evaluation.generate.images import save_grid
+
+        rows = []
+        for i in range(min(8, n)):
+            rows += [render(instances[i], contexts[i]), *(pixels.as_uint8(x[i]) for x in (first, second))]
+        save_grid(np.stack(rows), str(grid), cols=3, scale=3)
     mean = lambda xs: round(float(np.mean(xs)), 3)  # noqa: E731
     return {
         "prompt_accuracy": {a: mean(v) for a, v in hits.items()},
