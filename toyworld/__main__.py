@@ -108,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     ia.add_argument("--out", help="also write the result as JSON here")
     ia.add_argument("--grid", help="also write a PNG: per caption, a training render and the two samples")
+    ac = sub.add_parser(
+        "instance-ceiling",
+        help="instance world: identity of the concepts' inputs after an autoencoder round trip",
+    )
+    ac.add_argument("--concepts", default="assets/toyworld/instance_concepts", help="concept folder")
+    ac.add_argument("--pipeline", default="assets/toyworld/instance_pipeline", help="base model folder")
     e = sub.add_parser(
         "export-encoder", help="write a pretraining checkpoint's weights to assets/toyworld/encoder/"
     )
@@ -193,6 +199,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     for config in [configs] if isinstance(configs, str) else configs:
         if not Path(config).is_file():
             parser.error(f"--config {config} does not exist")
+    if args.command == "instance-ceiling":
+        if not (Path(args.concepts) / "concepts.json").is_file():
+            parser.error(f"--concepts {args.concepts} is not a concept folder (no concepts.json)")
+        if not (Path(args.pipeline) / "vae" / "config.json").is_file():
+            parser.error(f"--pipeline {args.pipeline} holds no autoencoder (no vae/config.json)")
     if args.command == "instance-adherence":
         if args.n < 2:
             parser.error(f"--n must be >= 2, got {args.n}")
@@ -285,6 +296,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
             print(f"wrote {args.out}", file=sys.stderr)
+    elif args.command == "instance-ceiling":
+        from toyworld.instance_assets import autoencoder_ceiling
+
+        print(json.dumps(autoencoder_ceiling(args.concepts, args.pipeline)))
     elif args.command == "instance-adherence":
         from toyworld.instance_assets import instance_adherence
 

@@ -161,3 +161,24 @@ def instance_adherence(
         "wall_s": round(time.time() - t0, 1),
         "pipeline": str(pipeline_dir),
     }
+
+
+@torch.no_grad()
+def autoencoder_ceiling(concepts_dir: str | Path, pipeline_dir: str | Path = ASSETS / PIPELINE_NAME) -> dict:
+    """The identity a method could reach if it found each input image's own latent: every concept's input image
+    encoded (latent mean) and decoded by the pipeline's autoencoder, scored against the input from pixels."""
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    vae = AutoencoderKL.from_pretrained(Path(pipeline_dir) / "vae", torch_dtype=torch.float32)
+    index = json.loads((Path(concepts_dir) / "concepts.json").read_text())
+    parts: dict[str, list[float]] = {"identity": [], "accuracy": [], "iou": [], "colour": [], "pattern": []}
+    for entry in index:
+        image = np.array(Image.open(Path(concepts_dir) / entry["image"]).convert("RGB"))
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+        back = (vae.decode(vae.encode(x).latent_dist.mean).sample[0].clamp(-1, 1) + 1) / 2
+        sim = pixels.identity(back, image)
+        sim["accuracy"] = float(sim["identity"] >= pixels.IDENTITY_THRESHOLD)
+        for key, values in parts.items():
+            values.append(sim[key])
+    return {k: round(float(np.mean(v)), 3) for k, v in parts.items()} | {"n": len(index)}
