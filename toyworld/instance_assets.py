@@ -34,7 +34,7 @@ from models.io import atomic_write_dir
 from toyworld import pixels
 from toyworld.instance import CONTEXT, Context, caption, random_context, render, sample_instance
 from toyworld.measure import GUIDANCE, SAMPLE_STEPS, load_pipeline, sample
-from toyworld.world import seeded_rng
+from toyworld.world import seeded_rng, to_tensor
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "toyworld"
 PIPELINE_NAME = "instance_pipeline"
@@ -170,12 +170,14 @@ def autoencoder_ceiling(concepts_dir: str | Path, pipeline_dir: str | Path = ASS
     from diffusers import AutoencoderKL
     from PIL import Image
 
+    from toyworld.concepts import read_concept_index
+
     vae = AutoencoderKL.from_pretrained(Path(pipeline_dir) / "vae", torch_dtype=torch.float32)
-    index = json.loads((Path(concepts_dir) / "concepts.json").read_text())
+    index = read_concept_index(Path(concepts_dir), None, 1, "instance-concepts")
     parts: dict[str, list[float]] = {"identity": [], "accuracy": [], "iou": [], "colour": [], "pattern": []}
-    for entry in index:
+    for _, entry in index:
         image = np.array(Image.open(Path(concepts_dir) / entry["image"]).convert("RGB"))
-        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+        x = to_tensor(image[None])
         back = (vae.decode(vae.encode(x).latent_dist.mean).sample[0].clamp(-1, 1) + 1) / 2
         sim = pixels.identity(back, image)
         sim["accuracy"] = float(sim["identity"] >= pixels.IDENTITY_THRESHOLD)
