@@ -64,3 +64,39 @@ def test_oracle_refuses_an_image_size_below_the_renders(capsys):
     assert exc.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and "--image-size" in errors[0] and "16" in errors[0]
+
+
+def test_hybrid_options_reach_the_training_and_its_record(tmp_path, capsys):
+    """``--contrastive-weight`` adds SupCon over instances (a ``supcon`` loss in the record) on grouped batches."""
+    from toyworld.__main__ import main
+
+    argv = ["instance-oracle", "--steps", "2", "--out-dir", str(tmp_path), "--contrastive-weight", "0.5"]
+    main([*argv, "--group", "4", "--one-detail", "1", "--temperature", "0.2"])
+    info = json.loads((tmp_path / "image_encoder" / "train.json").read_text())
+    assert (info["contrastive_weight"], info["group"], info["one_detail"], info["temperature"]) == (
+        0.5,
+        4,
+        1.0,
+        0.2,
+    )
+    assert math.isfinite(info["final_losses"]["supcon"])
+    capsys.readouterr()
+    main(["instance-oracle", "--steps", "1", "--out-dir", str(tmp_path / "plain")])
+    assert (
+        "supcon"
+        not in json.loads((tmp_path / "plain" / "image_encoder" / "train.json").read_text())["final_losses"]
+    )
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--contrastive-weight", "-1"), ("--group", "0"), ("--temperature", "0"), ("--one-detail", "1.5")],
+)
+def test_hybrid_options_refuse_bad_values(flag, value, capsys):
+    from toyworld.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["instance-oracle", flag, value])
+    assert exc.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and flag in errors[0]

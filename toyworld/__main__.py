@@ -180,6 +180,17 @@ def _parser() -> argparse.ArgumentParser:
     io.add_argument(
         "--out-dir", default=".cache/toyworld/instance_oracle", help="writes out-dir/image_encoder"
     )
+    io.add_argument(
+        "--contrastive-weight",
+        type=float,
+        default=0.0,
+        help="weight of SupCon over instances (two contexts = positives) beside the detail heads; 0 = off",
+    )
+    io.add_argument("--group", type=int, default=1, help="instances of one category per batch group (>= 1)")
+    io.add_argument(
+        "--one-detail", type=float, default=0.0, help="fraction of groups whose members differ in one detail"
+    )
+    io.add_argument("--temperature", type=float, default=0.1, help="SupCon temperature (> 0)")
     return parser
 
 
@@ -220,8 +231,13 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         for folder in args.encoder:
             if not (Path(folder) / "config.json").is_file():
                 parser.error(f"--encoder {folder} is not an image-encoder folder (no config.json)")
-    if args.command == "instance-oracle" and args.image_size < 32:
-        parser.error(f"--image-size must be >= 32 (the renders are 32 px), got {args.image_size}")
+    if args.command == "instance-oracle":
+        if args.image_size < 32:
+            parser.error(f"--image-size must be >= 32 (the renders are 32 px), got {args.image_size}")
+        if args.contrastive_weight < 0 or args.group < 1 or args.temperature <= 0:
+            parser.error("--contrastive-weight must be >= 0, --group >= 1 and --temperature > 0")
+        if not 0 <= args.one_detail <= 1:
+            parser.error(f"--one-detail must be in [0, 1], got {args.one_detail}")
     if args.command == "probe-image-encoder" and not (Path(args.encoder) / "config.json").is_file():
         parser.error(f"--encoder {args.encoder} is not an image-encoder folder (no config.json)")
     if args.command == "validate-encoder" and not Path(args.ckpt).is_file():
@@ -310,7 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "instance-oracle":
         from toyworld.instance_oracle import train_oracle
 
-        print(train_oracle(args.out_dir, args.steps, seed=args.seed, image_size=args.image_size))
+        hybrid = {"contrastive_weight": args.contrastive_weight, "group": args.group}
+        hybrid |= {"one_detail": args.one_detail, "temperature": args.temperature}
+        print(train_oracle(args.out_dir, args.steps, seed=args.seed, image_size=args.image_size, **hybrid))
     elif args.command == "export-encoder":
         from toyworld.assets import export_encoder
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from toyworld.image_encoder import _head_input, _save_processor, _schedule, tower_pixels
+from toyworld.image_encoder import _head_input, _save_processor, _schedule, supcon_loss, tower_pixels
 from toyworld.instance_pairs import instance_pair_batch
 from toyworld.instance_probe import CATEGORICAL, CONTINUOUS, target
 
@@ -39,6 +39,8 @@ N_CLASSES = {"pattern": 4, "points": 4, "category": 6}
 def _targets(insts, detail: str):
     """(row indices where ``detail`` is defined, their targets: float (n, d) or class indices (n,))."""
     rows = [(i, t) for i, inst in enumerate(insts) if (t := target(inst, detail)) is not None]
+    if not rows:  # e.g. no striped instance in a grouped batch: the detail is skipped this step
+        return torch.zeros(0, dtype=torch.long), None
     idx = torch.tensor([i for i, _ in rows], dtype=torch.long)
     if detail in CATEGORICAL:
         return idx, torch.tensor([t for _, t in rows], dtype=torch.long)
@@ -53,10 +55,19 @@ def train_oracle(
     seed: int = 0,
     image_size: int = 64,
     resnet: dict | None = None,
+    contrastive_weight: float = 0.0,
+    group: int = 1,
+    one_detail: float = 0.0,
+    temperature: float = 0.1,
 ) -> Path:
     """Trains the oracle (``2 * n_instances`` renders a step); saves the tower as an image-encoder folder
     ``out_dir/image_encoder`` (readable by ``instance-probe --encoder``) with ``train.json`` (wall seconds, final
-    losses). Heads are dropped."""
+    losses). Heads are dropped.
+
+    ``contrastive_weight`` > 0 adds SupCon (``image_encoder.supcon_loss``, ``temperature``) on a 64-d projection
+    of the same pooled stages: the two renders of an instance are positives, every other render a negative, with
+    ``group`` instances of one category per group and a fraction ``one_detail`` of the groups differing in one
+    detail each (``instance_pairs.instance_pair_batch``): the hybrid the instance encoder is trained as."""
     from transformers import ResNetConfig, ResNetModel
 
     torch.manual_seed(seed)
@@ -70,6 +81,7 @@ def train_oracle(
     heads = torch.nn.ModuleDict(
         {d: torch.nn.Linear(width, len(scale[d][0])) for d in CONTINUOUS}
         | {d: torch.nn.Linear(width, n) for d, n in N_CLASSES.items()}
+        | {"projection": torch.nn.Linear(width, 64)}
     )
     opt = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=lr, weight_decay=0.05)
     sched = _schedule(opt, steps)
@@ -78,9 +90,13 @@ def train_oracle(
     t0, losses = time.time(), {}
     model.train()
     for step in range(steps):
-        batch = instance_pair_batch(n_instances, seed, step, group=1, one_detail=0.0)
+        batch = instance_pair_batch(n_instances, seed, step, group=group, one_detail=one_detail)
         feats = _head_input(model, tower_pixels(batch["pixels"], image_size), "stages")
         loss = torch.zeros(())
+        if contrastive_weight > 0:
+            part = supcon_loss(heads["projection"](feats), batch["object_ids"], temperature)
+            losses["supcon"] = round(part.item(), 4)
+            loss = loss + contrastive_weight * part
         for d in (*CONTINUOUS, *CATEGORICAL):
             idx, y = _targets(batch["instances"], d)
             if len(idx) == 0:
@@ -102,6 +118,7 @@ def train_oracle(
     model.eval().save_pretrained(dest)
     _save_processor(dest, image_size)
     info = {"wall_s": round(time.time() - t0, 1), "steps": steps, "n_instances": n_instances, "lr": lr}
-    info |= {"seed": seed, "image_size": image_size, "final_losses": losses}
+    info |= {"seed": seed, "image_size": image_size, "contrastive_weight": contrastive_weight, "group": group}
+    info |= {"one_detail": one_detail, "temperature": temperature, "final_losses": losses}
     (dest / "train.json").write_text(json.dumps(info, indent=1))
     return dest

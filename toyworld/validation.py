@@ -103,19 +103,39 @@ class ValidationIdentity(Callback):
         if trainer.global_step % max(self.every_n_steps, 1) != 0:
             self.run(trainer, pl_module)
 
-    @torch.no_grad()
-    def measure(self, pl_module, zero_cores: bool = False) -> dict[str, float]:
-        """Identity / prompt accuracy per alpha of the module's encoder-only predictions (``zero_cores``: with the
-        predicted v* but no weight offsets, the reference the predicted cores must beat)."""
-        from models.sampling import sample_personalized
+    def inputs(self, resolution: int, placeholder: str) -> tuple[torch.Tensor, list[list[str]], list]:
+        """The validation concepts: their input images ((N, 3, R, R) in [-1, 1]), ``self.k`` prompts per concept
+        and what each prompt wants (passed on to :meth:`score`)."""
+        objects = validation_concepts(self.n_concepts)
+        images = to_tensor(np.stack([render(concept_scene(*o), resolution) for o in objects]))
+        rows = [context_prompts(o, self.k, self.seed + i, placeholder) for i, o in enumerate(objects)]
+        return (
+            images,
+            [[r["prompt"] for r in rs] for rs in rows],
+            [r["attributes"] for rs in rows for r in rs],
+        )
+
+    def score(self, samples: torch.Tensor, images: torch.Tensor, wanted: list) -> dict[str, float]:
+        """``identity`` and ``prompt`` of the samples ((N * k, 3, R, R) in [0, 1], concept-major) as the attribute
+        checker reads them."""
         from toyworld.checker import AttributeChecker
 
         if self._checker is None:
             self._checker = AttributeChecker.from_pretrained(self.checker_dir).eval()
+        read = self._checker.predict(samples.float().cpu() * 2 - 1)
+        n = len(wanted)
+        ident = sum(all(read[a][i] == wanted[i][a] for a in IDENTITY) for i in range(n)) / n
+        ctx = sum(all(read[a][i] == wanted[i][a] for a in CONTEXT) for i in range(n)) / n
+        return {"identity": ident, "prompt": ctx}
+
+    @torch.no_grad()
+    def measure(self, pl_module, zero_cores: bool = False) -> dict[str, float]:
+        """Each :meth:`score` column per alpha (``identity_a1``, ...) of the module's encoder-only predictions
+        (``zero_cores``: with the predicted v* but no weight offsets, the reference the predicted cores must beat)."""
+        from models.sampling import sample_personalized
+
         bb = pl_module.backbone
-        placeholder = bb.placeholder
-        objects = validation_concepts(self.n_concepts)
-        images = to_tensor(np.stack([render(concept_scene(*o), bb.resolution) for o in objects]))
+        images, prompts, wanted = self.inputs(bb.resolution, bb.placeholder)
         clip = torch.nn.functional.interpolate((images + 1) / 2, size=bb.clip_image_size, mode="bilinear")
         proc = bb.image_processor
         mean = torch.tensor(proc.image_mean).view(1, 3, 1, 1)
@@ -127,10 +147,7 @@ class ValidationIdentity(Callback):
             bb, clip, noised.noisy, noised.timesteps, pl_module.empty_context()
         )
         cores = torch.zeros_like(pred.cores) if zero_cores else pred.cores
-        rows = [context_prompts(o, self.k, self.seed + i, placeholder) for i, o in enumerate(objects)]
-        prompts = [r["prompt"] for rs in rows for r in rs]
-        wanted = [r["attributes"] for rs in rows for r in rs]
-        index = torch.arange(len(objects)).repeat_interleave(self.k).to(pl_module.device)
+        index = torch.tensor([i for i, ps in enumerate(prompts) for _ in ps], device=pl_module.device)
         hard = pl_module.token_index.search(pred.v_star, 1).ids[:, 0].to(pl_module.device)
         out = {}
         was_training = pl_module.training
@@ -139,7 +156,7 @@ class ValidationIdentity(Callback):
             for alpha in self.alphas:
                 samples = sample_personalized(
                     bb,
-                    prompts,
+                    [p for ps in prompts for p in ps],
                     pred.v_star[index],
                     pl_module.lora_deltas(cores[index]),
                     hard[index],
@@ -148,12 +165,8 @@ class ValidationIdentity(Callback):
                     guidance_scale=self.guidance,
                     generator=torch.Generator().manual_seed(self.seed),
                 )
-                read = self._checker.predict(samples.float().cpu() * 2 - 1)
-                n = len(wanted)
-                ident = sum(all(read[a][i] == wanted[i][a] for a in IDENTITY) for i in range(n)) / n
-                ctx = sum(all(read[a][i] == wanted[i][a] for a in CONTEXT) for i in range(n)) / n
-                out[f"identity_a{alpha:g}"] = ident
-                out[f"prompt_a{alpha:g}"] = ctx
+                for key, value in self.score(samples, images, wanted).items():
+                    out[f"{key}_a{alpha:g}"] = value
         finally:
             pl_module.train(was_training)
         return out

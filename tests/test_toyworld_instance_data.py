@@ -1,0 +1,69 @@
+"""Encoder pretraining on the instance world (toyworld/instance_data.py): the items (training distribution only,
+the category word replaced by the placeholder, one concept per item, resumable) and the validation callback's
+pixel scores (renders of the concept in the asked contexts score high identity and full prompt accuracy; other
+instances of the category score lower)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from toyworld.instance import CATEGORIES, Context, instance_split, render, sample_instance
+from toyworld.instance_concepts import concept_instances, input_context, prompt_contexts
+from toyworld.instance_data import InstanceConceptDataset, InstanceValidationIdentity
+from toyworld.world import seeded_rng, to_tensor
+
+
+def test_instance_items_train_through_the_ordinary_pretrain_module():
+    from datamodules.pretrain import PretrainDataModule
+
+    data = InstanceConceptDataset(length=16, seed=3, clip_size=64)
+    module = PretrainDataModule(dataset=data, batch_size=8, seed=3)
+    batch = next(iter(module.train_dataloader()))
+    assert batch["pixel_values"].shape == (8, 3, 32, 32)
+    assert batch["clip_pixel_values"].shape == (8, 3, 64, 64)
+    assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
+    for prompt in batch["prompt"]:
+        assert prompt.count("<s*>") == 1 and not any(f" {c} " in f" {prompt} " for c in CATEGORIES)
+    assert len(set(batch["concept_id"].tolist())) == 8  # every item its own concept
+    assert all(instance_split(data.scene(0, k)[0]) == "train" for k in range(16))
+    # a pure function of (seed, epoch, k): the same item twice, another epoch another instance
+    assert torch.equal(data[(0, 5)]["pixel_values"], data[(0, 5)]["pixel_values"])
+    assert data.scene(0, 5)[0] != data.scene(1, 5)[0]
+    assert data[(1, 5)]["concept_id"] == 16 + 5
+    with pytest.raises(IndexError):
+        data[16]
+    with pytest.raises(ValueError, match="length"):
+        InstanceConceptDataset(length=0)
+
+
+def test_validation_scores_renders_of_the_concept_above_other_instances():
+    callback = InstanceValidationIdentity(prompts_per_concept=2, n_concepts=8)
+    images, prompts, wanted = callback.inputs(32, "<s*>")
+    concepts = concept_instances("validation")
+    assert images.shape == (8, 3, 32, 32) and [len(p) for p in prompts] == [2] * 8
+    assert all(p.count("<s*>") == 1 for ps in prompts for p in ps)
+    assert wanted[0] == asdict(prompt_contexts(concepts[0][2], 2, 0, concepts[0][0])[0])
+    expected = to_tensor(np.stack([render(inst, input_context(inst)) for _, _, inst in concepts]))
+    assert torch.allclose(images, expected)
+    # the concept itself rendered where each prompt asks (the ceiling) against another instance of its category
+    # there (what the words give; the held-out "arrow" has no training instances, so a fresh validation one)
+    rng = seeded_rng(5)
+    own, others = [], []
+    for i, (_, _, inst) in enumerate(concepts):
+        other = sample_instance(rng, "train" if inst.category != "arrow" else "validation", inst.category)
+        for w in wanted[2 * i : 2 * i + 2]:
+            ctx = Context(**w)
+            own.append(render(inst, ctx))
+            others.append(render(other, ctx))
+    ceiling = callback.score(_unit(own), images, wanted)
+    words = callback.score(_unit(others), images, wanted)
+    assert ceiling["prompt"] == 1.0 and ceiling["identity_acc"] == 1.0
+    assert ceiling["identity"] > words["identity"] + 0.2, (ceiling, words)
+
+
+def _unit(arrays):
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0

@@ -1,0 +1,148 @@
+"""Encoder pretraining on the instance world (``toyworld/instance.py``): the dataset and the validation callback.
+
+The dataset plugs into the ordinary ``datamodules.pretrain.PretrainDataModule`` like ``toyworld.data``'s; the
+callback is ``toyworld.validation.ValidationIdentity`` with the instance world's validation concepts (never the test
+concepts) scored from pixels (``toyworld.pixels``)::
+
+    data: {class_path: datamodules.pretrain.PretrainDataModule,
+           init_args: {dataset: {class_path: toyworld.instance_data.InstanceConceptDataset}}}
+    trainer.callbacks: [{class_path: toyworld.instance_data.InstanceValidationIdentity}]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from datamodules.transforms import CLIP_MEAN, CLIP_STD, DEFAULT_PLACEHOLDER
+from toyworld.instance import Context, Instance, caption, random_context, render, sample_instance
+from toyworld.instance_concepts import concept_instances, input_context, prompt_contexts
+from toyworld.validation import ValidationIdentity
+from toyworld.world import seeded_rng, to_tensor
+
+
+class InstanceConceptDataset(Dataset):
+    """Encoder-pretraining items from the instance world: one instance of the training distribution (never a
+    held-out cell or category) in a random context per item, its image as both encoder input and diffusion
+    target, and its caption with the category word replaced by the placeholder (``"a large <s*> at the top on a
+    green background"``): the placeholder must carry the category and every unnamed detail.
+
+    No crop or flip (the caption states the position). Item ``k`` of epoch ``e`` is a pure function of
+    ``(seed, e, k)``. Every item is its own instance, so ``concept_id`` is the item's index over all epochs
+    (``e * length + k``): no two rows of a batch are the same concept.
+
+    Args:
+        length: items per epoch.
+        resolution: side of ``pixel_values`` (32 renders exactly; others are resized).
+        clip_size: side of ``clip_pixel_values`` (the image encoder's input size).
+        seed: seed of the instances.
+        placeholder: pseudo-word in the captions.
+        clip_mean: the image encoder's normalisation mean.
+        clip_std: the image encoder's normalisation std.
+    """
+
+    def __init__(
+        self,
+        length: int = 4096,
+        resolution: int = 32,
+        clip_size: int = 64,
+        seed: int = 0,
+        placeholder: str = DEFAULT_PLACEHOLDER,
+        clip_mean: Sequence[float] = CLIP_MEAN,
+        clip_std: Sequence[float] = CLIP_STD,
+    ):
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        if resolution < 1 or clip_size < 1:
+            raise ValueError(f"resolution and clip_size must be >= 1, got {resolution}, {clip_size}")
+        self.length, self.resolution, self.clip_size = length, resolution, clip_size
+        self.seed, self.placeholder = seed, placeholder
+        self.clip_mean = torch.tensor(clip_mean).view(3, 1, 1)
+        self.clip_std = torch.tensor(clip_std).view(3, 1, 1)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def scene(self, epoch: int, k: int) -> tuple[Instance, Context, np.random.Generator]:
+        """Item ``k`` of ``epoch``: its instance, its context and the generator that jitters its render."""
+        rng = seeded_rng(self.seed, 0x696E7370, epoch, k)
+        inst = sample_instance(rng, "train")
+        return inst, random_context(rng, inst), rng
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        epoch, k = index if isinstance(index, (tuple, list)) else (self.epoch, index)
+        epoch, k = int(epoch), int(k)
+        if not 0 <= k < self.length:
+            raise IndexError(f"index {k} out of range for {self.length} items")
+        inst, ctx, rng = self.scene(epoch, k)
+        x = torch.from_numpy(render(inst, ctx, 32, rng)).permute(2, 0, 1).float()[None]
+        pixel = x if self.resolution == 32 else F.interpolate(x, size=self.resolution, mode="bilinear")
+        clip = (
+            x
+            if self.clip_size == 32
+            else F.interpolate(x, size=self.clip_size, mode="bicubic", antialias=True)
+        )
+        return {
+            "pixel_values": (pixel[0] / 127.5 - 1.0).clamp(-1, 1),
+            "clip_pixel_values": ((clip[0] / 255.0).clamp(0, 1) - self.clip_mean) / self.clip_std,
+            "prompt": caption(inst.category, ctx, identity=self.placeholder),
+            "concept_id": epoch * self.length + k,
+            "index": k,
+        }
+
+
+class InstanceValidationIdentity(ValidationIdentity):
+    """``ValidationIdentity`` on the instance world's validation concepts (``concept_instances("validation")``:
+    held-out instances of the six training categories and two of the held-out validation category ``arrow``):
+    each concept's input image (``input_context``), ``prompts_per_concept`` of its prompt contexts, and the
+    samples scored from pixels against the input image (``toyworld.pixels.score_images``). Logged per alpha:
+    ``identity`` (the pixel identity score), ``identity_acc`` (accuracy at the calibrated threshold) and
+    ``prompt`` (background, position and size all as asked). The options are ``ValidationIdentity``'s
+    (``n_concepts``: the first n of the 8; ``checker_dir`` is unused)."""
+
+    def _concepts(self):
+        return concept_instances("validation")[: self.n_concepts]
+
+    def inputs(self, resolution: int, placeholder: str) -> tuple[torch.Tensor, list[list[str]], list]:
+        concepts = self._concepts()
+        images = to_tensor(
+            np.stack([render(inst, input_context(inst), resolution) for _, _, inst in concepts])
+        )
+        prompts, wanted = [], []
+        for name, _, inst in concepts:
+            contexts = prompt_contexts(inst, self.k, self.seed, name)
+            prompts.append([caption(inst.category, c, identity=placeholder) for c in contexts])
+            wanted.extend(asdict(c) for c in contexts)
+        return images, prompts, wanted
+
+    def score(self, samples: torch.Tensor, images: torch.Tensor, wanted: list) -> dict[str, float]:
+        from toyworld.pixels import as_uint8, score_images
+
+        x = samples.float().cpu()
+        if x.shape[-2:] != (32, 32):
+            x = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True)
+        refs = [as_uint8((img + 1) / 2) for img in images]
+        cols: dict[str, list[float]] = {
+            "pixel_identity": [],
+            "pixel_identity_acc": [],
+            "pixel_prompt_acc": [],
+        }
+        per = len(wanted) // len(refs)
+        for i, ref in enumerate(refs):
+            part = score_images(list(x[i * per : (i + 1) * per]), ref, wanted[i * per : (i + 1) * per])
+            for key in cols:
+                cols[key].extend(part[key])
+        return {
+            "identity": float(np.mean(cols["pixel_identity"])),
+            "identity_acc": float(np.mean(cols["pixel_identity_acc"])),
+            "prompt": float(np.mean(cols["pixel_prompt_acc"])),
+        }
