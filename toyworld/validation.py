@@ -220,7 +220,8 @@ def measure_checkpoint(
     ckpt: str, config: str = "configs/pretrain/toyworld.yaml", **kwargs
 ) -> dict[str, float]:
     """Encoder-only validation identity / prompt accuracy of a pretraining checkpoint at each alpha, with its
-    predicted cores and with zero cores (keys ``..._zero_cores``)."""
+    predicted cores and with zero cores (keys ``..._zero_cores``), measured by the ``ValidationIdentity`` class
+    ``config`` trains with (``InstanceValidationIdentity`` for ``configs/pretrain/instance.yaml``)."""
     from lightning_modules.base import check_checkpoint, read_checkpoint
     from lightning_modules.cli import build_cli
 
@@ -230,7 +231,9 @@ def measure_checkpoint(
     check_checkpoint(checkpoint, module.backbone, phase="pretrain", source=ckpt)
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     module.setup("validate")
-    callback = ValidationIdentity(**kwargs)
+    # the config's own validation callback class (the instance world's scores pixels), with ``kwargs``
+    found = [c for c in cli.trainer.callbacks if isinstance(c, ValidationIdentity)]
+    callback = (type(found[0]) if found else ValidationIdentity)(**kwargs)
     out = callback.measure(module)
     out.update({f"{k}_zero_cores": v for k, v in callback.measure(module, zero_cores=True).items()})
     return out
