@@ -317,8 +317,11 @@ def probe(cfg: dict, n: int = 128, checker_dir: str = ".cache/toyworld/checker/c
     print(json.dumps({"step": st["step"], **{k: round(v, 3) for k, v in acc.items()}}))
 
 
-def export_encoder(ckpt: str, name: str, log_dir: str | None = None, out: Path = ASSETS) -> Path:
-    """Writes ``assets/toyworld/encoder/<name>.ckpt``: a pretraining checkpoint's trainable weights and metadata
+def export_encoder(
+    ckpt: str, name: str, log_dir: str | None = None, out: Path = ASSETS, folder: str = "encoder"
+) -> Path:
+    """Writes ``assets/toyworld/<folder>/<name>.ckpt`` (``folder``: ``encoder``, or ``instance_encoder`` for the
+    instance world's): a pretraining checkpoint's trainable weights and metadata
     only (no optimizer state, no loops), which ``ConceptTuning(encoder_checkpoint=...)`` reads; and the
     final values of its training curves (from its TensorBoard log) into ``<name>.json``."""
     from lightning_modules.base import CHECKPOINT_KEY
@@ -330,7 +333,7 @@ def export_encoder(ckpt: str, name: str, log_dir: str | None = None, out: Path =
         "hyper_parameters": full.get("hyper_parameters", {}),
         "global_step": full.get("global_step"),
     }
-    path = out / "encoder" / f"{name}.ckpt"
+    path = out / folder / f"{name}.ckpt"
     atomic_write(path, lambda tmp: torch.save(small, tmp))
     info = {"source": str(ckpt), "global_step": full.get("global_step")}
     if log_dir:
