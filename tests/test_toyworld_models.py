@@ -33,14 +33,22 @@ def test_assets_are_small_fp16_safetensors():
     assert sum(p.stat().st_size for p in files) < 30 * 2**20
     weights = [p for p in files if p.suffix == ".safetensors"]
     assert len(weights) >= 6  # unet, vae, text encoder, image encoder, clip, checker
-    # Pickles only for the two encoders (the format encoder_checkpoint reads): trainable weights, no optimizer.
+    # Pickles only for the encoders (the format encoder_checkpoint reads): trainable weights, no optimizer; the
+    # instance world's stored in float16.
     pickles = sorted(p.relative_to(ASSETS).as_posix() for p in files if p.suffix in (".bin", ".pt", ".ckpt"))
-    assert pickles == ["encoder/date.ckpt", "encoder/no_regularizer.ckpt"]
+    assert pickles == [
+        "encoder/date.ckpt",
+        "encoder/no_regularizer.ckpt",
+        "instance_encoder/date.ckpt",
+        "instance_encoder/no_regularizer.ckpt",
+    ]
     for name in pickles:
         ckpt = torch.load(ASSETS / name, map_location="cpu", weights_only=False)
         assert set(ckpt) == {"state_dict", "tuning_encoder", "hyper_parameters", "global_step"}
         assert all(k.startswith("personalizer.") for k in ckpt["state_dict"])
         assert (ASSETS / name).stat().st_size < 2**20
+        if name.startswith("instance_encoder/"):
+            assert {v.dtype for v in ckpt["state_dict"].values()} == {torch.float16}, name
     from safetensors import safe_open
 
     for p in weights:

@@ -120,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--ckpt", required=True, help="the pretraining checkpoint (e.g. .../last.ckpt)")
     e.add_argument("--name", required=True, help="date or no_regularizer")
     e.add_argument("--log-dir", help="its TensorBoard folder (final curve values)")
+    e.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the bytes)")
     e.add_argument(
         "--folder", default="encoder", choices=["encoder", "instance_encoder"], help="under assets/toyworld/"
     )
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "export-encoder":
         from toyworld.assets import export_encoder
 
-        print(export_encoder(args.ckpt, args.name, args.log_dir, folder=args.folder))
+        print(export_encoder(args.ckpt, args.name, args.log_dir, folder=args.folder, fp16=args.fp16))
     else:
         _run_config_command(args)
 

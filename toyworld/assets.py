@@ -318,17 +318,25 @@ def probe(cfg: dict, n: int = 128, checker_dir: str = ".cache/toyworld/checker/c
 
 
 def export_encoder(
-    ckpt: str, name: str, log_dir: str | None = None, out: Path = ASSETS, folder: str = "encoder"
+    ckpt: str,
+    name: str,
+    log_dir: str | None = None,
+    out: Path = ASSETS,
+    folder: str = "encoder",
+    fp16: bool = False,
 ) -> Path:
     """Writes ``assets/toyworld/<folder>/<name>.ckpt`` (``folder``: ``encoder``, or ``instance_encoder`` for the
-    instance world's): a pretraining checkpoint's trainable weights and metadata
+    instance world's; ``fp16``: the weights stored in float16, as the instance world's are to keep the assets small): a pretraining checkpoint's trainable weights and metadata
     only (no optimizer state, no loops), which ``ConceptTuning(encoder_checkpoint=...)`` reads; and the
     final values of its training curves (from its TensorBoard log) into ``<name>.json``."""
     from lightning_modules.base import CHECKPOINT_KEY
 
     full = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = full["state_dict"]
+    if fp16:  # half the bytes; ConceptTuning loads them into its float32 personalizer (load_state_dict casts)
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     small = {
-        "state_dict": full["state_dict"],
+        "state_dict": state,
         CHECKPOINT_KEY: full[CHECKPOINT_KEY],
         "hyper_parameters": full.get("hyper_parameters", {}),
         "global_step": full.get("global_step"),
