@@ -1,0 +1,71 @@
+"""DATE on the instance world, guarded in CI (seeded; the numbers are those of the test run in
+docs/instance_results.md, with the committed instance encoder and the tuning defaults chosen on the validation
+concepts). Concepts: the first held-out instance of each of the six training categories (``<category>_test0``,
+the main kind), chosen by that rule before their results were read.
+
+Measured: DATE-12 (lr 1e-2, alpha 1) keeps the prompt, but does NOT beat the words on identity on this world (the
+predicted cores carry no identity; the capacity is in the LoRA factors, docs/instance_results.md). That claim of
+the paper is kept as a strict xfail, so the day it starts to hold CI says so and the results must be updated.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import evaluate
+from evaluation.store.results import read_results
+
+CONCEPTS = [f"{c}_test0" for c in ("circle", "square", "triangle", "star", "diamond", "cross")]
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("instance_method") / "eval"
+    methods = [
+        {"name": "date", "steps": [12], "alphas": [0.5, 1.0]},
+        {"name": "plain_words", "plain_words": True},
+    ]
+    evaluate.main(
+        [
+            "run",
+            "--config",
+            "configs/evaluate/instance_date.yaml",
+            "--out_dir",
+            str(out),
+            "--methods",
+            json.dumps(methods),
+            "--concepts.names",
+            json.dumps(CONCEPTS),
+            "--grids",
+            "false",
+            "--bootstrap_samples",
+            "50",
+            "--progress",
+            "false",
+        ]
+    )
+    return read_results(out / "results.csv")
+
+
+def _mean(rows, method: str, column: str, alpha: float = 1.0) -> float:
+    values = [r[column] for r in rows if r["method"] == method and abs(r["alpha"] - alpha) < 1e-6]
+    assert len(values) == len(CONCEPTS) * 8  # 4 prompts x 2 samples
+    return sum(values) / len(values)
+
+
+@pytest.mark.slow
+def test_alpha_trades_prompt_and_v_star_stays_near_its_category_word(rows):
+    """Measured (test run): prompt accuracy 0.854 at alpha 0.5 against 0.625 at alpha 1; v* nearest to its own
+    category word for cross, diamond and triangle (circle -> diamond, square -> triangle, star -> cross)."""
+    assert _mean(rows, "date", "pixel_prompt_acc", alpha=0.5) >= 0.8
+    assert _mean(rows, "date", "pixel_prompt_acc", alpha=0.5) >= _mean(rows, "date", "pixel_prompt_acc") + 0.1
+    nearest = {(r["concept"], r["nearest_word"]) for r in rows if r["method"] == "date"}
+    assert sum(word == concept.split("_")[0] for concept, word in nearest) >= 3, nearest
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured: DATE-12 identity 0.105 (alpha 1) vs the words 0.131")
+def test_date_beats_the_plain_words_on_identity(rows):
+    assert _mean(rows, "date", "pixel_identity") >= _mean(rows, "plain_words", "pixel_identity") + 0.03
