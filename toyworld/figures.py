@@ -31,9 +31,13 @@ MAIN = {  # method -> (steps, alpha) drawn in the concept figure
 
 
 def write_figures(
-    run: Path, concept: str = "red_striped_star", out: Path = Path("assets/toyworld/results")
+    run: Path,
+    concept: str = "red_striped_star",
+    out: Path = Path("assets/toyworld/results"),
+    concepts_dir: Path = Path("assets/toyworld/concepts"),
 ) -> Path:
-    """Copies ``run``'s plots and word table into ``out`` and draws ``concept`` across methods (module docstring).
+    """Copies ``run``'s plots and word table into ``out`` and draws ``concept`` (its input image from
+    ``concepts_dir``) across methods (module docstring).
 
     Returns:
         ``out``.
@@ -42,7 +46,7 @@ def write_figures(
     for name in ("tradeoff.png", "tradeoff_clip.png", "nearest_words.md"):
         shutil.copy(run / name, out / name)
     rows = [r for r in read_results(run / "results.csv") if r["concept"] == concept and r["sample"] == 0]
-    concept_png = Path("assets/toyworld/concepts") / f"{concept}.png"
+    concept_png = Path(concepts_dir) / f"{concept}.png"
     input_img = np.asarray(Image.open(concept_png).convert("RGB"))
     images, names, prompts = [], [], {}
     for method, (steps, alpha) in MAIN.items():
