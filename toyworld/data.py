@@ -85,8 +85,13 @@ class ToyWorldConceptDataset(Dataset):
         if not 0 <= k < self.length:
             raise IndexError(f"index {k} out of range for {self.length} items")
         scene = self.scene(int(epoch), int(k))
-        img = torch.from_numpy(render(scene, 32, seeded_rng(self.seed, 0x6A697474, int(epoch), int(k))))
-        x = img.permute(2, 0, 1).float()[None]
+        img = render(scene, 32, seeded_rng(self.seed, 0x6A697474, int(epoch), int(k)))
+        return self.item(img, caption(scene, identity=self.placeholder), identity_id(scene), int(k))
+
+    def item(self, image, prompt: str, concept_id: int, k: int) -> dict:
+        """The batch item of a 32 px uint8 render ``(32, 32, 3)``: diffusion target at ``resolution`` in [-1, 1],
+        encoder input at ``clip_size`` normalised as the image encoder expects."""
+        x = torch.from_numpy(image).permute(2, 0, 1).float()[None]
         pixel = (
             F.interpolate(x, size=self.resolution, mode="bilinear", antialias=True)
             if self.resolution != 32
@@ -100,7 +105,7 @@ class ToyWorldConceptDataset(Dataset):
         return {
             "pixel_values": (pixel[0] / 127.5 - 1.0).clamp(-1, 1),
             "clip_pixel_values": ((clip[0] / 255.0).clamp(0, 1) - self.clip_mean) / self.clip_std,
-            "prompt": caption(scene, identity=self.placeholder),
-            "concept_id": identity_id(scene),
-            "index": int(k),
+            "prompt": prompt,
+            "concept_id": concept_id,
+            "index": k,
         }

@@ -17,16 +17,16 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from datamodules.transforms import CLIP_MEAN, CLIP_STD, DEFAULT_PLACEHOLDER
+from toyworld.data import ToyWorldConceptDataset
 from toyworld.instance import Context, Instance, caption, random_context, render, sample_instance
 from toyworld.instance_concepts import concept_instances, input_context, prompt_contexts
 from toyworld.validation import ValidationIdentity
 from toyworld.world import seeded_rng, to_tensor
 
 
-class InstanceConceptDataset(Dataset):
+class InstanceConceptDataset(ToyWorldConceptDataset):
     """Encoder-pretraining items from the instance world: one instance of the training distribution (never a
     held-out cell or category) in a random context per item, its image as both encoder input and diffusion
     target, and its caption with the category word replaced by the placeholder (``"a large <s*> at the top on a
@@ -34,7 +34,8 @@ class InstanceConceptDataset(Dataset):
 
     No crop or flip (the caption states the position). Item ``k`` of epoch ``e`` is a pure function of
     ``(seed, e, k)``. Every item is its own instance, so ``concept_id`` is the item's index over all epochs
-    (``e * length + k``): no two rows of a batch are the same concept.
+    (``e * length + k``): no two rows of a batch are the same concept. The tensors are made as
+    ``ToyWorldConceptDataset.item`` makes them.
 
     Args:
         length: items per epoch.
@@ -56,21 +57,9 @@ class InstanceConceptDataset(Dataset):
         clip_mean: Sequence[float] = CLIP_MEAN,
         clip_std: Sequence[float] = CLIP_STD,
     ):
-        if length < 1:
-            raise ValueError(f"length must be >= 1, got {length}")
         if resolution < 1 or clip_size < 1:
             raise ValueError(f"resolution and clip_size must be >= 1, got {resolution}, {clip_size}")
-        self.length, self.resolution, self.clip_size = length, resolution, clip_size
-        self.seed, self.placeholder = seed, placeholder
-        self.clip_mean = torch.tensor(clip_mean).view(3, 1, 1)
-        self.clip_std = torch.tensor(clip_std).view(3, 1, 1)
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return self.length
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        super().__init__(length, resolution, clip_size, "base", seed, placeholder, clip_mean, clip_std)
 
     def scene(self, epoch: int, k: int) -> tuple[Instance, Context, np.random.Generator]:
         """Item ``k`` of ``epoch``: its instance, its context and the generator that jitters its render."""
@@ -84,20 +73,8 @@ class InstanceConceptDataset(Dataset):
         if not 0 <= k < self.length:
             raise IndexError(f"index {k} out of range for {self.length} items")
         inst, ctx, rng = self.scene(epoch, k)
-        x = torch.from_numpy(render(inst, ctx, 32, rng)).permute(2, 0, 1).float()[None]
-        pixel = x if self.resolution == 32 else F.interpolate(x, size=self.resolution, mode="bilinear")
-        clip = (
-            x
-            if self.clip_size == 32
-            else F.interpolate(x, size=self.clip_size, mode="bicubic", antialias=True)
-        )
-        return {
-            "pixel_values": (pixel[0] / 127.5 - 1.0).clamp(-1, 1),
-            "clip_pixel_values": ((clip[0] / 255.0).clamp(0, 1) - self.clip_mean) / self.clip_std,
-            "prompt": caption(inst.category, ctx, identity=self.placeholder),
-            "concept_id": epoch * self.length + k,
-            "index": k,
-        }
+        prompt = caption(inst.category, ctx, identity=self.placeholder)
+        return self.item(render(inst, ctx, 32, rng), prompt, epoch * self.length + k, k)
 
 
 class InstanceValidationIdentity(ValidationIdentity):
