@@ -244,7 +244,11 @@ class PersonalizationModule(LightningModule):
         with torch.no_grad():
             latents = bb.encode_images(batch["pixel_values"]).float()
         noised = add_noise(bb.scheduler, latents, generator=self.step_generator())
-        v_star, cores = self.predict_concepts(batch, noised.noisy, noised.timesteps)
+        encoder_noisy = noised.noisy
+        if "encoder_pixel_values" in batch:  # the encoder reads another view than the target, noised alike
+            inputs = bb.encode_images(batch["encoder_pixel_values"]).detach().float()
+            encoder_noisy = bb.scheduler.add_noise(inputs, noised.noise.to(inputs.dtype), noised.timesteps)
+        v_star, cores = self.predict_concepts(batch, encoder_noisy, noised.timesteps)
         alpha = self.step_alpha()
         neighbours = neighbour_ids = hard_ids = None
         # The lookup feeds the hard prompt (alpha < 1) and the regulariser; single-path runs without the
@@ -386,11 +390,7 @@ def check_checkpoint(
         )
     # Checkpoints from before the image-encoder fingerprint existed carry none: nothing to compare.
     image_fp = meta.get("image_encoder_fingerprint")
-    if (
-        backbone is not None
-        and image_fp is not None
-        and image_fp != tower_fingerprint(backbone.image_encoder)
-    ):
+    if backbone is not None and image_fp not in (None, tower_fingerprint(backbone.image_encoder)):
         raise CheckpointMismatchError(
             f"{source} was made with image encoder {meta.get('image_encoder')!r} (fingerprint {image_fp}), "
             f"not with the configured one (fingerprint {tower_fingerprint(backbone.image_encoder)}): "

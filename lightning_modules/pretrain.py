@@ -15,7 +15,8 @@ class EncoderPretraining(PersonalizationModule):
     """Trains the feature encoder, token embedder, hypernetwork and LoRA factors; the backbone stays frozen.
 
     Each sample: one image, one random prompt template with S*; the same image feeds the encoder and is the
-    diffusion target. Loss: diffusion loss under dual-path attention + lambda_nn x nearest-neighbour InfoNCE.
+    diffusion target, unless the batch carries ``encoder_pixel_values`` (the encoder's own view of the concept,
+    e.g. the same object in another context; its UNet branch then reads that view noised like the target). Loss: diffusion loss under dual-path attention + lambda_nn x nearest-neighbour InfoNCE.
 
     Args:
         optimizer: optimizer factory over the trainable parameters (default AdamW, lr 1e-4).
@@ -59,7 +60,9 @@ class EncoderPretraining(PersonalizationModule):
             return
         probe = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self._probe.items()}
         with torch.no_grad():
-            latents = self.backbone.encode_images(probe["pixel_values"]).float()
+            latents = self.backbone.encode_images(
+                probe.get("encoder_pixel_values", probe["pixel_values"])
+            ).float()
             noised = self.probe_noised(latents)
             v_star, cores = self.predict_concepts(probe, noised.noisy, noised.timesteps)
             self.log_samples(list(probe["prompt"]), v_star, cores, tag="probe")

@@ -67,3 +67,42 @@ def test_validation_scores_renders_of_the_concept_above_other_instances():
 
 def _unit(arrays):
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def test_target_in_another_context_keeps_the_input_and_moves_the_target():
+    same = InstanceConceptDataset(length=8, seed=4, clip_size=64)
+    other = InstanceConceptDataset(length=8, seed=4, clip_size=64, target_context="other")
+    for k in range(8):
+        a, b = same[(0, k)], other[(0, k)]
+        # the encoder reads exactly the render the "same" item uses as input and target
+        assert torch.equal(b["clip_pixel_values"], a["clip_pixel_values"])
+        assert torch.equal(b["encoder_pixel_values"], a["pixel_values"])
+        assert "encoder_pixel_values" not in a
+        # the target is that instance elsewhere, with its own caption: another background, position or size
+        assert b["prompt"] != a["prompt"] and b["prompt"].count("<s*>") == 1
+        assert not torch.equal(b["pixel_values"], a["pixel_values"])
+        assert b["concept_id"] == a["concept_id"]
+    with pytest.raises(ValueError, match="target_context"):
+        InstanceConceptDataset(target_context="elsewhere")
+
+
+def test_the_encoder_reads_encoder_pixel_values_when_a_batch_has_them(tiny_sd_dir, tiny_personalizer_config):
+    from datamodules.pretrain import PretrainDataModule
+    from lightning_modules import EncoderPretraining
+
+    module = EncoderPretraining(
+        pretrained_model_name_or_path=str(tiny_sd_dir),
+        image_encoder_name_or_path=str(tiny_sd_dir),
+        personalizer=tiny_personalizer_config,
+        token_index_mode="torch",
+        token_index_cache=None,
+    )
+    module.setup("fit")
+    batch = PretrainDataModule(synthetic_concepts=8, synthetic_holdout=1, batch_size=4).probe_batch(4)
+    _, plain = module.model_step(batch)
+    # the target itself as the encoder's view: the same noise and timestep, so the same prediction
+    _, itself = module.model_step({**batch, "encoder_pixel_values": batch["pixel_values"]})
+    assert torch.allclose(itself["v_star"], plain["v_star"], atol=1e-5)
+    # another view: the UNet feature branch reads it (the image branch still reads clip_pixel_values)
+    _, flipped = module.model_step({**batch, "encoder_pixel_values": batch["pixel_values"].flip(-1)})
+    assert not torch.allclose(flipped["v_star"], plain["v_star"], atol=1e-4)

@@ -88,24 +88,33 @@ class ToyWorldConceptDataset(Dataset):
         img = render(scene, 32, seeded_rng(self.seed, 0x6A697474, int(epoch), int(k)))
         return self.item(img, caption(scene, identity=self.placeholder), identity_id(scene), int(k))
 
-    def item(self, image, prompt: str, concept_id: int, k: int) -> dict:
+    def item(self, image, prompt: str, concept_id: int, k: int, input_image=None) -> dict:
         """The batch item of a 32 px uint8 render ``(32, 32, 3)``: diffusion target at ``resolution`` in [-1, 1],
-        encoder input at ``clip_size`` normalised as the image encoder expects."""
+        encoder input at ``clip_size`` normalised as the image encoder expects.
+
+        ``input_image``: another render the encoder reads instead of the target (a target in another context);
+        it is then also given at ``resolution`` as ``encoder_pixel_values`` (the UNet feature branch's input).
+        """
         x = torch.from_numpy(image).permute(2, 0, 1).float()[None]
-        pixel = (
-            F.interpolate(x, size=self.resolution, mode="bilinear", antialias=True)
-            if self.resolution != 32
-            else x
-        )
+        x_in = x if input_image is None else torch.from_numpy(input_image).permute(2, 0, 1).float()[None]
         clip = (
-            F.interpolate(x, size=self.clip_size, mode="bicubic", antialias=True)
+            F.interpolate(x_in, size=self.clip_size, mode="bicubic", antialias=True)
             if self.clip_size != 32
-            else x
+            else x_in
         )
-        return {
-            "pixel_values": (pixel[0] / 127.5 - 1.0).clamp(-1, 1),
+        out = {
+            "pixel_values": self.diffusion_pixels(x),
             "clip_pixel_values": ((clip[0] / 255.0).clamp(0, 1) - self.clip_mean) / self.clip_std,
             "prompt": prompt,
             "concept_id": concept_id,
             "index": k,
         }
+        if input_image is not None:
+            out["encoder_pixel_values"] = self.diffusion_pixels(x_in)
+        return out
+
+    def diffusion_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, 3, 32, 32) uint8-valued float -> (3, resolution, resolution) in [-1, 1]."""
+        if self.resolution != 32:
+            x = F.interpolate(x, size=self.resolution, mode="bilinear", antialias=True)
+        return (x[0] / 127.5 - 1.0).clamp(-1, 1)

@@ -32,6 +32,10 @@ class InstanceConceptDataset(ToyWorldConceptDataset):
     target, and its caption with the category word replaced by the placeholder (``"a large <s*> at the top on a
     green background"``): the placeholder must carry the category and every unnamed detail.
 
+    ``target_context="other"`` renders the same instance a second time, in another random context, as the
+    diffusion target with that context's caption; the encoder reads the first render (``clip_pixel_values`` and
+    ``encoder_pixel_values``). Then nothing of the input's context helps the loss: only the instance does.
+
     No crop or flip (the caption states the position). Item ``k`` of epoch ``e`` is a pure function of
     ``(seed, e, k)``. Every item is its own instance, so ``concept_id`` is the item's index over all epochs
     (``e * length + k``): no two rows of a batch are the same concept. The tensors are made as
@@ -45,6 +49,8 @@ class InstanceConceptDataset(ToyWorldConceptDataset):
         placeholder: pseudo-word in the captions.
         clip_mean: the image encoder's normalisation mean.
         clip_std: the image encoder's normalisation std.
+        target_context: ``same`` (the input image is the target, E4T's pretraining) or ``other`` (the target is
+            the instance in another context).
     """
 
     def __init__(
@@ -56,7 +62,11 @@ class InstanceConceptDataset(ToyWorldConceptDataset):
         placeholder: str = DEFAULT_PLACEHOLDER,
         clip_mean: Sequence[float] = CLIP_MEAN,
         clip_std: Sequence[float] = CLIP_STD,
+        target_context: str = "same",
     ):
+        if target_context not in ("same", "other"):
+            raise ValueError(f"target_context must be 'same' or 'other', got {target_context!r}")
+        self.target_context = target_context
         if resolution < 1 or clip_size < 1:
             raise ValueError(f"resolution and clip_size must be >= 1, got {resolution}, {clip_size}")
         super().__init__(length, resolution, clip_size, "base", seed, placeholder, clip_mean, clip_std)
@@ -73,8 +83,15 @@ class InstanceConceptDataset(ToyWorldConceptDataset):
         if not 0 <= k < self.length:
             raise IndexError(f"index {k} out of range for {self.length} items")
         inst, ctx, rng = self.scene(epoch, k)
-        prompt = caption(inst.category, ctx, identity=self.placeholder)
-        return self.item(render(inst, ctx, 32, rng), prompt, epoch * self.length + k, k)
+        image = render(inst, ctx, 32, rng)
+        if self.target_context == "same":
+            prompt = caption(inst.category, ctx, identity=self.placeholder)
+            return self.item(image, prompt, epoch * self.length + k, k)
+        target = random_context(rng, inst)
+        while target == ctx:  # another context: a different background, position or size
+            target = random_context(rng, inst)
+        prompt = caption(inst.category, target, identity=self.placeholder)
+        return self.item(render(inst, target, 32, rng), prompt, epoch * self.length + k, k, input_image=image)
 
 
 class InstanceValidationIdentity(ValidationIdentity):
