@@ -104,3 +104,22 @@ def test_adherence_bad_input_is_one_line(argv, message, capsys):
         main(["instance-adherence", *argv])
     assert err.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"python -m toyworld: error: {message}"
+
+
+def test_the_committed_card_carries_the_instance_assets_as_measured():
+    from toyworld.instance_assets import instance_lines
+
+    assets = Path("assets/toyworld")
+    lines = instance_lines(assets)
+    card = (assets / "README.md").read_text()
+    stale = [line for line in lines if line not in card]
+    assert not stale, (
+        f"assets/toyworld/README.md is stale: run `python -m toyworld card`; missing {stale[:1]}"
+    )
+    # the numbers come from the JSON files measured with the assets
+    cells = json.loads((assets / "instance_image_encoder_hybrid/probe.json").read_text())["rows"][0]["cells"]
+    hybrid = next(line for line in lines if line.startswith("- `instance_image_encoder_hybrid/`"))
+    assert f"1nn {cells['1nn']:.2f}" in hybrid and f"hue {cells['hue']:.2f}" in hybrid
+    adherence = json.loads((assets / "instance_adherence.json").read_text())
+    assert f"prompt accuracy {adherence['prompt_accuracy']['all']:.3f}" in card
+    assert any(line.startswith("- `instance_encoder/date.ckpt`") for line in lines)

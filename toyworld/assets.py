@@ -16,6 +16,7 @@ from evaluation.generate.images import save_grid
 from models.io import atomic_write, atomic_write_dir
 from models.tiny import CLIP_MEAN, CLIP_STD
 from toyworld.checker import AttributeChecker, adherence, read_attributes
+from toyworld.instance_assets import instance_lines
 from toyworld.measure import base_adherence, clip_tokenizer, image_nn_accuracy, load_pipeline, sample
 from toyworld.train import build_base
 from toyworld.world import (
@@ -138,15 +139,18 @@ def export(
     print(f"wrote {out}", file=sys.stderr)
 
 
-def encoder_lines(out: Path) -> list[str]:
-    """Model-card lines for the committed encoders: steps and first / final values of their training curves."""
+NAMED_ENCODERS = {
+    "date": "configs/pretrain/toyworld.yaml",
+    "no_regularizer": "configs/pretrain/toyworld_no_regularizer.yaml",
+}
+
+
+def encoder_lines(out: Path, folder: str = "encoder", configs: dict[str, str] = NAMED_ENCODERS) -> list[str]:
+    """Model-card lines for the committed encoders in ``out / folder``: steps and first / final values of their
+    training curves (``configs``: checkpoint name -> the config that trained it)."""
     lines = []
-    configs = {
-        "date": "configs/pretrain/toyworld.yaml",
-        "no_regularizer": "configs/pretrain/toyworld_no_regularizer.yaml",
-    }
     for name, config in configs.items():
-        path = out / "encoder" / f"{name}.json"
+        path = out / folder / f"{name}.json"
         if not path.exists():
             continue
         info = json.loads(path.read_text())
@@ -157,7 +161,7 @@ def encoder_lines(out: Path) -> list[str]:
             if tag.startswith("train/loss")
         ]
         lines.append(
-            f"- `encoder/{name}.ckpt` (`{config}`, {info.get('global_step')} steps, batch 16): first logged value"
+            f"- `{folder}/{name}.ckpt` (`{config}`, {info.get('global_step')} steps, batch 16): first logged value"
             f" -> mean of the last 20 logged values: " + "; ".join(parts) + "."
         )
         if info.get("validation"):
@@ -259,6 +263,8 @@ def write_card(out: Path, cfg: dict) -> None:
         "## Encoders (DATE, pretrained on this world)",
         *image_encoder_lines(out),
         *encoder_lines(out),
+        "",
+        *instance_lines(out),
         "",
         "## Retrain",
         "```bash",
