@@ -1,5 +1,6 @@
 """The report of one run, from every row in its folder: ``summary.json``, the grids, the trade-off plots, the
-nearest-word table (and TensorBoard logs), and the printed table."""
+nearest-word table, the paired differences against the plain words (``paired.md``; TensorBoard logs), and the
+printed table."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from evaluation.concepts.base import EvalConcept
 from evaluation.metrics.registry import ImageMetric
 from evaluation.plan import MethodPlan
-from evaluation.report.aggregate import aggregate, format_table
+from evaluation.report.aggregate import aggregate, format_paired_table, format_table, paired_differences
 from evaluation.report.files import log_tensorboard, write_grids
 from evaluation.report.plot import REFERENCE_POINTS, REFERENCE_PROTOCOLS, plot_tradeoff
 from evaluation.report.words import format_word_table, nearest_word_table
@@ -27,6 +28,8 @@ from evaluation.store.run_state import (
     TRADEOFF_FILE,
     write_json,
 )
+
+PAIRED_FILE = "paired.md"
 
 
 @dataclass
@@ -107,6 +110,10 @@ def write_report(
         k: aggregate([r for r in rows if r.get("concept_kind") == k], n_boot=options.bootstrap_samples)
         for k in kinds
     }
+    reference = next((p.spec.name for p in plans if p.kind == "plain_words"), None)
+    paired = paired_differences(rows, reference, n_boot=options.bootstrap_samples) if reference else []
+    if paired:
+        (out / PAIRED_FILE).write_text(format_paired_table(paired) + "\n")
     if options.tensorboard:
         log_tensorboard(out / TENSORBOARD_DIR, aggregates, grid_paths)
     walls["report"] = time.perf_counter() - begin
@@ -116,6 +123,7 @@ def write_report(
     summary: dict[str, Any] = {
         "aggregates": aggregates,
         "aggregates_by_concept_kind": by_kind,
+        "paired_vs_reference": paired,
         "nearest_words": words,
         "aggregation": "mean over each concept's images, then over concepts; 95% CI: percentile bootstrap "
         f"over concepts ({options.bootstrap_samples} resamples, seed 0)",
