@@ -243,12 +243,12 @@ class PersonalizationModule(LightningModule):
             )
         with torch.no_grad():
             latents = bb.encode_images(batch["pixel_values"]).float()
-        noised = add_noise(bb.scheduler, latents, generator=self.step_generator())
-        encoder_noisy = noised.noisy
-        if "encoder_pixel_values" in batch:  # the encoder reads another view than the target, noised alike
-            inputs = bb.encode_images(batch["encoder_pixel_values"]).detach().float()
-            encoder_noisy = bb.scheduler.add_noise(inputs, noised.noise.to(inputs.dtype), noised.timesteps)
-        v_star, cores = self.predict_concepts(batch, encoder_noisy, noised.timesteps)
+        generator = self.step_generator()
+        noised = encoder_view = add_noise(bb.scheduler, latents, generator=generator)
+        if "encoder_pixel_values" in batch:  # own view, noise and timestep: it cannot read the target's noise
+            views = bb.encode_images(batch["encoder_pixel_values"]).detach().float()
+            encoder_view = add_noise(bb.scheduler, views, generator=generator)
+        v_star, cores = self.predict_concepts(batch, encoder_view.noisy, encoder_view.timesteps)
         alpha = self.step_alpha()
         neighbours = neighbour_ids = hard_ids = None
         # The lookup feeds the hard prompt (alpha < 1) and the regulariser; single-path runs without the

@@ -16,7 +16,9 @@ class EncoderPretraining(PersonalizationModule):
 
     Each sample: one image, one random prompt template with S*; the same image feeds the encoder and is the
     diffusion target, unless the batch carries ``encoder_pixel_values`` (the encoder's own view of the concept,
-    e.g. the same object in another context; its UNet branch then reads that view noised like the target). Loss: diffusion loss under dual-path attention + lambda_nn x nearest-neighbour InfoNCE.
+    e.g. the same object in another context). That view is noised with its own noise and timestep: an encoder
+    that reads the target's own noisy latent learns to carry that noise draw (it lowers the loss, and is of no use
+    at inference, where one prediction from the input image serves every denoising step of a new image). Loss: diffusion loss under dual-path attention + lambda_nn x nearest-neighbour InfoNCE.
 
     Args:
         optimizer: optimizer factory over the trainable parameters (default AdamW, lr 1e-4).

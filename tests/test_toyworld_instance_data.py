@@ -99,10 +99,16 @@ def test_the_encoder_reads_encoder_pixel_values_when_a_batch_has_them(tiny_sd_di
     )
     module.setup("fit")
     batch = PretrainDataModule(synthetic_concepts=8, synthetic_holdout=1, batch_size=4).probe_batch(4)
+    seen = []  # what the encoder reads: (noisy latents, timesteps)
+    predict = module.predict_concepts
+    module.predict_concepts = lambda b, noisy, t: seen.append((noisy, t)) or predict(b, noisy, t)
     _, plain = module.model_step(batch)
-    # the target itself as the encoder's view: the same noise and timestep, so the same prediction
+    _, again = module.model_step(batch)
+    assert torch.equal(again["v_star"], plain["v_star"])  # seeded by (seed, step)
+    # the target itself as the encoder's view: its own noise and timestep, never the target's noisy latent
     _, itself = module.model_step({**batch, "encoder_pixel_values": batch["pixel_values"]})
-    assert torch.allclose(itself["v_star"], plain["v_star"], atol=1e-5)
+    assert not torch.allclose(seen[2][0], seen[0][0]) and not torch.equal(seen[2][1], seen[0][1])
     # another view: the UNet feature branch reads it (the image branch still reads clip_pixel_values)
     _, flipped = module.model_step({**batch, "encoder_pixel_values": batch["pixel_values"].flip(-1)})
-    assert not torch.allclose(flipped["v_star"], plain["v_star"], atol=1e-4)
+    assert torch.equal(seen[3][1], seen[2][1]) and not torch.allclose(seen[3][0], seen[2][0])
+    assert not torch.allclose(flipped["v_star"], itself["v_star"], atol=1e-4)
