@@ -1,0 +1,119 @@
+"""What an instance-world encoder's predictions carry, in diffusion-loss terms (docs/instance_results.md, "Why the
+cores carried no identity").
+
+For ``n`` training-distribution instances, the target is the instance rendered in another context (its caption
+with ``<s*>``); the encoder reads the instance's first render. The loss on the target (alpha 1, v-prediction MSE,
+averaged over ``draws`` noise draws) is measured with:
+
+- ``own_timestep``: (v*, cores) predicted from the encoder's view at the TARGET's timestep with the target's noise
+  (what an E4T-style pretraining step shows the encoder when its input is its target);
+- ``own_timestep_same_category_cores``: the same, but the cores of another instance of the same category;
+- ``inference``: one prediction per concept, the mean of ``draws`` predictions at random timesteps and noise (what
+  ``encoder_prediction`` exports and every denoising step of a new image uses);
+- ``inference_same_category``: the inference prediction of another instance of the same category;
+- ``zero_cores``: the own-timestep v* with zero cores.
+
+Read: identity lives in the cores when ``inference`` < ``inference_same_category``; ``own_timestep`` far below
+``own_timestep_same_category_cores`` while the inference pair is equal means the cores carry the noise draw.
+
+    python -m toyworld.core_probe assets/toyworld/instance_encoder/date.ckpt --pretrain-config configs/pretrain/instance.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import default_collate
+
+from losses import add_noise
+
+
+def core_probe(ckpt: str, config: str, n: int = 64, draws: int = 8, seed: int = 12345) -> dict[str, float]:
+    """The losses described in the module docstring (mean over ``draws`` noise draws), and ``n``."""
+    from lightning_modules.base import check_checkpoint, read_checkpoint
+    from lightning_modules.cli import build_cli
+    from toyworld.instance_data import InstanceConceptDataset
+
+    module = build_cli(["--config", config, "--trainer.logger", "false"], run=False).model
+    checkpoint = read_checkpoint(ckpt, "encoder checkpoint")
+    check_checkpoint(checkpoint, module.backbone, phase="pretrain", source=ckpt)
+    module.load_state_dict(checkpoint["state_dict"], strict=False)
+    module.setup("validate")
+    module.eval()
+    bb = module.backbone
+    data = InstanceConceptDataset(length=n, seed=seed, clip_size=bb.clip_image_size, target_context="other")
+    batch = default_collate([data[(0, k)] for k in range(n)])
+    categories = [data.scene(0, k)[0].category for k in range(n)]
+    partner = torch.tensor(
+        [next((j for j in range(n) if j != k and categories[j] == categories[k]), k) for k in range(n)]
+    )
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        target = bb.encode_images(batch["pixel_values"]).float()
+        view = bb.encode_images(batch["encoder_pixel_values"]).float()
+        ids = bb.tokenize(list(batch["prompt"]), require_placeholder=True)
+        g = torch.Generator().manual_seed(seed)
+        predictions = []
+        for _ in range(draws):
+            noised = add_noise(bb.scheduler, view, generator=g)
+            predictions.append(module.predict_concepts(batch, noised.noisy, noised.timesteps))
+        v_inf = module.personalizer.token_embedder.renormalize(
+            torch.stack([p[0] for p in predictions]).mean(0)
+        )
+        c_inf = torch.stack([p[1] for p in predictions]).mean(0)
+        for _ in range(draws):
+            noised = add_noise(bb.scheduler, target, generator=g)
+            v, cores = module.predict_concepts(
+                batch, bb.scheduler.add_noise(view, noised.noise, noised.timesteps), noised.timesteps
+            )
+            cases = {
+                "own_timestep": (v, cores),
+                "own_timestep_same_category_cores": (v, cores[partner]),
+                "inference": (v_inf, c_inf),
+                "inference_same_category": (v_inf[partner], c_inf[partner]),
+                "zero_cores": (v, torch.zeros_like(cores)),
+            }
+            for name, (vv, cc) in cases.items():
+                pred = bb.personalized_unet(
+                    noised.noisy, noised.timesteps, ids, vv, module.lora_deltas(cc), 1.0, None
+                )
+                loss = ((pred.float() - noised.target.float()) ** 2).mean().item()
+                sums[name] = sums.get(name, 0.0) + loss / draws
+    return {**{k: round(v, 5) for k, v in sums.items()}, "n": n, "draws": draws}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m toyworld.core_probe",
+        description="Diffusion loss on an instance in another context with the encoder's own-timestep, "
+        "inference-style and another same-category instance's predictions (module docstring).",
+    )
+    parser.add_argument(
+        "ckpt", help="an instance-world pretraining checkpoint (e.g. .../checkpoints/last.ckpt)"
+    )
+    parser.add_argument(
+        "--pretrain-config",
+        default="configs/pretrain/instance.yaml",
+        help="the config the checkpoint was trained with (builds the model)",
+    )
+    parser.add_argument("--n", type=int, default=64, help="instances (each needs a same-category partner)")
+    parser.add_argument(
+        "--draws", type=int, default=8, help="noise draws averaged (and inference predictions)"
+    )
+    parser.add_argument("--seed", type=int, default=12345, help="seed of the instances and the noise")
+    args = parser.parse_args(argv)
+    if not Path(args.ckpt).is_file():
+        parser.error(f"checkpoint {args.ckpt} does not exist")
+    if not Path(args.pretrain_config).is_file():
+        parser.error(f"config {args.pretrain_config} does not exist")
+    if args.n < 2 or args.draws < 1:
+        parser.error(f"--n must be >= 2 and --draws >= 1, got {args.n} and {args.draws}")
+    print(json.dumps(core_probe(args.ckpt, args.pretrain_config, args.n, args.draws, args.seed)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
