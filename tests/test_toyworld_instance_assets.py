@@ -107,7 +107,7 @@ def test_adherence_bad_input_is_one_line(argv, message, capsys):
 
 
 def test_the_committed_card_carries_the_instance_assets_as_measured():
-    from toyworld.instance_assets import instance_lines
+    from toyworld.card import instance_lines
 
     assets = Path("assets/toyworld")
     lines = instance_lines(assets)

@@ -15,8 +15,8 @@ import torch
 from evaluation.generate.images import save_grid
 from models.io import atomic_write, atomic_write_dir
 from models.tiny import CLIP_MEAN, CLIP_STD
+from toyworld.card import encoder_lines, instance_lines
 from toyworld.checker import AttributeChecker, adherence, read_attributes
-from toyworld.instance_assets import instance_lines
 from toyworld.measure import base_adherence, clip_tokenizer, image_nn_accuracy, load_pipeline, sample
 from toyworld.train import build_base
 from toyworld.world import (
@@ -137,40 +137,6 @@ def export(
     write_card(out, cfg)
     print(json.dumps(adh), file=sys.stderr)
     print(f"wrote {out}", file=sys.stderr)
-
-
-NAMED_ENCODERS = {
-    "date": "configs/pretrain/toyworld.yaml",
-    "no_regularizer": "configs/pretrain/toyworld_no_regularizer.yaml",
-}
-
-
-def encoder_lines(out: Path, folder: str = "encoder", configs: dict[str, str] = NAMED_ENCODERS) -> list[str]:
-    """Model-card lines for the committed encoders in ``out / folder``: steps and first / final values of their
-    training curves (``configs``: checkpoint name -> the config that trained it)."""
-    lines = []
-    for name, config in configs.items():
-        path = out / folder / f"{name}.json"
-        if not path.exists():
-            continue
-        info = json.loads(path.read_text())
-        curves = info.get("curves", {})
-        parts = [
-            f"{tag.removeprefix('train/')} {c['first']:.3f} -> {c['mean_last_20']:.3f}"
-            for tag, c in sorted(curves.items())
-            if tag.startswith("train/loss")
-        ]
-        lines.append(
-            f"- `{folder}/{name}.ckpt` (`{config}`, {info.get('global_step')} steps, batch 16): first logged value"
-            f" -> mean of the last 20 logged values: " + "; ".join(parts) + "."
-        )
-        if info.get("validation"):
-            curve = ", ".join(
-                f"{r['step']}: {r.get('identity_a1', float('nan')):.2f} / {r.get('identity_a0.5', float('nan')):.2f}"
-                for r in info["validation"]
-            )
-            lines.append(f"  Validation identity (encoder only, alpha 1 / 0.5) by step: {curve}.")
-    return lines
 
 
 def image_encoder_lines(out: Path) -> list[str]:
