@@ -22,6 +22,8 @@ MAIN = {  # method -> (steps, alpha) drawn in the concept figure
     "plain_words": (0, 1.0),
     "encoder_only": (0, 0.5),
     "date": (12, 0.5),
+    "date_lr3e-2": (12, 0.5),  # the instance world's rank-16 encoder, tuned as chosen on validation
+    "date_lr1e-2": (4, 0.5),
     "date_factors": (12, 1.0),
     "no_regularizer": (12, 0.5),
     "textual_inversion": (500, 1.0),
