@@ -34,15 +34,10 @@ from losses import add_noise
 
 def core_probe(ckpt: str, config: str, n: int = 64, draws: int = 8, seed: int = 12345) -> dict[str, float]:
     """The losses described in the module docstring (mean over ``draws`` noise draws), and ``n``."""
-    from lightning_modules.base import check_checkpoint, read_checkpoint
-    from lightning_modules.cli import build_cli
     from toyworld.instance_data import InstanceConceptDataset
+    from toyworld.validation import load_pretrained
 
-    module = build_cli(["--config", config, "--trainer.logger", "false"], run=False).model
-    checkpoint = read_checkpoint(ckpt, "encoder checkpoint")
-    check_checkpoint(checkpoint, module.backbone, phase="pretrain", source=ckpt)
-    module.load_state_dict(checkpoint["state_dict"], strict=False)
-    module.setup("validate")
+    module = load_pretrained(ckpt, config).model
     module.eval()
     bb = module.backbone
     data = InstanceConceptDataset(length=n, seed=seed, clip_size=bb.clip_image_size, target_context="other")

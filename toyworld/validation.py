@@ -216,21 +216,28 @@ def write_validation_concepts(out: str, n: int = 8, seed: int = 1234) -> str:
     return str(folder)
 
 
+def load_pretrained(ckpt: str, config: str):
+    """The LightningCLI of the pretraining ``config`` (not run) with ``ckpt``'s weights loaded into its model and the
+    model set up (token index built); the checkpoint is checked against the config's base model first."""
+    from lightning_modules.base import check_checkpoint, read_checkpoint
+    from lightning_modules.cli import build_cli
+
+    cli = build_cli(["--config", config, "--trainer.logger", "false"], run=False)
+    checkpoint = read_checkpoint(ckpt, "encoder checkpoint")
+    check_checkpoint(checkpoint, cli.model.backbone, phase="pretrain", source=ckpt)
+    cli.model.load_state_dict(checkpoint["state_dict"], strict=False)
+    cli.model.setup("validate")
+    return cli
+
+
 def measure_checkpoint(
     ckpt: str, config: str = "configs/pretrain/toyworld.yaml", **kwargs
 ) -> dict[str, float]:
     """Encoder-only validation identity / prompt accuracy of a pretraining checkpoint at each alpha, with its
     predicted cores and with zero cores (keys ``..._zero_cores``), measured by the ``ValidationIdentity`` class
     ``config`` trains with (``InstanceValidationIdentity`` for ``configs/pretrain/instance.yaml``)."""
-    from lightning_modules.base import check_checkpoint, read_checkpoint
-    from lightning_modules.cli import build_cli
-
-    cli = build_cli(["--config", config, "--trainer.logger", "false"], run=False)
+    cli = load_pretrained(ckpt, config)
     module = cli.model
-    checkpoint = read_checkpoint(ckpt, "encoder checkpoint")
-    check_checkpoint(checkpoint, module.backbone, phase="pretrain", source=ckpt)
-    module.load_state_dict(checkpoint["state_dict"], strict=False)
-    module.setup("validate")
     # the config's own validation callback class (the instance world's scores pixels), with ``kwargs``
     found = [c for c in cli.trainer.callbacks if isinstance(c, ValidationIdentity)]
     callback = (type(found[0]) if found else ValidationIdentity)(**kwargs)
