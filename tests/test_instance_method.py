@@ -22,6 +22,12 @@ from evaluation.store.results import read_results
 CONCEPTS = [f"{c}_test0" for c in ("circle", "square", "triangle", "star", "diamond", "cross")]
 
 
+def _evaluate(out, methods: list[dict], *args: str) -> None:
+    """configs/evaluate/instance_date.yaml with ``methods`` (and more ``args``) into ``out``, no grids."""
+    argv = ["run", "--config", "configs/evaluate/instance_date.yaml", "--out_dir", str(out)]
+    evaluate.main([*argv, "--methods", json.dumps(methods), "--grids", "false", "--progress", "false", *args])
+
+
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("instance_method") / "eval"
@@ -29,25 +35,7 @@ def rows(tmp_path_factory):
         {"name": "date", "steps": [12], "alphas": [0.5, 1.0]},
         {"name": "plain_words", "plain_words": True},
     ]
-    evaluate.main(
-        [
-            "run",
-            "--config",
-            "configs/evaluate/instance_date.yaml",
-            "--out_dir",
-            str(out),
-            "--methods",
-            json.dumps(methods),
-            "--concepts.names",
-            json.dumps(CONCEPTS),
-            "--grids",
-            "false",
-            "--bootstrap_samples",
-            "50",
-            "--progress",
-            "false",
-        ]
-    )
+    _evaluate(out, methods, "--concepts.names", json.dumps(CONCEPTS), "--bootstrap_samples", "50")
     return read_results(out / "results.csv")
 
 
@@ -99,23 +87,7 @@ def paired(tmp_path_factory):
          "steps": [12], "alphas": [0.5]},
         {"name": "plain_words", "plain_words": True},
     ]  # fmt: skip
-    evaluate.main(
-        [
-            "run",
-            "--config",
-            "configs/evaluate/instance_date.yaml",
-            "--out_dir",
-            str(out),
-            "--methods",
-            json.dumps(methods),
-            "--grids",
-            "false",
-            "--bootstrap_samples",
-            "1000",
-            "--progress",
-            "false",
-        ]
-    )
+    _evaluate(out, methods, "--bootstrap_samples", "1000")
     summary = json.loads((out / "summary.json").read_text())
     assert (out / "paired.md").is_file()
     return summary["paired_vs_reference"]
