@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from evaluation.config import EvaluationConfigError
-from evaluation.generate.images import generate_images, save_grid, save_png
+from evaluation.generate.images import generate_images, generate_plain, save_grid, save_png
 from evaluation.plan import Setting
 from models.artifact import ConceptArtifact
 
@@ -26,6 +26,7 @@ def sample_concept(
     sampler: str = "ddim",
     seed: int = 0,
     scale: int = 3,
+    words: str | None = None,
 ) -> Path:
     """Samples a concept (dual path) for each prompt and writes one PNG grid: a row per prompt.
 
@@ -42,6 +43,9 @@ def sample_concept(
         sampler: ``ddim`` or ``dpm``.
         seed: image ``j`` of prompt ``i`` starts from the noise of seed ``seed + 1000 * i + j``.
         scale: nearest-neighbour upscaling of the grid (small models sample small images).
+        words: if given (e.g. the class noun ``"star"``), each prompt's row is followed by a row of the same prompt
+            with the placeholder replaced by these words, sampled by the base model without the concept from the
+            same seeds: what the words alone give, next to the concept.
     """
     from models.loading import load_backbone
 
@@ -51,6 +55,8 @@ def sample_concept(
         )
     if not Path(concept).is_file():
         raise EvaluationConfigError(f"--concept {concept} does not exist")
+    if words is not None and not words.strip():
+        raise EvaluationConfigError("--words is empty; give the words to compare with (e.g. the class noun)")
     art = ConceptArtifact.load(concept)
     missing = [p for p in prompts if art.placeholder not in p]
     if missing:
@@ -61,18 +67,26 @@ def sample_concept(
     backbone = load_backbone(base, image_encoder or base, placeholder=art.placeholder)
     art.check_backbone(backbone, f"--concept {concept}")
     setting = Setting(steps=art.steps, alpha=art.alpha if alpha is None else alpha, guidance=guidance)
-    images = []
+    images, rows = [], []
     for i, prompt in enumerate(prompts):
         seeds = [seed + 1000 * i + j for j in range(samples_per_prompt)]
         with torch.no_grad():
             images += generate_images(
                 backbone, art, [prompt] * samples_per_prompt, seeds, setting, num_inference_steps, sampler
             )
+        rows.append(prompt)
+        if words is not None:
+            said = prompt.replace(art.placeholder, words.strip())
+            with torch.no_grad():
+                images += generate_plain(
+                    backbone, [said] * samples_per_prompt, seeds, setting, num_inference_steps, sampler
+                )
+            rows.append(f"{said} (the words alone, no concept, same seeds)")
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     if len(images) == 1:
         save_png(images[0], path)
     else:
         save_grid(np.stack(images), str(path), cols=samples_per_prompt, scale=scale)
-    path.with_suffix(".txt").write_text("\n".join(f"row {i + 1}: {p}" for i, p in enumerate(prompts)) + "\n")
+    path.with_suffix(".txt").write_text("\n".join(f"row {i + 1}: {p}" for i, p in enumerate(rows)) + "\n")
     return path

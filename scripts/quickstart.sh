@@ -1,26 +1,30 @@
 #!/usr/bin/env bash
-# The README's main job on the built-in offline default: the trained toy world (assets/toyworld/).
-#   1. a short encoder pretraining on the world (200 steps; the loss falls) -> outputs/pretrain_toyworld/
-#   2. personalize one held-out concept from its one image with the committed encoder (12 steps)
-#                                                                         -> outputs/concepts/red_striped_star.*
-#   3. sample it in new contexts (size, position, background)             -> outputs/samples_red_striped_star.png
-#   4. evaluate the main methods on 3 held-out concepts and plot          -> outputs/eval_toyworld_quick/
+# The README's main job on the built-in offline default: the trained toy world's INSTANCE world (assets/toyworld/),
+# where captions name a category and a context but never the instance ("my star", not "a star").
+#   1. a short encoder pretraining on the instance world (200 steps; the loss falls)
+#                                                         -> outputs/pretrain_instance_other_rank16_small/
+#   2. personalize one held-out instance (star_test0, a red six-pointed star) from its one image with the
+#      committed instance encoder (12 steps)             -> outputs/concepts/star_test0.*
+#   3. sample it in new contexts, each row followed by what the words "star" give from the same seeds
+#                                                         -> outputs/samples_star_test0.png
+#   4. evaluate DATE, the encoder alone, the plain words and a one-shot LoRA on 3 held-out concepts, identity and
+#      prompt read from pixels, with plots and grids      -> outputs/eval_instance_quick/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python}
 start=$(date +%s)
-echo "== 1/4 short encoder pretraining on the toy world (the committed encoder had 2,000 steps)"
-$PY train.py fit --config configs/pretrain/toyworld.yaml --trainer.max_steps 200 \
-    --model.init_args.sample_every_n_steps 100
-echo "== 2/4 tune a held-out concept (red striped star, never seen in base training) for 12 steps"
-$PY train.py fit --config configs/tune/toyworld.yaml
-echo "== 3/4 sample it in new contexts"
-$PY evaluate.py sample --concept outputs/concepts/red_striped_star.safetensors \
-    --out outputs/samples_red_striped_star.png --prompts '["a small <s*> on the left on a yellow background",
-    "a large <s*> on the right on a green background", "a small <s*> in the center on a pink background"]'
+echo "== 1/4 short encoder pretraining on the instance world (the committed encoder had 4,000 steps)"
+$PY train.py fit --config configs/pretrain/instance_other_context_rank16_small.yaml --trainer.max_steps 200
+echo "== 2/4 tune a held-out instance (star_test0: its hue, outline and pattern are in no caption) for 12 steps"
+$PY train.py fit --config configs/tune/instance.yaml
+echo "== 3/4 sample it in new contexts, next to what the words give"
+$PY evaluate.py sample --concept outputs/concepts/star_test0.safetensors --words star \
+    --out outputs/samples_star_test0.png --prompts '["a small <s*> on the left on a yellow background",
+    "a large <s*> on the right on a green background", "a large <s*> at the top on a pink background"]'
 echo "== 4/4 evaluate DATE, the encoder alone, the plain words and a one-shot LoRA on 3 held-out concepts"
-$PY evaluate.py run --config configs/evaluate/toyworld_quick.yaml --overwrite true
+$PY evaluate.py run --config configs/evaluate/instance_quick.yaml --overwrite true
 echo "quickstart finished in $(( $(date +%s) - start )) s"
-echo "images: outputs/samples_red_striped_star.png (rows: outputs/samples_red_striped_star.txt),"
-echo "        outputs/eval_toyworld_quick/{tradeoff.png,tradeoff_clip.png,grids/}; TensorBoard: tensorboard --logdir outputs"
+echo "input image: assets/toyworld/instance_concepts/star_test0.png"
+echo "images: outputs/samples_star_test0.png (rows: outputs/samples_star_test0.txt),"
+echo "        outputs/eval_instance_quick/{tradeoff.png,paired.md,grids/}; TensorBoard: tensorboard --logdir outputs"

@@ -80,8 +80,36 @@ def test_sample_mistakes_are_one_line(concept_file, tmp_path, capsys):
         (["--concept", str(tmp_path / "missing.safetensors"), "--prompts", '["a <s*>"]'], "does not exist"),
         (["--concept", str(concept_file), "--prompts", '["a dog"]'], "does not contain the placeholder"),
         (["--concept", str(concept_file)], "sample needs --concept"),
+        (["--concept", str(concept_file), "--prompts", '["a <s*>"]', "--words", " "], "--words is empty"),
     ):
         with pytest.raises(SystemExit) as exc:
             evaluate.main(["sample", *args])
         assert exc.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_sample_with_words_puts_what_the_words_give_under_each_prompt(concept_file, backbone, tmp_path):
+    """``--words dog``: after each prompt's row, the same prompt said in words, sampled without the concept from the
+    same seeds; those rows are exactly the base model's images of the words, the concept rows are not."""
+    from evaluation.generate.images import generate_plain
+    from evaluation.plan import Setting
+
+    prompts = ["a photo of a <s*>", "a <s*> on the beach"]
+    path = _sample(concept_file, tmp_path / "grid.png", prompts, "--scale", "1", "--words", "dog")
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (4 * 33 + 1, 2 * 33 + 1, 3)  # 4 rows: prompt, words, prompt, words
+    assert (tmp_path / "grid.txt").read_text().splitlines() == [
+        "row 1: a photo of a <s*>",
+        "row 2: a photo of a dog (the words alone, no concept, same seeds)",
+        "row 3: a <s*> on the beach",
+        "row 4: a dog on the beach (the words alone, no concept, same seeds)",
+    ]
+    alone = np.asarray(Image.open(_sample(concept_file, tmp_path / "alone.png", prompts, "--scale", "1")))
+    cell = lambda g, r, c: g[1 + r * 33 : r * 33 + 33, 1 + c * 33 : c * 33 + 33]  # noqa: E731
+    for c in range(2):  # the concept rows are those of a run without --words
+        np.testing.assert_array_equal(cell(grid, 0, c), cell(alone, 0, c))
+        np.testing.assert_array_equal(cell(grid, 2, c), cell(alone, 1, c))
+    words = generate_plain(backbone, ["a dog on the beach"] * 2, [1000, 1001], Setting(12, 0.5, 3.0), 3)
+    for c in range(2):
+        np.testing.assert_array_equal(cell(grid, 3, c), words[c])
+        assert not np.array_equal(cell(grid, 3, c), cell(grid, 2, c))

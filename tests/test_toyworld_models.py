@@ -40,7 +40,6 @@ def test_assets_are_small_fp16_safetensors():
         "encoder/date.ckpt",
         "encoder/no_regularizer.ckpt",
         "instance_encoder/date.ckpt",
-        "instance_encoder/no_regularizer.ckpt",
     ]
     for name in pickles:
         ckpt = torch.load(ASSETS / name, map_location="cpu", weights_only=False)

@@ -8,12 +8,10 @@ python -m toyworld train checker --config configs/toyworld/checker.yaml   # also
 python -m toyworld probe-image-encoder --encoder assets/toyworld/image_encoder   # the gate before pretraining
 python -m toyworld write-validation-concepts --out assets/toyworld/validation_concepts
 python -m toyworld validate-encoder assets/toyworld/encoder/date.ckpt  # encoder-only identity, cores vs none
-python -m toyworld export --config configs/toyworld/base.yaml             # assemble assets/toyworld/
-python -m toyworld card | probe --config configs/toyworld/base.yaml
+python -m toyworld export | card | probe --config configs/toyworld/base.yaml   # assemble / card / probe assets
 python -m toyworld export-encoder --ckpt .../last.ckpt --name date [--log-dir .../tb]
 python -m toyworld figures outputs/eval_toyworld [--concept red_striped_star]
-python -m toyworld instance-render --n 16 --seed 0 --out grid.png   # the instance world: scenes, captions
-python -m toyworld instance-concepts --split test                   # -> assets/toyworld/instance_concepts
+python -m toyworld instance-render --n 16 --seed 0 --out grid.png | instance-concepts --split test
 python -m toyworld instance-calibrate      # pixel metric: threshold, reference rows (JSON in assets/toyworld/)
 python -m toyworld instance-probe --out probe.json   # the image-branch gate on held-out instances
 python -m toyworld instance-oracle --steps 2000   # DIAGNOSTIC: ResNet told every detail (gate upper bound)
@@ -290,7 +288,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "validate-encoder":
         from toyworld.validation import measure_checkpoint
 
-        print(json.dumps(measure_checkpoint(args.ckpt, args.pretrain_config), indent=1))
+        try:  # a checkpoint trained with another config: one line
+            print(json.dumps(measure_checkpoint(args.ckpt, args.pretrain_config), indent=1))
+        except ValueError as err:
+            parser.error(str(err))
     elif args.command == "instance-render":
         from evaluation.generate.images import save_grid
         from toyworld.instance import InstanceWorldStream

@@ -40,10 +40,7 @@ def encoder_lines(out: Path, folder: str = "encoder", configs: dict[str, str] = 
     return lines
 
 
-INSTANCE_ENCODERS = {
-    "date": "configs/pretrain/instance.yaml",
-    "no_regularizer": "configs/pretrain/instance_no_regularizer.yaml",
-}
+INSTANCE_ENCODERS = {"date": "configs/pretrain/instance_other_context_rank16_small.yaml"}
 
 
 def instance_lines(out: Path) -> list[str]:

@@ -16,7 +16,8 @@ averaged over ``draws`` noise draws) is measured with:
 Read: identity lives in the cores when ``inference`` < ``inference_same_category``; ``own_timestep`` far below
 ``own_timestep_same_category_cores`` while the inference pair is equal means the cores carry the noise draw.
 
-    python -m toyworld.core_probe assets/toyworld/instance_encoder/date.ckpt --pretrain-config configs/pretrain/instance.yaml
+    python -m toyworld.core_probe assets/toyworld/instance_encoder/date.ckpt \
+        --pretrain-config configs/pretrain/instance_other_context_rank16_small.yaml
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--pretrain-config",
-        default="configs/pretrain/instance.yaml",
-        help="the config the checkpoint was trained with (builds the model)",
+        default="configs/pretrain/instance_other_context_rank16_small.yaml",
+        help="the config the checkpoint was trained with (builds the model; default: the committed encoder's)",
     )
     parser.add_argument("--n", type=int, default=64, help="instances (each needs a same-category partner)")
     parser.add_argument(
@@ -107,7 +108,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"config {args.pretrain_config} does not exist")
     if args.n < 2 or args.draws < 1:
         parser.error(f"--n must be >= 2 and --draws >= 1, got {args.n} and {args.draws}")
-    print(json.dumps(core_probe(args.ckpt, args.pretrain_config, args.n, args.draws, args.seed)))
+    try:
+        out = core_probe(args.ckpt, args.pretrain_config, args.n, args.draws, args.seed)
+    except ValueError as err:  # a checkpoint that does not fit the config: one line, not a traceback
+        parser.error(str(err))
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -37,21 +37,26 @@ def write_figures(
     concept: str = "red_striped_star",
     out: Path = Path("assets/toyworld/results"),
     concepts_dir: Path = Path("assets/toyworld/concepts"),
+    main: dict[str, tuple[int, float]] | None = None,
 ) -> Path:
-    """Copies ``run``'s plots and word table into ``out`` and draws ``concept`` (its input image from
-    ``concepts_dir``) across methods (module docstring).
+    """Copies ``run``'s plots (as 256-colour PNGs, a third of the bytes, to keep the assets small) and word table
+    into ``out`` and draws ``concept`` (its input image from ``concepts_dir``) across methods (module docstring):
+    each method of ``main`` (default :data:`MAIN`, method -> (steps, alpha)) that the run holds, one row.
 
     Returns:
         ``out``.
     """
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("tradeoff.png", "tradeoff_clip.png", "nearest_words.md"):
-        shutil.copy(run / name, out / name)
+    for name in ("tradeoff.png", "tradeoff_clip.png"):
+        with Image.open(run / name) as plot:  # a chart has few colours: the palette keeps it intact
+            palette = plot.convert("RGB").quantize(256, Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+            palette.save(out / name, optimize=True)
+    shutil.copy(run / "nearest_words.md", out / "nearest_words.md")
     rows = [r for r in read_results(run / "results.csv") if r["concept"] == concept and r["sample"] == 0]
     concept_png = Path(concepts_dir) / f"{concept}.png"
     input_img = np.asarray(Image.open(concept_png).convert("RGB"))
     images, names, prompts = [], [], {}
-    for method, (steps, alpha) in MAIN.items():
+    for method, (steps, alpha) in (MAIN if main is None else main).items():
         picked = sorted(
             (
                 r

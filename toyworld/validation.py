@@ -225,7 +225,11 @@ def load_pretrained(ckpt: str, config: str):
     cli = build_cli(["--config", config, "--trainer.logger", "false"], run=False)
     checkpoint = read_checkpoint(ckpt, "encoder checkpoint")
     check_checkpoint(checkpoint, cli.model.backbone, phase="pretrain", source=ckpt)
-    cli.model.load_state_dict(checkpoint["state_dict"], strict=False)
+    try:
+        cli.model.load_state_dict(checkpoint["state_dict"], strict=False)
+    except RuntimeError as err:  # weights of another shape: the checkpoint was trained with another config
+        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise ValueError(f"{ckpt} was not trained with {config} ({first})") from None
     cli.model.setup("validate")
     return cli
 
