@@ -41,7 +41,7 @@ def _evaluate(out, methods: list[dict], *args: str) -> None:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """DATE-12 (alpha 0.5 and 1) and the words on the 24 test concepts: (rows, paired differences)."""
+    """DATE-12 (alpha 0.5 and 1) and the words on the 24 test concepts: (rows, paired differences, the run's folder)."""
     out = tmp_path_factory.mktemp("instance_method") / "eval"
     methods = [
         {"name": "date", "steps": [12], "alphas": [0.5, 1.0]},
@@ -50,7 +50,7 @@ def run(tmp_path_factory):
     _evaluate(out, methods, "--bootstrap_samples", "1000")
     assert (out / "paired.md").is_file()
     summary = json.loads((out / "summary.json").read_text())
-    return read_results(out / "results.csv"), summary["paired_vs_reference"]
+    return read_results(out / "results.csv"), summary["paired_vs_reference"], out
 
 
 def _mean(rows, method: str, column: str, alpha: float | None = None, concept: str | None = None) -> float:
@@ -69,7 +69,7 @@ def _mean(rows, method: str, column: str, alpha: float | None = None, concept: s
 def test_date_beats_the_plain_words_concept_by_concept(run):
     """Measured (test run, alpha 0.5): identity - words +0.036 [+0.018, +0.058], 19 of 24 concepts won (DATE 0.149,
     the words 0.113)."""
-    _, paired = run
+    _, paired, _ = run
     entry = next(e for e in paired if e["method"] == "date" and e["alpha"] == 0.5)
     assert (entry["steps"], entry["reference"]) == (12, "plain_words")
     identity = entry["pixel_identity"]
@@ -81,7 +81,7 @@ def test_date_beats_the_plain_words_concept_by_concept(run):
 def test_date_beats_the_words_on_the_quickstarts_held_out_instance(run):
     """``star_test0`` (a red six-pointed star; the words say only "star"): measured DATE
     0.077 vs the words 0.057 (alpha 0.5; identity from pixels, 4 prompts x 2 samples)."""
-    rows, _ = run
+    rows, _, _ = run
     date = _mean(rows, "date", "pixel_identity", alpha=0.5, concept="star_test0")
     words = _mean(rows, "plain_words", "pixel_identity", concept="star_test0")
     assert date >= words + 0.01, (date, words)
@@ -91,7 +91,7 @@ def test_date_beats_the_words_on_the_quickstarts_held_out_instance(run):
 def test_alpha_trades_prompt_for_identity(run):
     """Measured (test run): prompt accuracy 0.984 at alpha 0.5 against 0.776 at alpha 1 (identity 0.149 / 0.146:
     on this world alpha 1 buys no identity, docs/instance_results.md)."""
-    rows, _ = run
+    rows, _, _ = run
     assert _mean(rows, "date", "pixel_prompt_acc", alpha=0.5) >= 0.9
     assert (
         _mean(rows, "date", "pixel_prompt_acc", alpha=0.5)
@@ -158,3 +158,33 @@ def test_the_quickstarts_tuning_config_personalizes_the_held_out_instance(tmp_pa
     words = [w for w in REPO_VOCABULARY.read_text().splitlines() if w and not w.startswith("#")]
     assert art.nearest_token.removesuffix("</w>") in words, art.nearest_token  # measured: "star"
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))  # its TensorBoard log
+
+
+@pytest.mark.slow
+def test_figures_draw_the_concept_across_methods_and_keep_the_plots(run, tmp_path):
+    """``toyworld.figures.write_figures`` (how the committed figures are made): one row per method of ``main`` the
+    run holds, the input image first; the plots stored as palette PNGs of the same size."""
+    import numpy as np
+    from PIL import Image
+
+    from toyworld.figures import write_figures
+
+    _, _, out = run
+    main = {
+        "plain_words": (0, 1.0),
+        "date": (12, 0.5),
+        "encoder_only": (0, 0.5),
+    }  # the run has no encoder_only
+    write_figures(out, "star_test0", tmp_path, Path("assets/toyworld/instance_concepts"), main=main)
+    grid = np.asarray(Image.open(tmp_path / "concept_star_test0.png"))
+    assert grid.shape == (
+        (2 * 33 + 1) * 3,
+        (5 * 33 + 1) * 3,
+        3,
+    )  # 2 rows x (input + 4 prompts), 32 px, scale 3
+    text = (tmp_path / "concept_star_test0.txt").read_text()
+    assert text.startswith("rows: 1. plain_words (steps 0, alpha 1); 2. date (steps 12, alpha 0.5)\n"), text
+    for name in ("tradeoff.png", "tradeoff_clip.png"):
+        with Image.open(tmp_path / name) as small, Image.open(out / name) as source:
+            assert small.mode == "P" and small.size == source.size
+    assert (tmp_path / "nearest_words.md").read_text() == (out / "nearest_words.md").read_text()
