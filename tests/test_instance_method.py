@@ -213,3 +213,22 @@ def test_the_quickstarts_pretraining_step_runs_and_checkpoints(tmp_path, monkeyp
     shapes = {k: v.shape for k, v in committed["state_dict"].items()}
     assert {k: v.shape for k, v in state["state_dict"].items() if k in shapes} == shapes
     assert list((out / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_encoder_checkpoint_option_wins_over_the_configs_tune_overrides(tmp_path, capsys):
+    """configs/evaluate/instance_committed.yaml names the committed encoder in its tune_overrides; an explicit
+    ``--encoder_checkpoint`` must replace it, not be silently ignored (here: a missing file, named before any model
+    loads)."""
+    args = [
+        "run",
+        "--config",
+        "configs/evaluate/instance_committed.yaml",
+        "--out_dir",
+        str(tmp_path / "eval"),
+    ]
+    methods = json.dumps([{"name": "date", "steps": [12]}])
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main([*args, "--methods", methods, "--encoder_checkpoint", str(tmp_path / "other.ckpt")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"pretraining checkpoint {tmp_path / 'other.ckpt'}" in err, err
+    assert not (tmp_path / "eval").exists()
