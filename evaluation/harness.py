@@ -80,13 +80,11 @@ def run_evaluation(
         sweep: tuning steps, alphas and guidance scales (every combination is a setting).
         sampling: sampler, denoising steps, samples per prompt, base seed.
         metrics: CLIP / DINO backbones of the metrics and metric plug-ins.
-        pretrained_model_name_or_path: Stable Diffusion folder or id (None: the tune config's, or tune_overrides').
-        image_encoder_name_or_path: CLIP image encoder of the concept encoder (None: the tune config's, or
-            tune_overrides').
-        encoder_checkpoint: pretraining checkpoint (None: the tune config's, or tune_overrides'; given, it wins over
-            both); overlays may still drop it.
-        tune_overrides: values set on the tune config before each method's overlay (dotted keys or sections,
-            e.g. ``{"data.init_args.batch_size": 2}``).
+        pretrained_model_name_or_path: Stable Diffusion folder or id (None: the tune config's).
+        image_encoder_name_or_path: CLIP image encoder of the concept encoder (None: the tune config's).
+        encoder_checkpoint: pretraining checkpoint (None: the tune config's); overlays may still drop it.
+        tune_overrides: values set on the tune config before each method's overlay (dotted keys or sections, e.g.
+            ``{"data.init_args.batch_size": 2}``); the three options above, given, win over the same keys here.
         device: device for tuning, sampling and metrics (``cpu``, ``cuda``).
         precision: Lightning precision of tuning (``32-true``, ``bf16-mixed``).
         inference_autocast: ``torch.autocast`` dtype of sampling and scoring: ``auto`` = bf16 on CUDA and off on
@@ -123,9 +121,7 @@ def run_evaluation(
         "image_encoder_name_or_path": image_encoder_name_or_path,
         "encoder_checkpoint": encoder_checkpoint,
     }
-    # The three options above are the explicit way to swap a model: they win over the same keys in tune_overrides
-    # (a config's tune_overrides naming an encoder must not silently keep it when --encoder_checkpoint is given).
-    overrides = dict(tune_overrides or {})
+    overrides = dict(tune_overrides or {})  # then the explicit options: they win
     overrides.update({f"model.init_args.{k}": v for k, v in given.items() if v is not None})
     base, concept_list, plans = make_plans(out, tune_config, methods, concepts, sweep, overrides)
     metrics.check(concept_list)
