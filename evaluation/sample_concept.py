@@ -68,20 +68,19 @@ def sample_concept(
     art.check_backbone(backbone, f"--concept {concept}")
     setting = Setting(steps=art.steps, alpha=art.alpha if alpha is None else alpha, guidance=guidance)
     images, rows = [], []
-    for i, prompt in enumerate(prompts):
-        seeds = [seed + 1000 * i + j for j in range(samples_per_prompt)]
-        with torch.no_grad():
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            seeds = [seed + 1000 * i + j for j in range(samples_per_prompt)]
             images += generate_images(
                 backbone, art, [prompt] * samples_per_prompt, seeds, setting, num_inference_steps, sampler
             )
-        rows.append(prompt)
-        if words is not None:
-            said = prompt.replace(art.placeholder, words.strip())
-            with torch.no_grad():
+            rows.append(prompt)
+            if words is not None:  # the same prompt said in words, no concept, the same seeds
+                said = prompt.replace(art.placeholder, words.strip())
                 images += generate_plain(
                     backbone, [said] * samples_per_prompt, seeds, setting, num_inference_steps, sampler
                 )
-            rows.append(f"{said} (the words alone, no concept, same seeds)")
+                rows.append(f"{said} (the words alone, no concept, same seeds)")
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     if len(images) == 1:
