@@ -1,6 +1,6 @@
 """The frozen Stable Diffusion XL backbone: two CLIP text encoders, pooled-text and time-id conditioning.
 
-DATE on SDXL (issue 11) differs from SD 1.x only in the text conditioning, and this module is where that lives:
+DATE on SDXL differs from SD 1.x only in the text conditioning, and this module is where that lives:
 
 * Context. As diffusers' ``StableDiffusionXLPipeline.encode_prompt``: the penultimate hidden states
   (``hidden_states[-2]``) of CLIP ViT-L (``text_encoder``) and OpenCLIP bigG (``text_encoder_2``), concatenated

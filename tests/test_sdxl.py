@@ -1,4 +1,4 @@
-"""DATE on Stable Diffusion XL, offline on the tiny SDXL (issue 11): parity with diffusers' SDXL pipeline, the two
+"""DATE on Stable Diffusion XL, offline on the tiny SDXL: parity with diffusers' SDXL pipeline, the two
 text encoders' v*, the nearest word over both tables, every phase through train.py, and the exports loaded by plain
 ``StableDiffusionXLPipeline``."""
 

@@ -1,6 +1,6 @@
 """The instance world (toyworld/instance.py), its concepts (toyworld/instance_concepts.py) and the pixel metric
 (toyworld/pixels.py): determinism, captions that never name a detail, disjoint held-out splits, and a metric that
-tells the same instance from another of its category (issue 16 parts 1 and 2)."""
+tells the same instance from another of its category."""
 
 from __future__ import annotations
 

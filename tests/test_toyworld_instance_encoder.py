@@ -1,4 +1,4 @@
-"""The instance world's image encoder (issue 16): its batches hold pairs of training-distribution instances in two
+"""The instance world's image encoder: its batches hold pairs of training-distribution instances in two
 contexts, ``world: instance`` trains it, and the committed one clears the instance-probe values the docs state."""
 
 from __future__ import annotations

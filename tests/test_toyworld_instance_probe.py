@@ -1,4 +1,4 @@
-"""The image-branch gate on the instance world (toyworld/instance_probe.py, issue 16 part 3): held-out sets that
+"""The image-branch gate on the instance world (toyworld/instance_probe.py): held-out sets that
 are held out, read-outs that can reach the gate, a pixel floor that sees hue, and the stated retrieval gallery."""
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def test_the_committed_towers_are_read_as_date_reads_them(sets):
 
 @pytest.mark.slow
 def test_committed_hybrid_encoder_passes_retrieval_and_the_attainable_details():
-    """The instance gate on the test cells (part 3 of issue 16), for the image encoder DATE pretrains with
+    """The instance gate on the test cells, for the image encoder DATE pretrains with
     (assets/toyworld/instance_image_encoder_hybrid, fp16 weights): same-instance 1-NN across contexts among 299
     distractors >= 0.9, and >= 0.9 on the details the supervised oracle itself reaches 0.9 on, but for a star's
     points (0.88; the oracle 0.95). Measured (probe.json next to the weights, float32): 1-NN 0.92; hue 0.96,

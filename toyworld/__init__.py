@@ -5,7 +5,7 @@ Rooms: ``world.py`` (scenes, renderer, captions, splits), ``data.py`` (encoder-p
 ``datamodules.pretrain.PretrainDataModule``), ``concepts.py`` (held-out concepts, an evaluation concept set),
 ``checker.py`` (the attribute checker: model, scoring, evaluation metric), ``measure.py`` (model accuracies),
 ``train.py`` / ``train_clip.py`` (training the world's models), ``assets.py`` (the asset folder and its model
-card), ``figures.py`` (the README's result figures), the instance world of issue 16 (``instance.py``: named
+card), ``figures.py`` (the README's result figures), the instance world (``instance.py``: named
 categories with unnamed details; ``instance_concepts.py``: its concept sets; ``pixels.py``: identity and prompt
 read from pixels, an evaluation metric; ``instance_calibration.py``: its threshold and reference rows) and
 ``__main__.py`` (``python -m toyworld --help``).

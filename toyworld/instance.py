@@ -1,5 +1,5 @@
 """The instance world: "my star", not "a star". Each object is a named category plus instance details no caption
-ever states (issue 16).
+ever states.
 
 - **Category** (the class noun, one word in captions): the shape family, e.g. ``star``. Six categories are seen in
   base training (``TRAIN_CATEGORIES``); ``heart`` and ``moon`` are held out for the test concepts and ``arrow`` for

@@ -1,4 +1,4 @@
-"""The instance world's base model as an asset (issue 16): export it next to the named world's pipeline, and
+"""The instance world's base model as an asset: export it next to the named world's pipeline, and
 measure it from pixels.
 
 The instance base model (``configs/toyworld/instance_base.yaml``) trains its UNet and autoencoder on

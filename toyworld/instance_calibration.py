@@ -1,4 +1,4 @@
-"""Calibration of the instance world's pixel metric (``toyworld/pixels.py``; issue 16): the identity threshold,
+"""Calibration of the instance world's pixel metric (``toyworld/pixels.py``): the identity threshold,
 from the validation concepts only, and the reference rows on the validation and test concepts.
 
 Reference rows (:data:`REFERENCE_ROWS`), each scored against the concept's input image and its prompt contexts:

@@ -1,4 +1,4 @@
-"""A supervised oracle for the instance-probe gate (issue 16): a DIAGNOSTIC, never a solution.
+"""A supervised oracle for the instance-probe gate: a DIAGNOSTIC, never a solution.
 
 The question it answers: are the instance details readable at all at 32 px by the image encoder's architecture,
 i.e. is the gate (``toyworld/instance_probe.py``) attainable? The oracle is the same small ResNet as

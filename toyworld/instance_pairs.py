@@ -1,4 +1,4 @@
-"""Instance-world batches for the image encoder (issue 16): "my star", not "a star".
+"""Instance-world batches for the image encoder: "my star", not "a star".
 
 The named-world encoder (``object_pair_batch``) learned what the words name (shape, colour word, pattern kind) and
 little of the unnamed instance details (the instance-probe gate, ``toyworld/instance_probe.py``). Here each of N

@@ -1,4 +1,4 @@
-"""The image-branch gate on the instance world (issue 16): do the features DATE's image branch reads see the
+"""The image-branch gate on the instance world: do the features DATE's image branch reads see the
 instance, not only the category?
 
 Probes are fitted on ``n_train`` training-distribution instances (``sample_instance(rng, "train")``), one random

@@ -1,5 +1,5 @@
 """Identity and prompt adherence of the instance world (``toyworld/instance.py``) read from pixels alone: no trained
-model, so it measures exactly what a checker trained on named attributes cannot (issue 16 part 2).
+model, so it measures exactly what a checker trained on named attributes cannot.
 
 **Segmentation.** The background is one plain colour: its estimate is the median of the image's 1-pixel border;
 the object is every pixel farther than ``SEGMENT_THRESHOLD`` (RGB distance) from it, kept to its largest
