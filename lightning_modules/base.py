@@ -16,6 +16,7 @@ from lightning import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_modules.multi_concept import step_generator
 from losses import (
     CorePenalty,
     DiffusionLoss,
@@ -68,8 +69,8 @@ class PersonalizationModule(LightningModule):
             SD it can restrict neighbours to, e.g., English nouns. None: every non-special token.
         norm_penalty: weight of the L2 penalty pulling |v*| to the mean token norm (0 disables it).
         core_penalty: weight of the L2 penalty on the LoRA cores (0 disables it).
-        seed: base seed; each step's noise and timesteps are a function of (seed, step, rank), so resuming
-            reproduces an uninterrupted run exactly.
+        seed: base seed; each micro-batch's noise and timesteps are a function of (seed, step, micro-batch,
+            rank), so resuming reproduces an uninterrupted run exactly.
         sample_every_n_steps: log sample images to TensorBoard every n steps (0 disables).
         sample_inference_steps: denoising steps of those samples.
         torch_dtype: dtype the frozen backbone (UNet, VAE, text and image encoders) is loaded and kept in:
@@ -211,9 +212,16 @@ class PersonalizationModule(LightningModule):
         return self._empty_context
 
     def step_generator(self) -> torch.Generator:
-        """CPU generator seeded by (seed, global step, rank): a step's randomness never depends on history."""
-        key = (self.seed * 1_000_003 + self.global_step) * 65_537 + self.global_rank
-        return torch.Generator().manual_seed(key % (2**63))
+        """CPU generator seeded by (seed, draw, rank): a micro-batch's randomness never depends on history.
+
+        ``draw = global_step * A + i`` for the i-th micro-batch of an optimizer step accumulating A of them (the
+        step itself without accumulation): global_step alone stays put inside the accumulation, so every micro-batch
+        would get the same noise and timesteps. Both terms are restored by a resume, which stays exact.
+        """
+        trainer, draw = self._trainer, self.global_step
+        if trainer is not None and (a := trainer.accumulate_grad_batches) > 1:
+            draw = draw * a + trainer.fit_loop.epoch_loop.batch_idx % a
+        return step_generator(self.seed, draw, self.global_rank)
 
     def step_alpha(self) -> float:
         """The dual-path blend of this training step: ``alpha``, or a draw from ``alpha_range``."""
