@@ -159,28 +159,8 @@ class PersonalizationModule(LightningModule):
 
     @staticmethod
     def checkpointed_key(key: str) -> bool:
-        """Whether a state-dict key enters checkpoints: everything but the frozen backbone.
-
-        Also used by :class:`~lightning_modules.fsdp.PersonalizationFSDPStrategy`, whose FSDP state dict does not
-        go through :meth:`state_dict`.
-        """
+        """Whether a state-dict key enters checkpoints: everything but the frozen backbone."""
         return not key.startswith("backbone.")
-
-    def fsdp_wrap_modules(self) -> list[torch.nn.Module]:
-        """Modules FSDP shards as units: each uses its parameters only inside its own ``forward``.
-
-        The trainable feature encoder, token embedder and hypernetwork trunk / heads (when this phase has a
-        personalizer) and the frozen UNet's down, mid and up blocks.
-        """
-        unet = self.backbone.unet
-        units: list[torch.nn.Module] = [*unet.down_blocks, *unet.up_blocks]
-        if unet.mid_block is not None:
-            units.append(unet.mid_block)
-        personalizer = getattr(self, "personalizer", None)
-        if personalizer is not None:
-            hyper = personalizer.hypernetwork
-            units += [personalizer.encoder, personalizer.token_embedder, hyper.trunk, hyper.heads]
-        return units
 
     def checkpoint_metadata(self) -> dict:
         return {

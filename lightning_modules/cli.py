@@ -7,6 +7,8 @@
   are refused at parse time, before a model is loaded; a tuning run of 0 steps is announced.
 - ``--ckpt_path`` is checked before Lightning replaces the model config by the checkpoint's hyper-parameters:
   its phase, and its base model's fingerprint against the configured base model's.
+- FSDP strategies are refused at parse time with the reason (:func:`check_strategy`); DDP with a bf16 frozen
+  backbone and gradient checkpointing is the multi-GPU route.
 - A :class:`~lightning_modules.callbacks.FiniteGuard` stops a diverging run in one line.
 - :func:`resolve_config` parses the same YAML files with the same parser but instantiates nothing, so benchmarks
   and evaluation get exactly the arguments ``python train.py fit --config ...`` would use.
@@ -37,6 +39,14 @@ from models.personalizer import PersonalizerConfig
 # ``--ckpt_path`` values Lightning resolves itself (not files).
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
+FSDP_REFUSED = (
+    "FSDP is not supported: Lightning's FSDP precision plugin rejects the recipes' gradient_clip_val, one FSDP "
+    "flat parameter cannot hold the bf16 frozen backbone and the fp32 LoRA factors, sampling on rank 0 from a "
+    "sharded UNet deadlocks the other ranks, and fingerprints of sharded weights differ from a plain load; use "
+    "configs/trainer/ddp.yaml with --model.init_args.torch_dtype bfloat16 and "
+    "--model.init_args.gradient_checkpointing true"
+)
+
 # Absolute interpolations (``${seed_everything}``) inside a subcommand's config refer to that subcommand's keys.
 set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
@@ -58,6 +68,7 @@ class TuningEncoderCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        check_strategy((self.config[subcommand] if subcommand else self.config).get("trainer"))
         if not subcommand:
             return
         config = self.config[subcommand]
@@ -160,6 +171,29 @@ def check_values(
     export_dir = init.get("export_dir")
     if export_dir:
         check_writable_dir(export_dir, "--model.init_args.export_dir")
+
+
+def check_strategy(trainer: Namespace | None) -> None:
+    """Refuses FSDP (``strategy: fsdp``, ``FSDPStrategy`` and subclasses, ``ModelParallelStrategy``) with the reason.
+
+    Raises:
+        ConfigurationError: the trainer's strategy shards the model.
+    """
+    strategy = trainer.get("strategy") if isinstance(trainer, Namespace) else None
+    if isinstance(strategy, Namespace):
+        name = str(strategy.get("class_path") or "")
+    elif isinstance(strategy, str):
+        name = strategy
+    elif strategy is not None:
+        name = f"{type(strategy).__module__}.{type(strategy).__qualname__}"
+    else:
+        return
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    cls = import_class(name) if "." in name else None
+    sharded = isinstance(cls, type) and issubclass(cls, (FSDPStrategy, ModelParallelStrategy))
+    if sharded or "fsdp" in name.lower():
+        raise ConfigurationError(f"--trainer.strategy {name}: {FSDP_REFUSED}")
 
 
 def check_resume_base_model(meta: dict, init: Namespace, source: str) -> None:
