@@ -13,10 +13,9 @@ from typing import Literal
 
 import torch
 from lightning import LightningModule
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_modules.multi_concept import step_generator
+from lightning_modules.samples import SampleLogging
 from losses import (
     CorePenalty,
     DiffusionLoss,
@@ -35,7 +34,6 @@ from models.errors import ConfigurationError, MissingFileError, TuningEncoderErr
 from models.image_encoder import tower_fingerprint
 from models.loading import load_backbone
 from models.personalizer import PersonalizerConfig
-from models.sampling import sample_personalized
 from models.token_index import TokenIndex
 
 CHECKPOINT_KEY = "tuning_encoder"
@@ -45,7 +43,7 @@ class CheckpointMismatchError(TuningEncoderError, ValueError):
     """A checkpoint that is not ours, of the wrong phase, or made on another base model."""
 
 
-class PersonalizationModule(LightningModule):
+class PersonalizationModule(SampleLogging, LightningModule):
     """Base of both phases. Subclasses implement ``predict_concepts`` and ``configure_optimizers``.
 
     Args:
@@ -293,31 +291,6 @@ class PersonalizationModule(LightningModule):
             logs["train/alpha"] = torch.tensor(extras["alpha"])
         self.log_dict(logs, batch_size=batch_size)
         self.log("loss", losses["loss"].detach(), prog_bar=True, logger=False, batch_size=batch_size)
-
-    # ----- TensorBoard extras -----
-    @rank_zero_only
-    def log_samples(self, prompts: list[str], v_star: torch.Tensor, cores: torch.Tensor, tag: str) -> None:
-        """Logs nearest tokens of v* as text and sample images, when the logger is TensorBoard."""
-        if not isinstance(self.logger, TensorBoardLogger):
-            return
-        writer = self.logger.experiment
-        result = self.token_index.search(v_star.detach(), max(self.nn_k, 1))
-        lines = [
-            f"{p} -> {', '.join(toks)} ({s.tolist()})"
-            for p, toks, s in zip(prompts, result.tokens, result.scores)
-        ]
-        writer.add_text(f"{tag}/nearest_tokens", "\n\n".join(lines), self.global_step)
-        images = sample_personalized(
-            self.backbone,
-            prompts,
-            v_star.detach(),
-            self.lora_deltas(cores.detach()),
-            result.ids[:, 0],
-            alpha=self.alpha,
-            num_inference_steps=self.sample_inference_steps,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-        writer.add_images(f"{tag}/samples", images.cpu(), self.global_step)
 
 
 def batch_concept_ids(batch: dict, device: torch.device) -> torch.Tensor:

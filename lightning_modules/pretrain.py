@@ -50,11 +50,10 @@ class EncoderPretraining(PersonalizationModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses, extras = self.model_step(batch)
         self.log_step(losses, extras, batch_size=len(batch["prompt"]))
-        if self.sample_every_n_steps and self.global_step % self.sample_every_n_steps == 0:
-            self._log_probe()
+        self.queue_samples(self._log_probe)
         return losses["loss"]
 
-    def _log_probe(self) -> None:
+    def _log_probe(self, step: int) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if self._probe is None and dm is not None and hasattr(dm, "probe_batch"):
             self._probe = dm.probe_batch(self.probe_size)
@@ -67,7 +66,7 @@ class EncoderPretraining(PersonalizationModule):
             ).float()
             noised = self.probe_noised(latents)
             v_star, cores = self.predict_concepts(probe, noised.noisy, noised.timesteps)
-            self.log_samples(list(probe["prompt"]), v_star, cores, tag="probe")
+            self.log_samples(list(probe["prompt"]), v_star, cores, tag="probe", step=step)
 
     def probe_noised(self, latents: torch.Tensor):
         """z_t of the probe latents (B, C, h, w) at t = T/2 with real Gaussian noise, the same draw every time.

@@ -319,10 +319,9 @@ class ConceptTuning(PersonalizationModule):
         batch = {**batch, "prompt": self.training_prompts(list(batch["prompt"]), batch.get("slot"))}
         losses, extras = multi_concept_step(self, batch) if "slot" in batch else self.model_step(batch)
         self.log_step(losses, extras, batch_size=len(batch["prompt"]))
-        if self.sample_every_n_steps and self.global_step % self.sample_every_n_steps == 0:
-            self.log_samples(
-                list(batch["prompt"][:1]), extras["v_star"][:1], extras["cores"][:1], tag="concept"
-            )
+        prompts = list(batch["prompt"][:1])
+        draw = lambda step, v, c: self.log_samples(prompts, v, c, tag="concept", step=step)  # noqa: E731
+        self.queue_samples(draw, extras["v_star"][:1], extras["cores"][:1])
         return losses["loss"]
 
     def state_dict(self, *args, **kwargs):

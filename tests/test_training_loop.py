@@ -4,9 +4,12 @@ host-device reads per step, sampling after the optimizer step (tiny backbone, CP
 from __future__ import annotations
 
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import lightning_modules.base as base
-from tests.cli_runs import fit, pretrain_args
+import lightning_modules.samples as samples
+import train
+from tests.cli_runs import fit, pretrain_args, tune_args
 
 
 def test_each_micro_batch_of_an_accumulated_step_draws_its_own_noise(
@@ -31,3 +34,41 @@ def test_each_micro_batch_of_an_accumulated_step_draws_its_own_noise(
     module.trainer.accumulate_grad_batches = 1
     expected = torch.Generator().manual_seed(((module.seed * 1_000_003 + 2) * 65_537) % (2**63))
     assert torch.equal(torch.rand(4, generator=module.step_generator()), torch.rand(4, generator=expected))
+
+
+def test_samples_are_drawn_after_the_optimizer_step_from_the_values_of_their_step(
+    tiny_sd_dir, index_dir, pretrain_ckpt, tmp_path, monkeypatch
+):
+    inside, calls, used = [False], [], []
+    real = samples.sample_personalized
+
+    def recording(backbone, prompts, v_star, *args, **kwargs):
+        calls.append(inside[0])
+        return real(backbone, prompts, v_star, *args, **kwargs)
+
+    monkeypatch.setattr(samples, "sample_personalized", recording)
+    model = {"sample_every_n_steps": 1, "sample_inference_steps": 2}
+    cli = train.main(
+        tune_args(tmp_path, tiny_sd_dir, index_dir, pretrain_ckpt, steps=2, model=model), run=False
+    )
+    module, step = cli.model, cli.model.training_step
+    real_log = module.log_samples
+
+    def training_step(*args, **kwargs):
+        used.append(module.v_star.detach().clone())
+        inside[0] = True
+        try:
+            return step(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    def log_samples(prompts, v_star, cores, tag, step=None):
+        assert torch.equal(v_star, used[step]) and not torch.equal(v_star, module.v_star)  # before the update
+        return real_log(prompts, v_star, cores, tag, step)
+
+    monkeypatch.setattr(module, "training_step", training_step)
+    monkeypatch.setattr(module, "log_samples", log_samples)
+    cli.trainer.fit(module, datamodule=cli.datamodule)
+    assert calls == [False, False]  # one sample per step, none while a training step's graph is alive
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*"))), {"images": 0}).Reload()
+    assert [s.step for s in events.Images("concept/samples")] == [0, 1]
