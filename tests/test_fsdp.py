@@ -1,6 +1,6 @@
 """FSDP is refused at parse time, in one line with the reason; DDP (the route the docs give) is not.
 
-Why refused rather than supported (issue 30): Lightning's FSDP precision plugin rejects the recipes'
+Why refused rather than supported: Lightning's FSDP precision plugin rejects the recipes'
 ``gradient_clip_val``; one FSDP flat parameter cannot hold the bf16 frozen backbone and the fp32 LoRA factors;
 samples drawn on rank 0 from a sharded UNet deadlock the other ranks; fingerprints hashed from sharded weights
 differ from a plain load. Lightning's FSDP2 strategy (``ModelParallelStrategy``) does run 2 gloo processes on CPU
