@@ -23,7 +23,6 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from omegaconf import OmegaConf
 from transformers import (
-    CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPVisionConfig,
@@ -33,15 +32,12 @@ from transformers import (
 from models.clip_tokenizer import load_clip_tokenizer, write_clip_tokenizer
 from models.errors import ConfigurationError
 from models.io import atomic_write_dir
+from models.tiny_parts import CLIP_MEAN, CLIP_STD, clip_image_processor, is_sdxl_config
+from models.tiny_sdxl import write_tiny_sdxl_backbone
+
+__all__ = ["CLIP_MEAN", "CLIP_STD", "build_tiny_pipeline", "is_sdxl_config", "write_tiny_backbone"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "backbone" / "tiny.yaml"
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def is_sdxl_config(cfg: dict) -> bool:
-    """Whether a component-config dict is the tiny SDXL's (two text encoders)."""
-    return "text_encoder_2" in cfg
 
 
 def build_tiny_pipeline(config_path: str | Path = DEFAULT_CONFIG, prediction_type: str | None = None):
@@ -66,13 +62,7 @@ def build_tiny_pipeline(config_path: str | Path = DEFAULT_CONFIG, prediction_typ
     if prediction_type is not None:
         sched_cfg["prediction_type"] = prediction_type
     scheduler = DDIMScheduler(**sched_cfg)
-    size = int(cfg["image_encoder"]["image_size"])
-    processor = CLIPImageProcessor(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-    )
+    processor = clip_image_processor(int(cfg["image_encoder"]["image_size"]))
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = load_clip_tokenizer(write_clip_tokenizer(tmp))
     return StableDiffusionPipeline(
@@ -121,8 +111,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if the folder exists")
     args = parser.parse_args(argv)
     if is_sdxl_config(OmegaConf.to_container(OmegaConf.load(args.config), resolve=True)):
-        from models.tiny_sdxl import write_tiny_sdxl_backbone  # imports this module
-
         if args.prediction_type is not None:
             parser.error("--prediction-type is not available for the tiny SDXL backbone (its config sets it)")
         out = write_tiny_sdxl_backbone(args.out_dir, args.config, args.overwrite)

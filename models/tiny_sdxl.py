@@ -21,7 +21,6 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from omegaconf import OmegaConf
 from transformers import (
-    CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -31,7 +30,7 @@ from transformers import (
 
 from models.clip_tokenizer import load_clip_tokenizer, write_clip_tokenizer
 from models.io import atomic_write_dir
-from models.tiny import CLIP_MEAN, CLIP_STD
+from models.tiny_parts import clip_image_processor
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "backbone" / "tiny_sdxl.yaml"
 
@@ -46,13 +45,7 @@ def build_tiny_sdxl_pipeline(config_path: str | Path = DEFAULT_CONFIG) -> Stable
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"]))
     image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg["image_encoder"]))
     scheduler = EulerDiscreteScheduler(**cfg["scheduler"])
-    size = int(cfg["image_encoder"]["image_size"])
-    processor = CLIPImageProcessor(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-    )
+    processor = clip_image_processor(int(cfg["image_encoder"]["image_size"]))
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = load_clip_tokenizer(write_clip_tokenizer(Path(tmp) / "a"))
         tokenizer_2 = load_clip_tokenizer(write_clip_tokenizer(Path(tmp) / "b"))
