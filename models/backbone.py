@@ -6,10 +6,7 @@ epsilon and v-prediction), real weights and the offline tiny backbone (``models.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -17,6 +14,7 @@ from torch import nn
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPVisionModelWithProjection
 
 from models.attention import PERSONALIZATION_KWARG, LoraDelta, Personalization, install_dual_path
+from models.fingerprint import backbone_fingerprint, matches_fingerprint
 from models.hub import load_sd_components
 from models.image_encoder import tower_dtype
 from models.placeholder import (
@@ -81,8 +79,13 @@ class DiffusionBackbone(nn.Module):
         placeholder: str = DEFAULT_PLACEHOLDER,
     ) -> None:
         super().__init__()
-        self.vae, self.unet, self.text_encoder, self.image_encoder = vae, unet, text_encoder, image_encoder
-        self.tokenizer, self.scheduler, self.image_processor = tokenizer, scheduler, image_processor
+        self.vae = vae
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.image_encoder = image_encoder
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.image_processor = image_processor
         self.name_or_path = name_or_path
         self.placeholder = placeholder
         self.placeholder_id = add_placeholder_token(tokenizer, placeholder)
@@ -154,51 +157,12 @@ class DiffusionBackbone(nn.Module):
         return self.text_encoder.get_input_embeddings().weight
 
     def fingerprint(self, load_path: str | None = None) -> str:
-        """A short hash identifying the base model: component configs plus a few weight tensors.
-
-        Checkpoints and concept artefacts record it, so loading them on another base model (another size, or
-        the same architecture with other weights) is refused, whatever path or hub id it was loaded from.
-        The weights are hashed rounded to bfloat16, so the same float32 files loaded in float32 or cast to
-        bfloat16 (``torch_dtype``) give one fingerprint: an encoder pretrained on a bf16 backbone can be tuned on
-        a float32 one. Float16 weights (cast, or an ``fp16`` variant) are rounded differently (double rounding
-        fp32 -> fp16 -> bf16) and generally hash differently: keep one of those for both phases.
-
-        Args:
-            load_path: None (the fingerprint). Else the fingerprint as recorded before it left out the folder
-                the text encoder was loaded from (transformers keeps it as ``_name_or_path``), computed as if
-                loaded from ``load_path``: see :meth:`matches_fingerprint`.
-        """
-        h = hashlib.sha256()
-        for cfg in (self.unet.config, self.vae.config):
-            h.update(
-                json.dumps(
-                    {k: v for k, v in dict(cfg).items() if not k.startswith("_")}, sort_keys=True, default=str
-                ).encode()
-            )
-        text_cfg = {
-            k: v
-            for k, v in self.text_encoder.config.to_dict().items()
-            if "version" not in k and k not in {"dtype", "torch_dtype", "_name_or_path"}  # load dtype / path
-        }
-        if load_path is not None:
-            text_cfg["_name_or_path"] = load_path
-        h.update(json.dumps(text_cfg, sort_keys=True, default=str).encode())
-        for t in (
-            self.unet.conv_in.weight,
-            self.token_embedding_table()[:256],
-            self.vae.encoder.conv_in.weight,
-        ):
-            h.update(t.detach().to(torch.bfloat16).float().cpu().contiguous().numpy().tobytes())
-        h.update(str(self.prediction_type).encode())
-        return h.hexdigest()[:16]
+        """A short hash identifying the base model (:func:`models.fingerprint.backbone_fingerprint`)."""
+        return backbone_fingerprint(self, load_path)
 
     def matches_fingerprint(self, recorded: str | None, recorded_base_model: str | None = None) -> bool:
-        """Whether a recorded fingerprint is this model's, including one recorded by earlier versions, which
-        hashed the load folder too: the same path string as now, or the recorded ``base_model``'s."""
-        paths = [None, self.text_encoder.config.to_dict().get("_name_or_path")]
-        if recorded_base_model:
-            paths.append(str(Path(recorded_base_model).expanduser()))
-        return any(self.fingerprint(p) == recorded for p in dict.fromkeys(paths))
+        """Whether a recorded fingerprint is this model's (:func:`models.fingerprint.matches_fingerprint`)."""
+        return matches_fingerprint(self, recorded, recorded_base_model)
 
     def special_token_ids(self) -> list[int]:
         return sorted(set(self.tokenizer.all_special_ids) | {self.placeholder_id})
