@@ -26,6 +26,7 @@ from models.placeholder import (
 )
 from models.token_index import TokenIndex
 from models.unet_features import pooled_unet_features, unet_feature_dim
+from models.vocabulary import vocabulary_ids
 
 DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
 
@@ -170,8 +171,6 @@ class DiffusionBackbone(nn.Module):
     def restrict_vocabulary(self, vocabulary) -> list[int]:
         """Counts only the tokens of ``vocabulary``'s words (a list or a one-word-per-line file) as real words:
         the token norm v* is rescaled to and the nearest-token search use these rows only. Returns their ids."""
-        from models.token_index import vocabulary_ids
-
         self.vocabulary_ids = vocabulary_ids(self.tokenizer, vocabulary)
         return self.vocabulary_ids
 

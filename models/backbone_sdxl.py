@@ -52,7 +52,7 @@ from models.placeholder import (
     replace_placeholder_ids,
     run_text_model,
 )
-from models.token_index import TokenIndex, TokenSearchResult
+from models.token_index import SplitCosineTokenIndex, TokenIndex, normalise_halves
 
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
 # The key names of SDXL embedding files (A1111, ComfyUI, diffusers docs).
@@ -91,29 +91,6 @@ def encode_sdxl_text(
     )
     eos = (input_ids == eos_token_id).int().argmax(dim=-1)
     return penultimate, last[torch.arange(last.shape[0], device=last.device), eos]
-
-
-def _half_normalise(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    parts = torch.split(x.float(), list(dims), dim=-1)
-    return torch.cat([torch.nn.functional.normalize(p, dim=-1) for p in parts], dim=-1)
-
-
-class SplitCosineTokenIndex:
-    """A :class:`TokenIndex` over both SDXL tables whose similarity is ``cos_l + cos_g`` (see module docstring).
-
-    The wrapped index holds the unit-normalised halves of every token, concatenated; queries are mapped the same
-    way. Search returns vocabulary ids, token strings and the mean cosine ``(cos_l + cos_g) / 2``.
-    """
-
-    def __init__(self, index: TokenIndex, dims: tuple[int, ...]) -> None:
-        self.index, self.dims = index, dims
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def search(self, queries: torch.Tensor, k: int = 1) -> TokenSearchResult:
-        """Finds the k tokens with the highest ``cos_l + cos_g`` for each (Q, D_l + D_g) query."""
-        return self.index.search(_half_normalise(queries.detach(), self.dims), k)
 
 
 class SDXLDiffusionBackbone(DiffusionBackbone):
@@ -257,7 +234,7 @@ class SDXLDiffusionBackbone(DiffusionBackbone):
     # ----- nearest word over both tables -----
     def similarity_space(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Concatenated unit-normalised halves: cosine there is ``(cos_l + cos_g) / 2``."""
-        return _half_normalise(embeddings, self.token_dims)
+        return normalise_halves(embeddings, self.token_dims)
 
     def build_token_index(self, mode: str = "exact", cache_dir: str | None = None) -> SplitCosineTokenIndex:
         table = self.similarity_space(self.token_embedding_table().detach())

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from models.errors import NonFiniteError
 from models.token_index_cache import cache_key, cache_paths, load_cached, save_cached
+from models.vocabulary import vocabulary_ids
 
 MODES = ("exact", "hnsw", "torch")
 # Bump when the cached files' layout or meaning changes: old entries then get a different key.
@@ -312,6 +313,37 @@ class TokenIndex:
         return torch.from_numpy(scores), torch.from_numpy(rows.astype(np.int64))
 
 
+def normalise_halves(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """(..., sum(dims)) float32 rows whose parts of widths ``dims`` are each unit-normalised, concatenated."""
+    parts = torch.split(x.float(), list(dims), dim=-1)
+    return torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1)
+
+
+class SplitCosineTokenIndex:
+    """A :class:`TokenIndex` over SDXL's two token tables whose similarity is ``cos_l + cos_g``.
+
+    The wrapped index holds the unit-normalised halves of every token, concatenated (:func:`normalise_halves`);
+    queries are mapped the same way, so the inner product is ``cos_l + cos_g``: the two text encoders vote with
+    equal weight (:mod:`models.backbone_sdxl` says why). Search returns vocabulary ids, token strings and the mean
+    cosine ``(cos_l + cos_g) / 2``.
+
+    Args:
+        index: the index over the normalised, concatenated tables.
+        dims: the width of each table (SDXL: 768, 1280).
+    """
+
+    def __init__(self, index: TokenIndex, dims: tuple[int, ...]) -> None:
+        self.index = index
+        self.dims = dims
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def search(self, queries: Tensor, k: int = 1) -> TokenSearchResult:
+        """Finds the k tokens with the highest ``cos_l + cos_g`` for each (Q, D_l + D_g) query."""
+        return self.index.search(normalise_halves(queries.detach(), self.dims), k)
+
+
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown TokenIndex mode {mode!r}; expected one of {MODES}")
@@ -321,30 +353,6 @@ def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-
-
-def read_vocabulary(vocabulary: Iterable[str] | str | Path) -> list[str]:
-    """Words of a vocabulary filter: a list as given, or a file's non-empty lines (``#`` starts a comment)."""
-    if isinstance(vocabulary, (str, Path)):
-        path = Path(vocabulary)
-        if not path.is_file():
-            raise FileNotFoundError(f"vocabulary file {path} does not exist")
-        lines = (line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines())
-        words = [w for w in lines if w]
-    else:
-        words = [str(w).strip() for w in vocabulary if str(w).strip()]
-    if not words:
-        raise ValueError(f"the vocabulary filter {vocabulary!r} has no words")
-    return words
-
-
-def vocabulary_ids(tokenizer: Any, vocabulary: Iterable[str] | str | Path) -> list[int]:
-    """Sorted vocabulary ids of the tokens of ``vocabulary``'s words (every BPE piece of a word, no specials)."""
-    special = set(tokenizer.all_special_ids)
-    ids: set[int] = set()
-    for word in read_vocabulary(vocabulary):
-        ids |= {int(i) for i in tokenizer(word, add_special_tokens=False).input_ids if int(i) not in special}
-    return sorted(ids)
 
 
 def _prepare(embeddings: Tensor, tokens: list[str], exclude_ids: Iterable[int]) -> tuple[Tensor, np.ndarray]:

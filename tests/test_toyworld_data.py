@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.token_index import TokenIndex, vocabulary_ids
+from models.token_index import TokenIndex
+from models.vocabulary import vocabulary_ids
 from toyworld import world as tw
 
 

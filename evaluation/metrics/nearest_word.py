@@ -14,7 +14,7 @@ from torch import Tensor
 
 from models.artifact import ConceptArtifact
 from models.backbone import DiffusionBackbone
-from models.token_index import read_vocabulary
+from models.vocabulary import read_vocabulary
 
 
 class NearestWords:
