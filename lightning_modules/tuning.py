@@ -1,4 +1,6 @@
-"""Phase 2: inference-time tuning of one concept in a few steps, and its export (docs/method.md, "Inference-time tuning").
+"""Phase 2: inference-time tuning of one concept in a few steps, and its export.
+
+docs/method.md, "Inference-time tuning", describes the method.
 
 Also runs the baselines as configs (``configs/tune/*_<baseline>.yaml``): textual inversion (diffusers'
 ``textual_inversion.py``: embedding only, initialised from the class noun), one-shot LoRA (diffusers'
@@ -22,6 +24,7 @@ from datamodules.transforms import check_image_size
 from lightning_modules.base import PersonalizationModule, check_checkpoint, read_checkpoint
 from lightning_modules.export import concept_artifact, concept_views, encoder_prediction, write_concept
 from lightning_modules.multi_concept import ConceptSlots, check_concepts, multi_concept_step, with_rows
+from lightning_modules.tuning_words import check_tuning_options, class_noun, instance_prompts, word_token_id
 from models.artifact import ConceptArtifact
 from models.attention import LoraDelta
 from models.errors import ConfigurationError
@@ -110,14 +113,7 @@ class ConceptTuning(PersonalizationModule):
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["optimizer"])
         self.tune = list(tune) if tune is not None else ["embedding", "cores"]
-        if not self.tune:
-            raise ValueError("tune must name at least one of embedding, cores, factors, encoder")
-        if init == "encoder" and encoder_checkpoint is None:
-            raise ValueError("init='encoder' needs encoder_checkpoint (a pretraining checkpoint)")
-        if instance_prompt is not None and (init != "token" or "embedding" in self.tune):
-            raise ValueError(
-                "instance_prompt needs init='token' and a fixed embedding (no 'embedding' in tune)"
-            )
+        check_tuning_options(self.tune, init, encoder_checkpoint, instance_prompt)
         state = None
         if encoder_checkpoint is not None:
             meta, state = load_pretraining_checkpoint(encoder_checkpoint, self.backbone)
@@ -137,7 +133,8 @@ class ConceptTuning(PersonalizationModule):
             # After the backbone is frozen: only the adapter's parameters are trainable.
             add_unet_lora(self.backbone.unet, unet_lora_rank)
             self._initial_unet_lora = lora_snapshot(self.backbone.unet)
-        n_targets, rank = len(self.personalizer.hypernetwork.names), self.personalizer.hypernetwork.rank
+        n_targets = len(self.personalizer.hypernetwork.names)
+        rank = self.personalizer.hypernetwork.rank
         self.v_star = nn.Parameter(
             torch.zeros(1, self.backbone.token_dim), requires_grad="embedding" in self.tune
         )
@@ -148,9 +145,13 @@ class ConceptTuning(PersonalizationModule):
             k: v.detach().clone() for k, v in self.personalizer.state_dict().items()
         }
         self.optimizer_factory = optimizer
-        self.init, self.init_token, self.init_noise_draws = init, init_token, init_noise_draws
+        self.init = init
+        self.init_token = init_token
+        self.init_noise_draws = init_noise_draws
         self.instance_prompt = instance_prompt
-        self.export_dir, self.concept_name, self.export_diffusers = export_dir, concept_name, export_diffusers
+        self.export_dir = export_dir
+        self.concept_name = concept_name
+        self.export_diffusers = export_diffusers
         self.export_kohya = export_kohya
         self.method = method
         self.artifact_path: Path | None = None
@@ -220,7 +221,8 @@ class ConceptTuning(PersonalizationModule):
 
     def start_group(self, group: int) -> None:
         """Initialises v* and the cores of every slot from its concept (the encoder's prediction or a word)."""
-        self.slots.group, self.slots.started_at = group, int(self.global_step)
+        self.slots.group = group
+        self.slots.started_at = int(self.global_step)
         with torch.no_grad():
             for j in range(self.slots.size(group)):
                 v, cores = self.initial_values(self.concept(j))
@@ -237,34 +239,21 @@ class ConceptTuning(PersonalizationModule):
             return v, torch.zeros_like(self.cores[:1])
         return torch.zeros_like(self.v_star[:1]), torch.zeros_like(self.cores[:1])
 
-    def _class_noun(self, concept: TuningConcept | None = None) -> str:
-        noun = (concept or self.concept()).class_noun
-        if not noun:
-            raise ConfigurationError(
-                f"init={self.init!r} / instance_prompt need the concept's class noun: set data.init_args.class_noun"
-            )
-        return str(noun)
-
     def init_token_id(self, concept: TuningConcept | None = None) -> int:
         """Id of the word v* starts from: ``init_token``, or the class noun's (last) token for ``class_noun``."""
-        word = self._class_noun(concept) if self.init == "class_noun" else self.init_token
-        ids = self.backbone.tokenizer(word, add_special_tokens=False).input_ids
-        if not ids or (self.init == "token" and len(ids) != 1):
-            raise ValueError(f"init_token {word!r} must be one token, got {len(ids)}")
-        return int(ids[-1])
+        if self.init == "class_noun":
+            word = class_noun(concept or self.concept(), self.init)
+        else:
+            word = self.init_token
+        return word_token_id(self.backbone.tokenizer, word, one_token=self.init == "token")
 
     def training_prompts(self, prompts: list[str], slots: Sequence[int] | None = None) -> list[str]:
         """The batch's prompts, or the fixed instance prompt (one-shot LoRA) for each of them."""
         if self.instance_prompt is None:
             return prompts
-        nouns = [
-            self._class_noun(self.concept(int(j)))
-            for j in (slots if slots is not None else [0] * len(prompts))
-        ]
-        ph = self.backbone.placeholder
-        if self.instance_prompt == "{caption}":
-            return [p.replace(ph, f"{ph} {noun}") for p, noun in zip(prompts, nouns)]
-        return [self.instance_prompt.format(identifier=ph, class_noun=noun) for noun in nouns]
+        rows = slots if slots is not None else [0] * len(prompts)
+        nouns = [class_noun(self.concept(int(j)), self.init) for j in rows]
+        return instance_prompts(self.instance_prompt, prompts, nouns, self.backbone.placeholder)
 
     def encoder_prediction(self, concept: TuningConcept | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The encoder's (1, D) v* and (1, T, r, r) cores for a concept, averaged over ``init_noise_draws``."""
