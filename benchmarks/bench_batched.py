@@ -15,7 +15,8 @@ DATE: dual path, alpha 0.5, v* and cores tuned, nearest-token pull) is done twic
 
 Both include each concept's encoder prediction (4 noise draws) and artefact export; neither includes loading the
 model (reported once as ``load_s``). Times are this process's CPU seconds on CPU (one torch thread: the work
-done, robust to other jobs on a shared core; wall times are kept in the JSON) and wall seconds on a GPU. After ``--warmup`` untimed rounds of K = 1, ``--repeats`` rounds are timed;
+done, robust to other jobs on a shared core; wall times are kept in the JSON) and wall seconds on a GPU.
+After ``--warmup`` untimed rounds of K = 1, ``--repeats`` rounds are timed;
 the speed-up is the median of the per-round ratios. Peak memory: the peak above the level before each batched
 run (CPU: resident set; CUDA: allocated tensors; see ``benchmarks.common.PeakMemory``), divided by K.
 

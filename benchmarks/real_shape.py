@@ -17,7 +17,8 @@ Every phase runs ``--warmup`` untimed steps, then ``--steps`` timed steps (media
 two fp32 SD-1.5-shaped modules do not fit next to each other in 24 GB), and their per-sample ratio is the median of
 the per-round ratios. Each step is timed from ``on_train_batch_start`` to ``on_train_batch_end`` (device
 synchronised): forward, backward and optimizer step, as this process's CPU time on CPU (with one thread, the work
-done, whatever else shares the core; wall times are kept in the JSON) and wall time on a GPU. One more DATE step (not timed) runs under ``torch.profiler``:
+done, whatever else shares the core; wall times are kept in the JSON) and wall time on a GPU. One more DATE step
+(not timed) runs under ``torch.profiler``:
 its time split into VAE encode, text encoder (forward), attention layers (forward: both paths and the per-sample
 LoRA inside them), the rest of the UNet forward, the backward pass and the rest (optimizer, token lookup, loop), plus
 the top operators by self CPU time. Peak memory: see ``benchmarks/common.PeakMemory`` (CPU: resident-set
@@ -144,10 +145,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _fit(module, data, args, callbacks, n + int(profile))
             probe.steps = probe.steps[:n]
             row[name] = {
-                "batch": batch, **_timed_steps(probe, args.warmup), "fit_start_to_first_step_wall_s": probe.to_first_step,
-                "fit_start_to_first_step_s": probe.to_first_step_cpu if probe.clock == "cpu_s" else probe.to_first_step,
+                "batch": batch,
+                **_timed_steps(probe, args.warmup),
+                "fit_start_to_first_step_wall_s": probe.to_first_step,
+                "fit_start_to_first_step_s": (
+                    probe.to_first_step_cpu if probe.clock == "cpu_s" else probe.to_first_step
+                ),
                 "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
-            }  # fmt: skip
+            }
             if profile:
                 results["profile"] = callbacks[-1].result
             del module

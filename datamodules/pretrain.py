@@ -205,7 +205,8 @@ class PretrainDataModule(LightningDataModule):
         else:
             if not 0 <= synthetic_holdout < synthetic_concepts:
                 raise ValueError(
-                    f"synthetic_holdout must be in [0, synthetic_concepts={synthetic_concepts}), got {synthetic_holdout}"
+                    f"synthetic_holdout must be in [0, synthetic_concepts={synthetic_concepts}), "
+                    f"got {synthetic_holdout}"
                 )
             n_train = synthetic_concepts - synthetic_holdout
             self.heldout_concept_ids = list(range(n_train, synthetic_concepts))

@@ -18,7 +18,8 @@ class EncoderPretraining(PersonalizationModule):
     diffusion target, unless the batch carries ``encoder_pixel_values`` (the encoder's own view of the concept,
     e.g. the same object in another context). That view is noised with its own noise and timestep: an encoder
     that reads the target's own noisy latent learns to carry that noise draw (it lowers the loss, and is of no use
-    at inference, where one prediction from the input image serves every denoising step of a new image). Loss: diffusion loss under dual-path attention + lambda_nn x nearest-neighbour InfoNCE.
+    at inference, where one prediction from the input image serves every denoising step of a new image).
+    Loss: diffusion loss under dual-path attention + lambda_nn x nearest-neighbour InfoNCE.
 
     Args:
         optimizer: optimizer factory over the trainable parameters (default AdamW, lr 1e-4).

@@ -39,8 +39,8 @@ class FeatureEncoder(nn.Module):
     """Fuses CLIP image features of the concept with UNet encoder features of the noisy latent (E4T).
 
     CLIP branch: the [CLS] token (or the pooled tokens chosen by ``image_features``) of every
-    ``clip_layer_stride``-th vision layer -> one linear layer each -> average over layers -> LeakyReLU. UNet branch: pooled down/mid features -> 2-layer MLP. Fusion: concatenate
-    both -> linear.
+    ``clip_layer_stride``-th vision layer -> one linear layer each -> average over layers -> LeakyReLU.
+    UNet branch: pooled down/mid features -> 2-layer MLP. Fusion: concatenate both -> linear.
 
     Args:
         clip_hidden_size: width of the vision layers, or one width per hidden state (embeddings first) for

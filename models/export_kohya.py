@@ -20,8 +20,9 @@ module writes, computed from the module paths alone (no SD 1.5 block counts), an
 - Automatic1111 / Forge: ``extensions-builtin/Lora/networks.py`` ``convert_diffusers_name_to_compvis`` maps
   ``lora_unet_down_blocks_(\\d+)_(attentions|resnets)_(\\d+)_(.+)`` to ``diffusion_model_input_blocks_{1 + b*3 +
   i}_1_...`` (and the mid / up blocks likewise) for SD 1.x/2.x, and ``network.py``
-  ``NetworkModule.calc_scale`` scales by ``alpha / dim`` (``1.0`` without alpha). The LDM-named variant (``lora_unet_input_blocks_1_1_...``) is read by ComfyUI and diffusers
-  but not by that converter, so it is not used.
+  ``NetworkModule.calc_scale`` scales by ``alpha / dim`` (``1.0`` without alpha). The LDM-named variant
+  (``lora_unet_input_blocks_1_1_...``) is read by ComfyUI and diffusers but not by that converter, so it is not
+  used.
 
 Embeddings. ``<name>.safetensors`` holds ``{"emb_params": (1, D)}`` (kohya / diffusers-trainer layout) and
 ``<name>.pt`` the Automatic1111 textual-inversion layout ``{"string_to_param": {"*": (1, D)}, "name": ...}``;

@@ -128,9 +128,17 @@ def test_inference_autocast_is_bf16_on_cuda_and_off_on_cpu_unless_asked():
 
 def test_lora_samples_with_sks_and_the_class_noun():
     art = ConceptArtifact(
-        v_star=torch.zeros(4), lora={}, placeholder="<s*>", nearest_token="sks</w>", nearest_token_id=0,
-        alpha=1.0, base_model="m", fingerprint="f", steps=0, extra={"instance_prompt": "a photo of {identifier} {class_noun}"},
-    )  # fmt: skip
+        v_star=torch.zeros(4),
+        lora={},
+        placeholder="<s*>",
+        nearest_token="sks</w>",
+        nearest_token_id=0,
+        alpha=1.0,
+        base_model="m",
+        fingerprint="f",
+        steps=0,
+        extra={"instance_prompt": "a photo of {identifier} {class_noun}"},
+    )
     assert sampling_prompt(art, "a <s*> on the beach", "dog") == "a <s*> dog on the beach"
     art.extra = {}
     assert sampling_prompt(art, "a <s*> on the beach", "dog") == "a <s*> on the beach"

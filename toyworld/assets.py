@@ -200,7 +200,8 @@ def write_card(out: Path, cfg: dict) -> None:
         f" {cfg['train']['batch_size']}, AdamW {cfg['train']['lr']}, cosine, EMA {cfg['train']['ema']},"
         f" v-prediction; DDIM scheduler with `timestep_spacing: trailing`. Final training loss"
         f" {summary.get('base_final_loss', float('nan')):.4f}; wall time"
-        f" {summary.get('base_wall_s_last_run', 0) / 60:.0f} min on one CPU core. `image_encoder/` is the tiny CLIP's vision tower.",
+        f" {summary.get('base_wall_s_last_run', 0) / 60:.0f} min on one CPU core."
+        " `image_encoder/` is the tiny CLIP's vision tower.",
         f"- `clip/`: the tiny CLIP (`CLIPModel`, vision ViT 4 layers patch 4, text 2 layers), contrastive on renders"
         f" of the whole world in four stages (configs/toyworld/clip.yaml, clip_stage2..4.yaml: 1,200 + 800 + 700 +"
         f" {clip.get('steps')} steps; the last two with hard-negative groups that differ in one attribute, because"
@@ -298,8 +299,9 @@ def export_encoder(
     fp16: bool = False,
 ) -> Path:
     """Writes ``assets/toyworld/<folder>/<name>.ckpt`` (``folder``: ``encoder``, or ``instance_encoder`` for the
-    instance world's; ``fp16``: the weights stored in float16, as the instance world's are to keep the assets small): a pretraining checkpoint's trainable weights and metadata
-    only (no optimizer state, no loops), which ``ConceptTuning(encoder_checkpoint=...)`` reads; and the
+    instance world's; ``fp16``: the weights stored in float16, as the instance world's are to keep the assets
+    small): a pretraining checkpoint's trainable weights and metadata only (no optimizer state, no loops), which
+    ``ConceptTuning(encoder_checkpoint=...)`` reads; and the
     final values of its training curves (from its TensorBoard log) into ``<name>.json``."""
     from lightning_modules.base import CHECKPOINT_KEY
 

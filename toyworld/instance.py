@@ -305,7 +305,8 @@ def render(
 ) -> np.ndarray:
     """The instance in ``context`` as a uint8 array ``(size, size, 3)``, anti-aliased by ``supersample`` x
     ``supersample`` sampling; ``rng`` adds a small jitter of place (2 % of the image) and size (5 %), like
-    ``world.render`` (the object never reaches the image border). The background is one plain colour everywhere (the pixel metric segments against it)."""
+    ``world.render`` (the object never reaches the image border). The background is one plain colour everywhere
+    (the pixel metric segments against it)."""
     if context.background not in COLOURS or context.position not in ANCHORS or context.size not in RADIUS:
         raise ValueError(f"unknown context {context}")
     jitter = rng.uniform(-1, 1, 3) if rng is not None else np.zeros(3)

@@ -4,8 +4,9 @@ instance, not only the category?
 Probes are fitted on ``n_train`` training-distribution instances (``sample_instance(rng, "train")``), one random
 context each, and tested on held-out instances, each rendered in two different contexts (both renders are probed):
 ``cells``, instances in the **test** cells of the training categories (``cell_split()["test"]``; with
-``--cells validation``, the validation cells instead, to choose among encoder variants), and ``categories``, instances of the held-out categories (heart, moon, arrow; whole detail
-space). Every render has the world's place / size jitter.
+``--cells validation``, the validation cells instead, to choose among encoder variants), and ``categories``,
+instances of the held-out categories (heart, moon, arrow; whole detail space). Every render has the world's
+place / size jitter.
 
 Each detail gets a linear read-out of the features: continuous ones by ridge regression (standardised features,
 penalty chosen on the last 20 % of the training set, then refitted on all of it) scored by R² on held-out

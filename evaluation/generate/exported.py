@@ -3,7 +3,8 @@
 The export (``ConceptArtifact.export_diffusers`` or ``export_kohya``) is the single-path approximation (alpha 1):
 the LoRA is merged into every attention layer and v* is a new token, with no vanilla path on the hard prompt.
 Evaluated next to the dual-path sampling of the same artefact, it measures the identity / prompt gap of that
-approximation. Initial noise, sampler and scheduler config are those of :func:`evaluation.generate.images.generate_images`.
+approximation. Initial noise, sampler and scheduler config are those of
+:func:`evaluation.generate.images.generate_images`.
 """
 
 from __future__ import annotations
