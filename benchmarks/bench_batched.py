@@ -11,7 +11,11 @@ DATE: dual path, alpha 0.5, v* and cores tuned, nearest-token pull) is done twic
 * **batched**: one ``trainer.fit`` of ``ConceptTuning`` on a ``ConceptSetDataModule`` holding the K images with
   ``concepts_per_batch = K`` (one batch = K x B rows);
 * **sequential**: K ``trainer.fit`` runs of the SAME module on a ``ConceptDataModule`` each (as the evaluation
-  harness tunes today: the backbone is loaded once, each concept pays its own Trainer, set-up and export).
+  harness tunes: the backbone is loaded once, each concept pays its own Trainer, set-up and export).
+
+The module is moved to the device once and stays there across fits (``lightning_modules.resident``: Lightning's
+own teardown would copy the whole backbone to the host after every fit, inside the sequential rows' time), so the
+memory baseline of each run is taken with the model already on the device.
 
 Both include each concept's encoder prediction (4 noise draws) and artefact export; neither includes loading the
 model (reported once as ``load_s``). Times are this process's CPU seconds on CPU (one torch thread: the work
@@ -45,6 +49,7 @@ from datamodules import ConceptDataModule, ConceptSetDataModule
 from datamodules.synthetic import render_concept
 from lightning_modules.base import CHECKPOINT_KEY
 from lightning_modules.cli import resolve_config
+from lightning_modules.resident import ResidentStrategy
 from models.tiny import write_tiny_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,8 +114,8 @@ def _setup(name: str, args: argparse.Namespace, work: Path):
 def _trainer(args: argparse.Namespace) -> Trainer:
     return Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision=args.precision,
-        max_steps=-1, max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
+        strategy=ResidentStrategy(args.device), max_steps=-1, max_epochs=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
 
 

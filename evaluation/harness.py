@@ -36,7 +36,7 @@ from evaluation.store.run_state import (
     run_record,
     write_json,
 )
-from evaluation.tuning import ARTIFACTS_DIR, ConceptTuner, accelerator, snapshot_path
+from evaluation.tuning import ARTIFACTS_DIR, ConceptTuner, snapshot_path
 from models.artifact import ConceptArtifact
 from models.backbone import DiffusionBackbone
 
@@ -177,7 +177,7 @@ class _Run:
     ) -> None:
         self.out, self.sampler, self.suite, self.sampling = out, sampler, suite, sampler.sampling
         self.device, self.progress = device, progress
-        self.tuner_args = (accelerator(device), precision, concepts_per_batch)  # ConceptTuner's
+        self.tuner_args = (device, precision, concepts_per_batch)  # ConceptTuner's
         self.store = ResultsStore(out / RESULTS_FILE, metrics.columns())
         self.walls = {"load": 0.0, "tuning": 0.0, "generation": 0.0, "scoring": 0.0}
         self.n_generated = self.n_tuned = 0

@@ -3,7 +3,9 @@ concepts, with artefact snapshots at every requested step count.
 
 One ``ConceptTuning`` module is built per method (``recipe.TuneRecipe``) and reused for every run: its initial
 personalizer weights are restored and its concept state re-initialised before each run, which saves reloading
-the backbone per concept. A single concept is read from the trainer's datamodule (``ConceptDataModule``); a
+the backbone per concept; the module lives on its device across runs
+(``lightning_modules.resident.ResidentStrategy``: Lightning's teardown would copy it to the host after each run,
+inside the timed interval). A single concept is read from the trainer's datamodule (``ConceptDataModule``); a
 group of K goes in through ``ConceptTuning.set_concepts`` with the rows of ``ConceptSetDataset`` (each concept's
 batches those of its own ``ConceptDataModule``), so each concept is tuned as it would be alone
 (``lightning_modules.multi_concept``). Methods that tune weights all concepts share (``shared_tunables``: the
@@ -21,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning import Callback, LightningModule, Trainer, seed_everything
 
 from datamodules.concept import ConceptDataModule
@@ -28,6 +31,7 @@ from datamodules.concept_set import ConceptSetDataset
 from evaluation.concepts.base import EvalConcept
 from evaluation.recipe import TuneRecipe
 from lightning_modules.multi_concept import shared_tunables
+from lightning_modules.resident import ResidentStrategy
 from lightning_modules.tuning import ConceptTuning
 from models.artifact import ConceptArtifact
 
@@ -95,7 +99,8 @@ class ConceptTuner:
 
     Args:
         recipe: the resolved method.
-        accelerator: Lightning accelerator (``cpu``, ``gpu``, ``auto``).
+        device: torch device of every run (``cpu``, ``cuda``, ``cuda:1``); the module is moved there once, when
+            built, and stays there.
         precision: Lightning precision (``32-true``, ``bf16-mixed``, ...).
         concepts_per_batch: concepts tuned together in one run (K) when the method tunes per-concept weights only.
     """
@@ -103,12 +108,12 @@ class ConceptTuner:
     def __init__(
         self,
         recipe: TuneRecipe,
-        accelerator: str = "cpu",
+        device: str = "cpu",
         precision: str = "32-true",
         concepts_per_batch: int = 1,
     ) -> None:
         self.recipe = recipe
-        self.accelerator = accelerator
+        self.device = torch.device(device)
         self.precision = precision
         self.concepts_per_batch = concepts_per_batch
         self._module: ConceptTuning | None = None
@@ -121,9 +126,9 @@ class ConceptTuner:
 
     @property
     def module(self) -> ConceptTuning:
-        """The method's module (built on first use: this loads the backbone)."""
+        """The method's module (built on first use: this loads the backbone and moves it to the device)."""
         if self._module is None:
-            self._module = self.recipe.module_class(**self.recipe.model_kwargs)
+            self._module = self.recipe.module_class(**self.recipe.model_kwargs).to(self.device)
         return self._module
 
     @property
@@ -201,8 +206,9 @@ class ConceptTuner:
             seed_everything(int(self.recipe.seed), verbose=False)
         with _quiet_lightning():
             trainer = Trainer(
-                accelerator=self.accelerator,
+                accelerator=accelerator(str(self.device)),
                 devices=1,
+                strategy=ResidentStrategy(self.device),
                 precision=self.precision,
                 max_steps=max_steps,
                 logger=False,
