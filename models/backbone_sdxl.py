@@ -167,9 +167,8 @@ class SDXLDiffusionBackbone(DiffusionBackbone):
         )
         sd = resolve_model_path(pretrained_model_name_or_path, variant=variant, revision=revision)
         kw: dict = {"revision": revision} if revision else {}
-        kw["torch_dtype"] = (
-            torch_dtype or torch.float32
-        )  # as the base's components (transformers 5: file dtype)
+        # As the base's components (transformers 5 would load the files' dtype); `dtype`: the name it asks for.
+        kw["dtype"] = torch_dtype or torch.float32
         if variant is not None:
             kw["variant"] = variant
         text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(sd, subfolder="text_encoder_2", **kw)

@@ -153,15 +153,16 @@ def load_sd_components(
     kw: dict = {"revision": revision} if revision else {}
     # Always explicit: transformers 5 would otherwise load in the dtype the files were saved in (fp16
     # weights, such as the committed toy world's, would come back fp16 and meet fp32 trainable modules).
+    # `dtype`, not `torch_dtype`: both libraries take it, and transformers 5 warns about the old name.
     torch_dtype = torch_dtype or torch.float32
-    kw["torch_dtype"] = torch_dtype
+    kw["dtype"] = torch_dtype
     if variant is not None:
         kw["variant"] = variant
     enc = resolve_model_path(image_encoder_name_or_path, variant=variant, accept_plain=True)
     enc_sub, proc_sub = "", ""
     if (Path(enc) / "image_encoder").is_dir():
         enc_sub, proc_sub = "image_encoder", "feature_extractor"
-    dkw: dict = {"torch_dtype": torch_dtype}
+    dkw: dict = {"dtype": torch_dtype}
     if variant is not None and not missing_variant_folders(Path(enc) / enc_sub, (variant,)):
         dkw["variant"] = variant
     # CLIP's vision tower (E4T) or any transformers vision model (models.image_encoder)

@@ -58,7 +58,7 @@ def export_instance(cfg: dict, out: Path = ASSETS, name: str = PIPELINE_NAME) ->
     st = torch.load(base / "last.pt", map_location="cpu", weights_only=False)
     unet, _ = build_base(cfg)
     unet.load_state_dict(st["ema_unet"])
-    named = StableDiffusionPipeline.from_pretrained(shared_from, torch_dtype=torch.float16)
+    named = StableDiffusionPipeline.from_pretrained(shared_from, dtype=torch.float16)
     frozen = st["text_encoder"]  # the checkpoint's copy: must be the shared encoder, unchanged
     for key, value in named.text_encoder.state_dict().items():
         if key in frozen and not torch.equal(frozen[key].half(), value):
@@ -172,7 +172,7 @@ def autoencoder_ceiling(concepts_dir: str | Path, pipeline_dir: str | Path = ASS
 
     from toyworld.concepts import read_concept_index
 
-    vae = AutoencoderKL.from_pretrained(Path(pipeline_dir) / "vae", torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(Path(pipeline_dir) / "vae", dtype=torch.float32)
     index = read_concept_index(Path(concepts_dir), None, 1, "instance-concepts")
     parts: dict[str, list[float]] = {"identity": [], "accuracy": [], "iou": [], "colour": [], "pattern": []}
     for _, entry in index:

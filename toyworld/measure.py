@@ -40,7 +40,7 @@ def load_pipeline(path: str | Path = PIPELINE_DIR, dtype: torch.dtype = torch.fl
     """The toy world's base model as a plain diffusers ``StableDiffusionPipeline``."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype)
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -136,7 +136,7 @@ def build_base(cfg: dict):
         folder = Path(shared) / "text_encoder"
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"text_encoder_from: no text encoder at {folder}")
-        text_encoder = CLIPTextModel.from_pretrained(folder, torch_dtype=torch.float32).requires_grad_(False)
+        text_encoder = CLIPTextModel.from_pretrained(folder, dtype=torch.float32).requires_grad_(False)
         return unet, text_encoder.eval()
     text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
     return unet, text_encoder

@@ -35,7 +35,7 @@ class ExportedSampler:
         self, pipeline_dir: str, export_format: str, sampler: str = "ddim", device: str = "cpu"
     ) -> None:
         pipe = StableDiffusionPipeline.from_pretrained(
-            pipeline_dir, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+            pipeline_dir, dtype=torch.float32, safety_checker=None, requires_safety_checker=False
         )
         pipe.scheduler = SAMPLERS[sampler].from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
