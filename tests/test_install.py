@@ -103,7 +103,20 @@ def test_installed_package_imports_from_another_directory(tmp_path, editable):
     report = json.loads(proc.stdout.strip().split("\n")[-1])
     assert report["vocab"] == 49408
     assert report["ids"] == [49406, 320, 1125, 539, 320, 1929, 49407]
+    # what the install leaves in the source folder is what .gitignore ignores (test_install_leftovers_are_ignored)
+    leftovers = {p.name for p in sources.iterdir() if p.name == "build" or p.name.endswith(".egg-info")}
+    assert leftovers <= {"build", "tuning_encoder.egg-info"}, leftovers
     home = sources if editable else tmp_path / "venv"
     for file in report["files"]:
         assert Path(file).resolve().is_relative_to(home.resolve()), (file, home)
         assert not Path(file).resolve().is_relative_to(REPO)
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists(), reason="not a git checkout")
+def test_install_leftovers_are_ignored():
+    """`pip install .` leaves build/ and <name>.egg-info/ in the checkout: git ignores them."""
+    leftovers = ["build/lib/models/backbone.py", "tuning_encoder.egg-info/PKG-INFO"]
+    proc = subprocess.run(
+        ["git", "check-ignore", "--no-index", *leftovers], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.stdout.split() == leftovers, proc.stdout + proc.stderr
