@@ -1,12 +1,15 @@
-"""What a run shows while it runs: one progress bar over its optimizer steps, named after what it trains."""
+"""What a run shows: one progress bar over its optimizer steps, named after what it trains, and where its files
+are when it ends."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from lightning import LightningModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
 
@@ -73,3 +76,29 @@ class StepProgressBar(ProgressBar):
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         (tqdm.write if self.bar is not None else print)(" ".join(map(str, args)), **kwargs)
+
+
+class RunFiles(Callback):
+    """Says where a run's files are when it ends: the checkpoints (the last one by name) and the TensorBoard log.
+
+    Tuning says where its concept went when it exports it; this is the same line for a pretraining run, whose
+    files are its checkpoints.
+    """
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and getattr(checkpoint, "dirpath", None):
+            last = getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", "")
+            rank_zero_info(f"checkpoints: {_shown(last or checkpoint.dirpath)}")
+        if trainer.logger is not None and trainer.logger.log_dir:
+            rank_zero_info(
+                f"TensorBoard log: {trainer.logger.log_dir} (tensorboard --logdir {trainer.logger.save_dir})"
+            )
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it (as the configs name it), else as is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

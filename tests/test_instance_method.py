@@ -190,31 +190,6 @@ def test_figures_draw_the_concept_across_methods_and_keep_the_plots(run, tmp_pat
     assert (tmp_path / "nearest_words.md").read_text() == (out / "nearest_words.md").read_text()
 
 
-def test_the_quickstarts_pretraining_step_runs_and_checkpoints(tmp_path, monkeypatch):
-    """The quickstart's step 1 (``train.py fit --config configs/pretrain/instance_other_context_rank16_small.yaml
-    --trainer.max_steps N``), 2 steps, run from a folder holding links to the repository's assets and configs so
-    that its outputs land there: the checkpoint holds the encoder with the committed encoder's shapes."""
-    import torch
-
-    repo = Path(__file__).resolve().parents[1]
-    for name in ("assets", "configs"):
-        (tmp_path / name).symlink_to(repo / name)
-    monkeypatch.chdir(tmp_path)
-    config = "configs/pretrain/instance_other_context_rank16_small.yaml"
-    train.main(
-        ["fit", "--config", config, "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"]
-    )
-    out = tmp_path / "outputs" / "pretrain_instance_other_rank16_small"
-    state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert state["global_step"] == 2
-    committed = torch.load(
-        repo / "assets/toyworld/instance_encoder/date.ckpt", map_location="cpu", weights_only=False
-    )
-    shapes = {k: v.shape for k, v in committed["state_dict"].items()}
-    assert {k: v.shape for k, v in state["state_dict"].items() if k in shapes} == shapes
-    assert list((out / "tb").rglob("events.out.tfevents.*"))
-
-
 def test_encoder_checkpoint_option_wins_over_the_configs_tune_overrides(tmp_path, capsys):
     """configs/evaluate/instance_committed.yaml names the committed encoder in its tune_overrides; an explicit
     ``--encoder_checkpoint`` must replace it, not be silently ignored (here: a missing file, named before any model

@@ -1,5 +1,6 @@
-"""A run prints what it did and nothing else: the toy world's 12-step tuning and its sampling, as subprocesses
-(the libraries' notices are emitted at import time, before any in-process test could catch them)."""
+"""A run prints what it did and nothing else: the toy world's 12-step tuning and its sampling, and the quickstart's
+pretraining step, as subprocesses (the libraries' notices are emitted at import time, before any in-process test
+could catch them)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, timeout=900)
     # decoded by hand: text=True would turn a progress bar's carriage returns into line breaks
     return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+
+
+def noisy(text: str) -> list[str]:
+    """Lines that warn or announce a deprecation (transformers' "`torch_dtype` is deprecated!" says neither "warn"
+    nor "Warning")."""
+    return [line for line in text.split("\n") if re.search("warn|deprecat", line, re.IGNORECASE)]
 
 
 def lines(text: str) -> list[str]:
@@ -57,9 +64,7 @@ def tuning_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
 def test_tuning_run_is_quiet_and_says_what_it_did(tuning_run):
     proc, out = tuning_run
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not [line for line in proc.stderr.split("\n") if re.search("warn", line, re.IGNORECASE)], (
-        proc.stderr
-    )
+    assert not noisy(proc.stdout + proc.stderr), proc.stderr
     shown = lines(proc.stdout) + lines(proc.stderr)
     assert len(shown) <= 15, "\n".join(shown)
     text = proc.stdout + proc.stderr
@@ -101,6 +106,39 @@ def test_sampling_says_where_the_grid_is(tuning_run, tmp_path):
     assert grid.is_file()
     assert f"wrote {grid}" in proc.stdout
     assert proc.stderr.strip() == "", proc.stderr
+    assert not noisy(proc.stdout), proc.stdout
+
+
+def test_the_quickstarts_pretraining_step_reports_like_tuning_and_checkpoints(tmp_path):
+    """The quickstart's step 1 (``train.py fit --config configs/pretrain/instance_other_context_rank16_small.yaml
+    --trainer.max_steps N``), 2 steps, run from a folder holding links to the repository's assets and configs so
+    that its outputs land there. It says what tuning says: one bar over the steps, the loss start -> end, where
+    its files are; no model-summary table, no epoch bars, no warning. The checkpoint holds the encoder with the
+    committed encoder's shapes."""
+    import torch
+
+    for name in ("assets", "configs"):
+        (tmp_path / name).symlink_to(REPO / name)
+    config = "configs/pretrain/instance_other_context_rank16_small.yaml"
+    proc = run([str(REPO / "train.py"), "fit", "--config", config, "--trainer.max_steps", "2"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert not noisy(text), text
+    assert "Total FLOPs" not in text and "Trainable params" not in text and "Epoch" not in text, text
+    assert "pretrain" in proc.stderr and "2/2" in proc.stderr, proc.stderr
+    assert re.search(r"loss: .*\d\.\d+ -> .*\d\.\d+", text), text
+    out = Path("outputs") / "pretrain_instance_other_rank16_small"
+    assert f"checkpoints: {out / 'checkpoints' / 'last.ckpt'}" in text, text
+    assert f"tensorboard --logdir {out}" in text, text
+    assert len(lines(proc.stdout) + lines(proc.stderr)) <= 8, text
+    state = torch.load(tmp_path / out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2
+    committed = torch.load(
+        REPO / "assets/toyworld/instance_encoder/date.ckpt", map_location="cpu", weights_only=False
+    )
+    shapes = {k: v.shape for k, v in committed["state_dict"].items()}
+    assert {k: v.shape for k, v in state["state_dict"].items() if k in shapes} == shapes
+    assert list((tmp_path / out / "tb").rglob("events.out.tfevents.*"))
 
 
 def test_verbose_keeps_the_libraries_notices(tmp_path):
