@@ -23,7 +23,11 @@ class ResidentStrategy(SingleDeviceStrategy):
     """
 
     def __init__(self, device: torch.device | str = "cpu", **kwargs) -> None:
-        super().__init__(device=torch.device(device), **kwargs)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            # Lightning's CUDA set-up calls torch.cuda.set_device(root_device), which refuses "cuda" without an index.
+            device = torch.device("cuda", torch.cuda.current_device())
+        super().__init__(device=device, **kwargs)
 
     def teardown(self) -> None:
         # Strategy.teardown without ``lightning_module.cpu()``; the optimizers belong to this fit only, so they

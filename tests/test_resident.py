@@ -79,9 +79,12 @@ def test_plain_lightning_teardown_moves_the_module(tuner):
     assert moves == ["module"]
 
 
-def test_resident_strategy_keeps_its_device_index():
+def test_resident_strategy_keeps_its_device_index(monkeypatch):
     assert ResidentStrategy("cuda:1").root_device == torch.device("cuda:1")
     assert ResidentStrategy().root_device == torch.device("cpu")
+    # "cuda" alone gets the current device's index: Lightning's torch.cuda.set_device(root_device) needs one.
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert ResidentStrategy("cuda").root_device == torch.device("cuda:3")
 
 
 def test_batched_benchmark_keeps_its_module_on_the_device():
