@@ -47,7 +47,7 @@ from lightning import Trainer
 from benchmarks.common import MIB, PeakMemory, machine_notes, markdown_table, timed, timed_cpu
 from datamodules import ConceptDataModule, ConceptSetDataModule
 from datamodules.synthetic import render_concept
-from lightning_modules.base import CHECKPOINT_KEY
+from lightning_modules.checkpoint import CHECKPOINT_KEY
 from lightning_modules.cli import resolve_config
 from lightning_modules.resident import ResidentStrategy
 from models.tiny import write_tiny_backbone

@@ -36,10 +36,15 @@ class Setting:
 
 
 def file_identity(path: str | Path | None) -> dict[str, Any] | None:
-    """``{"path", "size", "mtime_ns"}`` of a file (None for no file): changes when the file is rewritten."""
+    """``{"path", "size", "mtime_ns"}`` of a file (None for no file): changes when the file is rewritten.
+
+    An encoder folder is identified by its weights file; a hub id by its name alone."""
     if path is None:
         return None
-    stat = Path(path).stat()
+    target = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
+    if not target.is_file():
+        return {"path": str(path)}
+    stat = target.stat()
     return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 

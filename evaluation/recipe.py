@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from datamodules.concept import ConceptDataModule
 from evaluation.config import EvaluationConfigError, MethodSpec
 from lightning_modules.tuning import ConceptTuning
+from models.errors import MissingFileError
 from models.personalizer import PersonalizerConfig
 
 # Per-concept arguments the harness sets itself; the tune config's values for them are ignored.
@@ -154,11 +155,8 @@ def resolve_recipe(
         ConceptDataModule.__init__, {"self": None, **data}, f"method {method.name!r} data.init_args"
     )
     checkpoint = kwargs.get("encoder_checkpoint")
-    if check_checkpoint and checkpoint is not None and not Path(checkpoint).is_file():
-        raise EvaluationConfigError(
-            f"pretraining checkpoint {checkpoint} (method {method.name!r}) does not exist: run "
-            "`python train.py fit --config configs/pretrain/tiny.yaml` or pass --encoder_checkpoint"
-        )
+    if check_checkpoint and checkpoint is not None:
+        _check_encoder_checkpoint(str(checkpoint), method.name)
     return TuneRecipe(
         method=method.name,
         config=resolved,
@@ -167,4 +165,21 @@ def resolve_recipe(
         data_kwargs=data,
         max_steps_cap=None if cap is None else int(cap),
         seed=resolved.get("seed_everything"),
+    )
+
+
+def _check_encoder_checkpoint(checkpoint: str, method: str) -> None:
+    """Reads the method's encoder now, before any tuning: a missing one, one of another phase, or a pickle that
+    would run code (refused unread, :mod:`lightning_modules.checkpoint`) is one line here."""
+    from lightning_modules.checkpoint import check_checkpoint, read_checkpoint
+
+    try:
+        ckpt = read_checkpoint(checkpoint, f"pretraining checkpoint (method {method!r})")
+    except MissingFileError:
+        raise EvaluationConfigError(
+            f"pretraining checkpoint {checkpoint} (method {method!r}) does not exist: run "
+            "`python train.py fit --config configs/pretrain/tiny.yaml` or pass --encoder_checkpoint"
+        ) from None
+    check_checkpoint(
+        ckpt, None, phase="pretrain", source=f"pretraining checkpoint {checkpoint} (method {method!r})"
     )

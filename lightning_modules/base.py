@@ -8,12 +8,12 @@ trainable weights alone and ``strict_loading = False`` lets them load back onto 
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 from typing import Literal
 
 import torch
 from lightning import LightningModule
 
+from lightning_modules.checkpoint import CHECKPOINT_KEY, check_checkpoint
 from lightning_modules.multi_concept import step_generator
 from lightning_modules.samples import SampleLogging
 from losses import (
@@ -29,18 +29,12 @@ from losses import (
     world_and_rank,
 )
 from models.attention import LoraDelta
-from models.backbone import DEFAULT_IMAGE_ENCODER, DiffusionBackbone
-from models.errors import ConfigurationError, MissingFileError, TuningEncoderError
+from models.backbone import DEFAULT_IMAGE_ENCODER
+from models.errors import ConfigurationError
 from models.image_encoder import tower_fingerprint
 from models.loading import load_backbone
 from models.personalizer import PersonalizerConfig
 from models.token_index import TokenIndex
-
-CHECKPOINT_KEY = "tuning_encoder"
-
-
-class CheckpointMismatchError(TuningEncoderError, ValueError):
-    """A checkpoint that is not ours, of the wrong phase, or made on another base model."""
 
 
 class PersonalizationModule(SampleLogging, LightningModule):
@@ -309,52 +303,3 @@ def batch_concept_ids(batch: dict, device: torch.device) -> torch.Tensor:
 def count_concepts(concept_ids: torch.Tensor) -> int:
     """Distinct concepts in the global batch (all ranks), so every rank takes the same loss branch."""
     return int(gather_rows(concept_ids).unique().numel())
-
-
-def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
-    """Loads a checkpoint file on the CPU; every failure is a one-line error naming ``what`` and ``path``.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        CheckpointMismatchError: the file is not a readable PyTorch checkpoint.
-    """
-    if not Path(path).is_file():
-        raise MissingFileError(f"{what} {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises several error types (pickle, zip, EOF) for foreign bytes
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointMismatchError(f"{what} {path} is not a readable PyTorch checkpoint: {first}") from err
-
-
-def check_checkpoint(
-    checkpoint: dict, backbone: DiffusionBackbone | None, phase: str | None, source: str
-) -> dict:
-    """Validates a checkpoint dict (against the backbone, unless None); returns its tuning-encoder metadata.
-
-    Raises:
-        CheckpointMismatchError: not a tuning-encoder checkpoint, another phase, or another base model.
-    """
-    meta = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
-    if not isinstance(meta, dict):
-        raise CheckpointMismatchError(
-            f"{source} is not a tuning-encoder checkpoint (no '{CHECKPOINT_KEY}' entry)"
-        )
-    if phase is not None and meta.get("phase") != phase:
-        raise CheckpointMismatchError(f"{source} is a {meta.get('phase')!r} checkpoint, expected {phase!r}")
-    if backbone is not None and not backbone.matches_fingerprint(
-        meta.get("fingerprint"), meta.get("base_model")
-    ):
-        raise CheckpointMismatchError(
-            f"{source} was made on base model {meta.get('base_model')!r} (fingerprint {meta.get('fingerprint')}), "
-            f"not on {backbone.name_or_path!r} (fingerprint {backbone.fingerprint()})"
-        )
-    # Checkpoints from before the image-encoder fingerprint existed carry none: nothing to compare.
-    image_fp = meta.get("image_encoder_fingerprint")
-    if backbone is not None and image_fp not in (None, tower_fingerprint(backbone.image_encoder)):
-        raise CheckpointMismatchError(
-            f"{source} was made with image encoder {meta.get('image_encoder')!r} (fingerprint {image_fp}), "
-            f"not with the configured one (fingerprint {tower_fingerprint(backbone.image_encoder)}): "
-            "set model.init_args.image_encoder_name_or_path to the encoder's"
-        )
-    return meta

@@ -6,7 +6,8 @@
 - Values that cannot work (alpha outside [0, 1], a learning rate <= 0, an export folder that cannot be written)
   are refused at parse time, before a model is loaded; a tuning run of 0 steps is announced.
 - ``--ckpt_path`` is checked before Lightning replaces the model config by the checkpoint's hyper-parameters:
-  its phase, and its base model's fingerprint against the configured base model's.
+  read weights-only (a pickle that would run code is refused in one line), its phase, and its base model's
+  fingerprint against the configured base model's; Lightning's own load of it is weights-only too.
 - FSDP strategies are refused at parse time with the reason (:func:`check_strategy`); DDP with a bf16 frozen
   backbone and gradient checkpointing is the multi-GPU route.
 - A :class:`~lightning_modules.callbacks.FiniteGuard` stops a diverging run in one line.
@@ -29,12 +30,13 @@ from jsonargparse import Namespace, set_parsing_settings
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_modules.base import check_checkpoint, read_checkpoint
 from lightning_modules.callbacks import FiniteGuard
+from lightning_modules.checkpoint import check_checkpoint, read_checkpoint
 from lightning_modules.cli_errors import ShortErrorParser, import_class
 from models.errors import ConfigurationError, MissingFileError
 from models.io import check_writable_dir
 from models.personalizer import PersonalizerConfig
+from models.weights_only import load_weights_only
 
 # ``--ckpt_path`` values Lightning resolves itself (not files).
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
@@ -78,6 +80,12 @@ class TuningEncoderCLI(LightningCLI):
         phase = getattr(import_class(class_path), "phase", None) if class_path else None
         if isinstance(init, Namespace):
             check_values(init, config.get("trainer"), phase, config.get("data"))
+        encoder = init.get("encoder_checkpoint") if isinstance(init, Namespace) and phase == "tune" else None
+        if encoder:
+            # Before the base model loads: a missing or foreign encoder, or a pickle that would run code (refused
+            # unread), is one line at once. ConceptTuning reads it again and checks it against the base model.
+            source = f"encoder_checkpoint {encoder}"
+            check_checkpoint(read_checkpoint(encoder, "encoder_checkpoint"), None, "pretrain", source)
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and str(ckpt_path) not in SPECIAL_CKPT_PATHS:
             # Before LightningCLI reads it: Lightning replaces the model config by the checkpoint's
@@ -85,7 +93,7 @@ class TuningEncoderCLI(LightningCLI):
             # turn a tuning run into pretraining, and another backbone's checkpoint would silently train on
             # that backbone), and a foreign file fails deep inside Lightning with a KeyError.
             source = f"--ckpt_path {ckpt_path}"
-            meta = check_checkpoint(read_checkpoint(ckpt_path, "--ckpt_path"), None, phase, source)
+            meta = check_checkpoint(load_weights_only(ckpt_path, "--ckpt_path"), None, phase, source)
             if isinstance(init, Namespace):
                 check_resume_base_model(meta, init, source)
 
@@ -116,6 +124,11 @@ class TuningEncoderCLI(LightningCLI):
                 raise
             raise root from None
         self.trainer.callbacks.append(FiniteGuard())
+
+    def fit(self, model, **kwargs) -> None:
+        """``trainer.fit``, resuming with ``weights_only=True``: Lightning's own load of ``--ckpt_path`` unpickles
+        tensors and plain values only, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says."""
+        self.trainer.fit(model, **{**kwargs, "weights_only": True})
 
 
 def unwrap_jsonargparse(err: BaseException) -> BaseException:

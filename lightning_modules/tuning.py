@@ -21,7 +21,8 @@ from torch import nn
 
 from datamodules.concept import TuningConcept
 from datamodules.transforms import check_image_size
-from lightning_modules.base import PersonalizationModule, check_checkpoint, read_checkpoint
+from lightning_modules.base import PersonalizationModule
+from lightning_modules.checkpoint import load_pretraining_checkpoint
 from lightning_modules.export import concept_artifact, concept_views, encoder_prediction, write_concept
 from lightning_modules.multi_concept import ConceptSlots, check_concepts, multi_concept_step, with_rows
 from lightning_modules.tuning_words import check_tuning_options, class_noun, instance_prompts, word_token_id
@@ -35,20 +36,6 @@ from models.unet_lora import static_factors as unet_lora_factors
 Tunable = Literal["embedding", "cores", "factors", "encoder", "unet_lora"]
 
 
-def load_pretraining_checkpoint(path: str, backbone) -> tuple[dict, dict]:
-    """Reads a pretraining checkpoint; returns (tuning-encoder metadata, personalizer state dict).
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        CheckpointMismatchError: not a tuning-encoder pretraining checkpoint, or made on another base model.
-    """
-    ckpt = read_checkpoint(path, "encoder_checkpoint")
-    meta = check_checkpoint(ckpt, backbone, phase="pretrain", source=f"encoder_checkpoint {path}")
-    prefix = "personalizer."
-    state = {k[len(prefix) :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
-    return meta, state
-
-
 class ConceptTuning(PersonalizationModule):
     """Predicts v* and the LoRA cores from one image, tunes them for a few steps, and exports the concept.
 
@@ -58,7 +45,8 @@ class ConceptTuning(PersonalizationModule):
     (:mod:`lightning_modules.multi_concept`). :meth:`export` writes one; ``on_fit_end`` writes those not yet written.
 
     Args:
-        encoder_checkpoint: pretraining checkpoint (``EncoderPretraining``); None = untrained modules (only
+        encoder_checkpoint: pretraining checkpoint (``EncoderPretraining``'s ``.ckpt``, or the shareable encoder
+            folder or hub id ``python -m lightning_modules.checkpoint`` writes); None = untrained modules (only
             sensible with ``init: zero`` or ``token``, i.e. the textual-inversion / LoRA baselines).
         optimizer: optimizer factory over the tuned parameters (default AdamW, lr 1e-3, no weight decay).
         tune: what is optimised: ``embedding`` (v*), ``cores`` (M_l), ``factors`` (A_l, B_l), ``encoder`` (E4T-style:

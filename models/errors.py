@@ -29,3 +29,7 @@ class NonFiniteError(TuningEncoderError, FloatingPointError):
 
 class ArtifactWriteError(TuningEncoderError, OSError):
     """A concept artefact or export that could not be written (full disk, read-only folder, a file in the way)."""
+
+
+class CheckpointMismatchError(TuningEncoderError, ValueError):
+    """A checkpoint that is not ours, of the wrong phase, made on another base model, or that would run code."""

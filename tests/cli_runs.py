@@ -179,7 +179,7 @@ def assert_backbone_unchanged(module, snapshot: Snapshot, adapter: bool = False)
 
 
 def load_ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def nan_unet(module):

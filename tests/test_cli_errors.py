@@ -82,7 +82,7 @@ def test_unexpected_errors_keep_their_traceback(tiny_sd_dir, index_dir, tmp_path
 
 def test_project_errors_share_one_base_type():
     from datamodules import ImageLoadError
-    from lightning_modules.base import CheckpointMismatchError
+    from lightning_modules.checkpoint import CheckpointMismatchError
     from models.errors import ConfigurationError, MissingFileError
     from models.hub import ModelNotAvailableError
     from models.placeholder import PlaceholderError

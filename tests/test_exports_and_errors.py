@@ -11,7 +11,7 @@ import torch
 
 import train
 from datamodules import SkippedImageWarning
-from lightning_modules.base import CheckpointMismatchError
+from lightning_modules.checkpoint import CheckpointMismatchError
 from models.artifact import ConceptArtifact
 from tests.cli_runs import (
     PROMPT,

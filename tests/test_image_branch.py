@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train
-from lightning_modules.base import CheckpointMismatchError, check_checkpoint
+from lightning_modules.checkpoint import CheckpointMismatchError, check_checkpoint
 from models.encoder import FeatureEncoder, image_tokens
 from models.image_encoder import feature_widths, tower_fingerprint
 from tests.cli_runs import fit, load_ckpt, pretrain_args

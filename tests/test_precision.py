@@ -94,7 +94,7 @@ def test_frozen_backbone_in_bf16_trainables_fp32(fp32_pretrain, tiny_sd_dir, ind
     assert all(torch.isfinite(torch.tensor(v)) for s in rec.steps for v in s.values())
     # bf16 weights round the frozen model itself as well: a looser bound than autocast alone.
     _assert_close(rec.steps[0], fp32_pretrain.steps[0], 2 * BF16_RTOL)
-    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     state = ckpt["state_dict"]
     assert state and not any(k.startswith("backbone.") for k in state)
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}

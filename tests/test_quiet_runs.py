@@ -131,10 +131,10 @@ def test_the_quickstarts_pretraining_step_reports_like_tuning_and_checkpoints(tm
     assert f"checkpoints: {out / 'checkpoints' / 'last.ckpt'}" in text, text
     assert f"tensorboard --logdir {out}" in text, text
     assert len(lines(proc.stdout) + lines(proc.stderr)) <= 8, text
-    state = torch.load(tmp_path / out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = torch.load(tmp_path / out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 2
     committed = torch.load(
-        REPO / "assets/toyworld/instance_encoder/date.ckpt", map_location="cpu", weights_only=False
+        REPO / "assets/toyworld/instance_encoder/date.ckpt", map_location="cpu", weights_only=True
     )
     shapes = {k: v.shape for k, v in committed["state_dict"].items()}
     assert {k: v.shape for k, v in state["state_dict"].items() if k in shapes} == shapes

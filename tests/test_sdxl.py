@@ -215,7 +215,7 @@ def test_pretraining_on_sdxl_moves_both_token_heads_and_the_hypernetwork_only(sd
         assert any(n.startswith(prefix) for n in changed), prefix
     assert all(n.startswith("personalizer.") for n in changed)
     assert_backbone_unchanged(model, snap)
-    assert not any(k.startswith("backbone.") for k in torch.load(ckpt, weights_only=False)["state_dict"])
+    assert not any(k.startswith("backbone.") for k in torch.load(ckpt, weights_only=True)["state_dict"])
 
 
 @pytest.fixture(scope="module")

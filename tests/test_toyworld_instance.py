@@ -270,12 +270,12 @@ def test_base_training_on_the_instance_world_runs_and_resumes(tmp_path):
     assert isinstance(world_stream(cfg, 2, 0, "base"), InstanceWorldStream)
     train_base(cfg)
     run = tmp_path / "run"
-    assert torch.load(run / "last.pt", weights_only=False)["step"] == 2
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 2
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert {r["model"] for r in rows} == {"vae", "base"}
     cfg["train"]["steps"] = 3
     train_base(cfg)
-    assert torch.load(run / "last.pt", weights_only=False)["step"] == 3
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 3
 
 
 def test_unknown_world_is_refused():

@@ -47,7 +47,7 @@ def test_frozen_text_encoder_is_the_named_one_and_the_export_links_it(trained):
     named = StableDiffusionPipeline.from_pretrained(str(NAMED))
     for (k, a), b in zip(pipe.text_encoder.state_dict().items(), named.text_encoder.state_dict().values()):
         assert torch.equal(a, b), k
-    trained_unet = torch.load(Path(cfg["out_dir"]) / "last.pt", weights_only=False)["ema_unet"]
+    trained_unet = torch.load(Path(cfg["out_dir"]) / "last.pt", weights_only=True)["ema_unet"]
     key = "conv_in.weight"
     assert torch.equal(pipe.unet.state_dict()[key], trained_unet[key].half())
     summary = json.loads((dest / "train_summary.json").read_text())
@@ -57,7 +57,7 @@ def test_frozen_text_encoder_is_the_named_one_and_the_export_links_it(trained):
 def test_export_refuses_a_checkpoint_whose_text_encoder_moved(trained, tmp_path):
     root, cfg = trained
     ckpt = Path(cfg["out_dir"]) / "last.pt"
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     moved = {**state, "text_encoder": {k: v + 1.0 for k, v in state["text_encoder"].items()}}
     other = tmp_path / "ckpt"
     other.mkdir()

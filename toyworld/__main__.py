@@ -24,6 +24,8 @@ import json
 import sys
 from pathlib import Path
 
+from models.weights_only import check_weights_only
+
 PROG = "python -m toyworld"
 
 
@@ -203,9 +205,7 @@ INSTANCE_DIRS = {
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if getattr(args, "n", 1) < 1:
-        parser.error(f"--n must be >= 1, got {args.n}")
-    for name in ("prompts", "negatives"):
+    for name in ("n", "prompts", "negatives"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     configs = getattr(args, "config", None) or []
@@ -230,9 +230,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         for name in ("n_train", "n_test", "n_categories"):
             if getattr(args, name) < 5:
                 parser.error(f"--{name.replace('_', '-')} must be >= 5, got {getattr(args, name)}")
-        for folder in args.encoder:
-            if not (Path(folder) / "config.json").is_file():
-                parser.error(f"--encoder {folder} is not an image-encoder folder (no config.json)")
     if args.command == "instance-oracle":
         if args.image_size < 32:
             parser.error(f"--image-size must be >= 32 (the renders are 32 px), got {args.image_size}")
@@ -240,10 +237,12 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error("--contrastive-weight must be >= 0, --group >= 1 and --temperature > 0")
         if not 0 <= args.one_detail <= 1:
             parser.error(f"--one-detail must be in [0, 1], got {args.one_detail}")
-    if args.command == "probe-image-encoder" and not (Path(args.encoder) / "config.json").is_file():
-        parser.error(f"--encoder {args.encoder} is not an image-encoder folder (no config.json)")
-    if args.command == "validate-encoder" and not Path(args.ckpt).is_file():
-        parser.error(f"checkpoint {args.ckpt} does not exist")
+    if args.command in ("probe-image-encoder", "instance-probe"):  # one image-encoder folder, or several
+        for folder in [args.encoder] if isinstance(args.encoder, str) else args.encoder:
+            if not (Path(folder) / "config.json").is_file():
+                parser.error(f"--encoder {folder} is not an image-encoder folder (no config.json)")
+    if getattr(args, "ckpt", None) and not Path(args.ckpt).is_dir():  # an encoder folder holds no pickle
+        check_weights_only(args.ckpt, parser.error)  # before any work: one line if it could run code
     if args.command == "figures" and not (Path(args.run) / "results.csv").is_file():
         parser.error(f"{args.run} holds no results.csv (an evaluate.py run's out_dir)")
 
@@ -339,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
 
         print(export_encoder(args.ckpt, args.name, args.log_dir, folder=args.folder, fp16=args.fp16))
     else:
-        _run_config_command(args)
+        _run_config_command(args, parser)
 
 
 def _instance_calibrate(args: argparse.Namespace) -> None:
@@ -364,10 +363,11 @@ def _instance_calibrate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}", file=sys.stderr)
 
 
-def _run_config_command(args: argparse.Namespace) -> None:
+def _run_config_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from toyworld.train import load_config
 
     cfg = load_config(args.config)
+    check_weights_only(Path(cfg.get("out_dir", "")) / "last.pt", parser.error, missing_ok=True)
     if args.command == "train":
         if args.model == "clip":
             from toyworld.train_clip import train_clip

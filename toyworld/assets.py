@@ -15,6 +15,7 @@ import torch
 from evaluation.generate.images import save_grid
 from models.io import atomic_write, atomic_write_dir
 from models.tiny import CLIP_MEAN, CLIP_STD
+from models.weights_only import load_weights_only
 from toyworld.card import encoder_lines, instance_lines
 from toyworld.checker import AttributeChecker, adherence, read_attributes
 from toyworld.measure import base_adherence, clip_tokenizer, image_nn_accuracy, load_pipeline, sample
@@ -52,7 +53,7 @@ def export(
     from transformers import CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
 
     base = Path(cfg["out_dir"])
-    st = torch.load(base / "last.pt", map_location="cpu", weights_only=False)
+    st = load_weights_only(base / "last.pt", "base checkpoint")
     unet, text_encoder = build_base(cfg)
     unet.load_state_dict(st["ema_unet"])
     text_encoder.load_state_dict(st["ema_text"])
@@ -266,7 +267,7 @@ def probe(cfg: dict, n: int = 128, checker_dir: str = ".cache/toyworld/checker/c
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
     base = Path(cfg["out_dir"])
-    st = torch.load(base / "last.pt", map_location="cpu", weights_only=False)
+    st = load_weights_only(base / "last.pt", "base checkpoint")
     unet, text_encoder = build_base(cfg)
     unet.load_state_dict(st["ema_unet"])
     text_encoder.load_state_dict(st["ema_text"])
@@ -303,9 +304,9 @@ def export_encoder(
     small): a pretraining checkpoint's trainable weights and metadata only (no optimizer state, no loops), which
     ``ConceptTuning(encoder_checkpoint=...)`` reads; and the
     final values of its training curves (from its TensorBoard log) into ``<name>.json``."""
-    from lightning_modules.base import CHECKPOINT_KEY
+    from lightning_modules.checkpoint import CHECKPOINT_KEY
 
-    full = torch.load(ckpt, map_location="cpu", weights_only=False)
+    full = load_weights_only(ckpt, "checkpoint")
     state = full["state_dict"]
     if fp16:  # half the bytes; ConceptTuning loads them into its float32 personalizer (load_state_dict casts)
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from models.io import atomic_write_dir
+from models.weights_only import load_weights_only
 from toyworld import pixels
 from toyworld.instance import CONTEXT, Context, caption, random_context, render, sample_instance
 from toyworld.measure import GUIDANCE, SAMPLE_STEPS, load_pipeline, sample
@@ -55,7 +56,7 @@ def export_instance(cfg: dict, out: Path = ASSETS, name: str = PIPELINE_NAME) ->
             "export-instance needs a config with text_encoder_from (the frozen text encoder's pipeline)"
         )
     base, shared_from = Path(cfg["out_dir"]), Path(shared_from)
-    st = torch.load(base / "last.pt", map_location="cpu", weights_only=False)
+    st = load_weights_only(base / "last.pt", "base checkpoint")
     unet, _ = build_base(cfg)
     unet.load_state_dict(st["ema_unet"])
     named = StableDiffusionPipeline.from_pretrained(shared_from, dtype=torch.float16)

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from models.io import atomic_write
+from models.weights_only import load_weights_only
 from toyworld.checker import AttributeChecker
 from toyworld.measure import attribute_accuracy, clip_tokenizer
 from toyworld.world import ATTRIBUTES, VALUES, ToyWorldStream
@@ -161,7 +162,7 @@ def train_base(cfg: dict) -> None:
     start = 0
     ckpt_path = out / "last.pt"
     if ckpt_path.exists():
-        st = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        st = load_weights_only(ckpt_path, "base checkpoint")
         unet.load_state_dict(st["unet"])
         text_encoder.load_state_dict(st["text_encoder"])
         ema_unet.load_state_dict(st["ema_unet"])

@@ -219,7 +219,7 @@ def write_validation_concepts(out: str, n: int = 8, seed: int = 1234) -> str:
 def load_pretrained(ckpt: str, config: str):
     """The LightningCLI of the pretraining ``config`` (not run) with ``ckpt``'s weights loaded into its model and the
     model set up (token index built); the checkpoint is checked against the config's base model first."""
-    from lightning_modules.base import check_checkpoint, read_checkpoint
+    from lightning_modules.checkpoint import check_checkpoint, read_checkpoint
     from lightning_modules.cli import build_cli
 
     cli = build_cli(["--config", config, "--trainer.logger", "false"], run=False)
