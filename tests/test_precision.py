@@ -269,7 +269,7 @@ def test_contrastive_negatives_gathered_across_two_gloo_ranks_equal_one_process(
     torch.multiprocessing.spawn(
         _contrastive_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True
     )
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     # DDP averages the ranks' losses and gradients: the mean over ranks is the one-process value.
     torch.testing.assert_close(
         (ranks[0]["loss"] + ranks[1]["loss"]) / 2, full.detach(), rtol=1e-10, atol=1e-12
