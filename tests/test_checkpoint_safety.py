@@ -198,3 +198,13 @@ def test_export_command_refuses_a_payload(payload, tmp_path, capsys):
     assert main([str(path), str(tmp_path / "out")]) == 2
     _assert_refused(capsys.readouterr().err, "python -m lightning_modules.checkpoint", path, marker)
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluation_identifies_an_encoder_folder_by_its_weights(tmp_path):
+    """A rerun of evaluate.py notices a re-exported folder (its weights file changes); a hub id is its name."""
+    from evaluation.plan import file_identity
+
+    folder = export_encoder("assets/toyworld/encoder/date.ckpt", str(tmp_path / "encoder"))
+    identity = file_identity(folder)
+    assert identity["size"] == (folder / "model.safetensors").stat().st_size
+    assert file_identity("someone/date-encoder") == {"path": "someone/date-encoder"}
