@@ -9,6 +9,7 @@ import torch
 
 from evaluation.config import EvaluationConfigError
 from evaluation.generate.images import generate_images, generate_plain, save_grid, save_png
+from evaluation.generate.modes import sampling_prompt
 from evaluation.plan import Setting
 from models.artifact import ConceptArtifact
 
@@ -71,10 +72,13 @@ def sample_concept(
     with torch.no_grad():
         for i, prompt in enumerate(prompts):
             seeds = [seed + 1000 * i + j for j in range(samples_per_prompt)]
+            # The prompt the concept was tuned with: an instance-prompt method (one-shot LoRA) says "<s*> <class
+            # noun>" ("sks dog") where the prompt says "<s*>", exactly as the evaluation samples it.
+            said_concept = sampling_prompt(art, prompt, art.extra.get("class_noun", ""))
             images += generate_images(
-                backbone, art, [prompt] * samples_per_prompt, seeds, setting, num_inference_steps, sampler
+                backbone, art, [said_concept] * samples_per_prompt, seeds, setting, num_inference_steps, sampler
             )
-            rows.append(prompt)
+            rows.append(said_concept)
             if words is not None:  # the same prompt said in words, no concept, the same seeds
                 said = prompt.replace(art.placeholder, words.strip())
                 images += generate_plain(

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from datamodules.concept import TuningConcept
@@ -90,6 +91,15 @@ def concept_artifact(
     )
 
 
+def save_diffusers_unet(artifact: ConceptArtifact, unet: nn.Module, out_dir: str | Path) -> Path:
+    """DreamBooth's diffusers export: the tuned UNet in ``<out>/unet/`` and v* for ``load_textual_inversion``."""
+    out = Path(out_dir)
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    emb = {artifact.placeholder: artifact.embedding_tensors()["emb_params"].reshape(-1)}
+    save_file(emb, str(out / "learned_embeds.safetensors"), metadata={"base_model": artifact.base_model})
+    return out
+
+
 def write_concept(
     artifact: ConceptArtifact,
     export_dir: str | Path,
@@ -97,6 +107,7 @@ def write_concept(
     diffusers: bool = True,
     kohya: bool = False,
     unet_with_adapter: nn.Module | None = None,
+    tuned_unet: nn.Module | None = None,
     prediction_type: str = "epsilon",
     resolution: int = 512,
 ) -> tuple[Path, str]:
@@ -110,6 +121,9 @@ def write_concept(
         kohya: also write ``<name>_kohya/`` (A1111 / ComfyUI LoRA and embeddings).
         unet_with_adapter: the UNet holding a static peft LoRA (the one-shot LoRA baseline): its diffusers
             export is the adapter's own state dict instead of the artefact's single-path approximation.
+        tuned_unet: the fully fine-tuned UNet (DreamBooth): its diffusers export is ``unet/`` as
+            ``save_pretrained`` writes it (``UNet2DConditionModel.from_pretrained(<dir>/unet)`` reads it) and v*
+            as ``learned_embeds.safetensors``.
         prediction_type: the scheduler's, recorded in the kohya metadata.
         resolution: the backbone's pixel resolution, recorded in the kohya metadata.
 
@@ -121,6 +135,8 @@ def write_concept(
         # The script's own output: the peft state dict via save_lora_weights; "sks" is a real word, so
         # there is no embedding to load.
         diffusers = lambda out: save_diffusers_lora(unet_with_adapter, out)  # noqa: E731
+    elif diffusers and tuned_unet is not None:
+        diffusers = lambda out: save_diffusers_unet(artifact, tuned_unet, out)  # noqa: E731
     files = write_concept_set(
         artifact,
         export_dir,

@@ -22,7 +22,7 @@ from losses import add_noise, check_finite, gather_neighbours, nearest_pull
 from models.errors import ConfigurationError
 
 # Tuned weights shared by all concepts of a batch (the LoRA factors, the encoder, a static UNet LoRA).
-SHARED_TUNABLES = frozenset({"factors", "encoder", "unet_lora"})
+SHARED_TUNABLES = frozenset({"factors", "encoder", "unet_lora", "unet"})
 
 
 @dataclass

@@ -32,8 +32,9 @@ from models.errors import ConfigurationError
 from models.personalizer import Personalizer, PersonalizerConfig
 from models.unet_lora import add_unet_lora, lora_parameters, lora_snapshot, restore_lora
 from models.unet_lora import static_factors as unet_lora_factors
+from models.unet_offsets import restore_unet, unet_offsets, unet_snapshot
 
-Tunable = Literal["embedding", "cores", "factors", "encoder", "unet_lora"]
+Tunable = Literal["embedding", "cores", "factors", "encoder", "unet_lora", "unet"]
 
 
 class ConceptTuning(PersonalizationModule):
@@ -51,7 +52,9 @@ class ConceptTuning(PersonalizationModule):
         optimizer: optimizer factory over the tuned parameters (default AdamW, lr 1e-3, no weight decay).
         tune: what is optimised: ``embedding`` (v*), ``cores`` (M_l), ``factors`` (A_l, B_l), ``encoder`` (E4T-style:
             the encoder weights, predicting v* and cores every step), ``unet_lora`` (a static peft LoRA added to
-            the UNet as diffusers' ``train_dreambooth_lora.py`` does: the one-shot LoRA baseline).
+            the UNet as diffusers' ``train_dreambooth_lora.py`` does: the one-shot LoRA baseline), ``unet`` (every
+            UNet weight, as diffusers' ``train_dreambooth.py`` does: the DreamBooth baseline; the artefact carries
+            the dense offsets, :mod:`models.unet_offsets`).
         init: start from the ``encoder``'s prediction, from ``zero`` (v* = 0, cores = 0), from the embedding of
             ``init_token`` (cores = 0), or from the embedding of the concept's ``class_noun`` (the datamodule's;
             textual inversion's ``initializer_token``; a multi-word noun uses its last token, the head noun).
@@ -121,6 +124,12 @@ class ConceptTuning(PersonalizationModule):
             # After the backbone is frozen: only the adapter's parameters are trainable.
             add_unet_lora(self.backbone.unet, unet_lora_rank)
             self._initial_unet_lora = lora_snapshot(self.backbone.unet)
+        self._initial_unet: dict[str, torch.Tensor] | None = None
+        if "unet" in self.tune:
+            if export_kohya:
+                raise ConfigurationError("tune: [unet] (full fine-tuning) has no LoRA to export for kohya")
+            self.backbone.unet.requires_grad_(True)
+            self._initial_unet = unet_snapshot(self.backbone.unet)
         n_targets = len(self.personalizer.hypernetwork.names)
         rank = self.personalizer.hypernetwork.rank
         self.v_star = nn.Parameter(
@@ -181,6 +190,8 @@ class ConceptTuning(PersonalizationModule):
         self.personalizer.load_state_dict(self._initial_personalizer)
         if self._initial_unet_lora is not None:
             restore_lora(self.backbone.unet, self._initial_unet_lora)
+        if self._initial_unet is not None:
+            restore_unet(self.backbone.unet, self._initial_unet)
         self.initialised.fill_(False)
         self.concept_name = concept_name
         self.concepts = None
@@ -277,7 +288,7 @@ class ConceptTuning(PersonalizationModule):
     @property
     def modifies_backbone(self) -> bool:
         """Whether this module added a trainable adapter to its backbone's UNet (so it is not the base model)."""
-        return self._initial_unet_lora is not None
+        return self._initial_unet_lora is not None or self._initial_unet is not None
 
     @property
     def lora_active(self) -> bool:
@@ -338,7 +349,10 @@ class ConceptTuning(PersonalizationModule):
             static = self.personalizer.hypernetwork.static_lora(cores[0].float())
             lora = {k: (d.cpu(), u.cpu()) for k, (d, u) in static.items()}
         steps = self.slots.steps_done(int(self.global_step))
-        return concept_artifact(self.backbone, self.token_index, v_star, lora, self.alpha, steps, extra)
+        art = concept_artifact(self.backbone, self.token_index, v_star, lora, self.alpha, steps, extra)
+        if self._initial_unet is not None:
+            art.unet_offsets = unet_offsets(self.backbone.unet, self._initial_unet)
+        return art
 
     def export(self, slot: int = 0, export_dir: str | Path | None = None) -> Path:
         """Writes the concept in ``slot`` (``<export_dir>/<name>.safetensors`` + the requested formats).
@@ -355,6 +369,7 @@ class ConceptTuning(PersonalizationModule):
             diffusers=self.export_diffusers,
             kohya=self.export_kohya,
             unet_with_adapter=self.backbone.unet if self._initial_unet_lora is not None else None,
+            tuned_unet=self.backbone.unet if self._initial_unet is not None else None,
             prediction_type=str(self.backbone.scheduler.config.prediction_type),
             resolution=self.backbone.resolution,
         )

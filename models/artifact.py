@@ -37,6 +37,7 @@ from models.io import (
 
 FORMAT = "tuning-encoder/concept"
 FORMAT_VERSION = "1"
+OFFSET_PREFIX = "unet_offset."  # dense UNet offsets of full fine-tuning (DreamBooth)
 
 
 class ArtifactError(TuningEncoderError, ValueError):
@@ -68,6 +69,8 @@ class ConceptArtifact:
         fingerprint: :meth:`DiffusionBackbone.fingerprint` of the base model.
         steps: tuning steps taken.
         extra: any further string metadata (method, concept name, ...).
+        unet_offsets: dense offsets ``W - W_base`` of UNet parameters by name (full fine-tuning, DreamBooth);
+            empty for every other method (:mod:`models.unet_offsets`).
     """
 
     v_star: torch.Tensor
@@ -80,6 +83,7 @@ class ConceptArtifact:
     fingerprint: str
     steps: int
     extra: dict[str, str] = field(default_factory=dict)
+    unet_offsets: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def embedding_parts(self) -> dict[str, int]:
         """Names and widths of v*'s parts (SDXL: ``{"clip_l": 768, "clip_g": 1280}``); empty for one encoder."""
@@ -122,6 +126,8 @@ class ConceptArtifact:
         for name, (down, up) in self.lora.items():
             tensors[f"lora.{name}.down"] = down.detach().float().cpu().contiguous()
             tensors[f"lora.{name}.up"] = up.detach().float().cpu().contiguous()
+        for name, delta in self.unet_offsets.items():
+            tensors[f"{OFFSET_PREFIX}{name}"] = delta.detach().float().cpu().contiguous()
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -169,6 +175,7 @@ class ConceptArtifact:
             fingerprint=meta["fingerprint"],
             steps=int(meta["steps"]),
             extra=json.loads(meta.get("extra", "{}")),
+            unet_offsets={k[len(OFFSET_PREFIX) :]: v for k, v in tensors.items() if k.startswith(OFFSET_PREFIX)},
         )
 
     def export_diffusers(self, out_dir: str | Path) -> Path:

@@ -113,3 +113,21 @@ def test_sample_with_words_puts_what_the_words_give_under_each_prompt(concept_fi
     for c in range(2):
         np.testing.assert_array_equal(cell(grid, 3, c), words[c])
         assert not np.array_equal(cell(grid, 3, c), cell(grid, 2, c))
+
+
+def test_sample_says_the_class_noun_of_an_instance_prompt_concept(concept_file, backbone, tmp_path):
+    """A one-shot LoRA concept was tuned on "a photo of sks dog": sampling says "<s*> dog" where the prompt says
+    "<s*>" (v* is the embedding of "sks"), exactly as the evaluation does, never "a sks on the beach"."""
+    from evaluation.generate.images import generate_images
+    from evaluation.plan import Setting
+
+    art = ConceptArtifact.load(concept_file)
+    art.extra.update(instance_prompt="a photo of {identifier} {class_noun}", identifier="sks", class_noun="dog")
+    path = art.save(tmp_path / "sks.safetensors")
+    grid = np.asarray(
+        Image.open(_sample(path, tmp_path / "grid.png", ["a <s*> on the beach"], "--scale", "1"))
+    )
+    assert (tmp_path / "grid.txt").read_text().splitlines() == ["row 1: a <s*> dog on the beach"]
+    said = generate_images(backbone, art, ["a <s*> dog on the beach"] * 2, [0, 1], Setting(12, 0.5, 3.0), 3)
+    for c in range(2):
+        np.testing.assert_array_equal(grid[1 : 1 + 32, 1 + c * 33 : c * 33 + 33], said[c])

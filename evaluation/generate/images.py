@@ -24,6 +24,7 @@ from models.attention import LoraDelta
 from models.backbone import DiffusionBackbone
 from models.io import atomic_write
 from models.sampling import sample_personalized
+from models.unet_offsets import applied_offsets
 
 IMAGES_DIR = "images"
 
@@ -115,19 +116,20 @@ def generate_images(
     """
     device = backbone.unet.device
     lora = {k: LoraDelta(*(t.to(device) for t in d)) for k, d in artifact.deltas().items()}
-    images = sample_personalized(
-        backbone,
-        list(prompts),
-        artifact.v_star.to(device).unsqueeze(0),
-        lora,
-        torch.tensor([artifact.nearest_token_id], device=device),
-        alpha=setting.alpha,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=setting.guidance,
-        sampler=sampler,
-        latents=initial_latents(backbone, list(seeds)).to(device),
-        negative_prompt=negative_prompt,
-    )
+    with applied_offsets(backbone.unet, artifact.unet_offsets):  # full fine-tuning's weights (DreamBooth)
+        images = sample_personalized(
+            backbone,
+            list(prompts),
+            artifact.v_star.to(device).unsqueeze(0),
+            lora,
+            torch.tensor([artifact.nearest_token_id], device=device),
+            alpha=setting.alpha,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=setting.guidance,
+            sampler=sampler,
+            latents=initial_latents(backbone, list(seeds)).to(device),
+            negative_prompt=negative_prompt,
+        )
     return [to_uint8(image) for image in images]
 
 
