@@ -76,7 +76,13 @@ def sample_concept(
             # noun>" ("sks dog") where the prompt says "<s*>", exactly as the evaluation samples it.
             said_concept = sampling_prompt(art, prompt, art.extra.get("class_noun", ""))
             images += generate_images(
-                backbone, art, [said_concept] * samples_per_prompt, seeds, setting, num_inference_steps, sampler
+                backbone,
+                art,
+                [said_concept] * samples_per_prompt,
+                seeds,
+                setting,
+                num_inference_steps,
+                sampler,
             )
             rows.append(said_concept)
             if words is not None:  # the same prompt said in words, no concept, the same seeds

@@ -130,6 +130,8 @@ class ConceptTuning(PersonalizationModule):
                 raise ConfigurationError("tune: [unet] (full fine-tuning) has no LoRA to export for kohya")
             self.backbone.unet.requires_grad_(True)
             self._initial_unet = unet_snapshot(self.backbone.unet)
+            # The base model's identity, hashed before tuning moves the weights it reads (conv_in among them).
+            self._base_fingerprint = self.backbone.fingerprint()
         n_targets = len(self.personalizer.hypernetwork.names)
         rank = self.personalizer.hypernetwork.rank
         self.v_star = nn.Parameter(
@@ -352,6 +354,7 @@ class ConceptTuning(PersonalizationModule):
         art = concept_artifact(self.backbone, self.token_index, v_star, lora, self.alpha, steps, extra)
         if self._initial_unet is not None:
             art.unet_offsets = unet_offsets(self.backbone.unet, self._initial_unet)
+            art.fingerprint = self._base_fingerprint
         return art
 
     def export(self, slot: int = 0, export_dir: str | Path | None = None) -> Path:

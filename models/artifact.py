@@ -175,7 +175,9 @@ class ConceptArtifact:
             fingerprint=meta["fingerprint"],
             steps=int(meta["steps"]),
             extra=json.loads(meta.get("extra", "{}")),
-            unet_offsets={k[len(OFFSET_PREFIX) :]: v for k, v in tensors.items() if k.startswith(OFFSET_PREFIX)},
+            unet_offsets={
+                k[len(OFFSET_PREFIX) :]: v for k, v in tensors.items() if k.startswith(OFFSET_PREFIX)
+            },
         )
 
     def export_diffusers(self, out_dir: str | Path) -> Path:

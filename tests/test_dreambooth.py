@@ -22,9 +22,11 @@ def test_offsets_are_applied_inside_the_block_and_the_base_restored_exactly(back
         torch.testing.assert_close(dict(unet.named_parameters())[name].detach(), base[name] + 0.25)
     for n, p in unet.named_parameters():
         assert torch.equal(p.detach(), base[n]), n
-    with pytest.raises(KeyError, match="does not have"):
-        with applied_offsets(unet, {"no.such.weight": torch.zeros(1)}):
-            pass
+    with (
+        pytest.raises(KeyError, match="does not have"),
+        applied_offsets(unet, {"no.such.weight": torch.zeros(1)}),
+    ):
+        pass
 
 
 def test_unet_offsets_name_only_the_moved_parameters_and_restore_undoes_them(backbone):
@@ -104,13 +106,17 @@ def test_dreambooth_tunes_every_unet_weight_and_its_exports_reproduce_the_tuned_
         assert (tuned - base).abs().max() > 1e-3
         art = ConceptArtifact.load(module.artifact_path)
         assert art.extra["method"] == "dreambooth" and art.unet_offsets
+        assert art.fingerprint == backbone.fingerprint()  # the base model's, not the tuned weights'
         with applied_offsets(backbone.unet, art.unet_offsets):
             ours = backbone.unet(latents, torch.tensor([500]), encoder_hidden_states=context).sample
         torch.testing.assert_close(ours, tuned, atol=1e-5, rtol=0)
         export = module.artifact_path.with_name(f"{module.artifact_path.stem}_diffusers")
         plain = UNet2DConditionModel.from_pretrained(str(export / "unet"))
         torch.testing.assert_close(
-            plain(latents, torch.tensor([500]), encoder_hidden_states=context).sample, tuned, atol=1e-5, rtol=0
+            plain(latents, torch.tensor([500]), encoder_hidden_states=context).sample,
+            tuned,
+            atol=1e-5,
+            rtol=0,
         )
         module.reset_concept()
         after = module.backbone.unet(latents, torch.tensor([500]), encoder_hidden_states=context).sample

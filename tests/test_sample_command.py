@@ -122,7 +122,9 @@ def test_sample_says_the_class_noun_of_an_instance_prompt_concept(concept_file, 
     from evaluation.plan import Setting
 
     art = ConceptArtifact.load(concept_file)
-    art.extra.update(instance_prompt="a photo of {identifier} {class_noun}", identifier="sks", class_noun="dog")
+    art.extra.update(
+        instance_prompt="a photo of {identifier} {class_noun}", identifier="sks", class_noun="dog"
+    )
     path = art.save(tmp_path / "sks.safetensors")
     grid = np.asarray(
         Image.open(_sample(path, tmp_path / "grid.png", ["a <s*> on the beach"], "--scale", "1"))
