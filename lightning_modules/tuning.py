@@ -32,7 +32,7 @@ from models.errors import ConfigurationError
 from models.personalizer import Personalizer, PersonalizerConfig
 from models.unet_lora import add_unet_lora, lora_parameters, lora_snapshot, restore_lora
 from models.unet_lora import static_factors as unet_lora_factors
-from models.unet_offsets import restore_unet, unet_offsets, unet_snapshot
+from models.unet_offsets import FullFineTuning
 
 Tunable = Literal["embedding", "cores", "factors", "encoder", "unet_lora", "unet"]
 
@@ -104,7 +104,7 @@ class ConceptTuning(PersonalizationModule):
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["optimizer"])
         self.tune = list(tune) if tune is not None else ["embedding", "cores"]
-        check_tuning_options(self.tune, init, encoder_checkpoint, instance_prompt)
+        check_tuning_options(self.tune, init, encoder_checkpoint, instance_prompt, export_kohya)
         state = None
         if encoder_checkpoint is not None:
             meta, state = load_pretraining_checkpoint(encoder_checkpoint, self.backbone)
@@ -124,14 +124,9 @@ class ConceptTuning(PersonalizationModule):
             # After the backbone is frozen: only the adapter's parameters are trainable.
             add_unet_lora(self.backbone.unet, unet_lora_rank)
             self._initial_unet_lora = lora_snapshot(self.backbone.unet)
-        self._initial_unet: dict[str, torch.Tensor] | None = None
+        self._full: FullFineTuning | None = None  # DreamBooth
         if "unet" in self.tune:
-            if export_kohya:
-                raise ConfigurationError("tune: [unet] (full fine-tuning) has no LoRA to export for kohya")
-            self.backbone.unet.requires_grad_(True)
-            self._initial_unet = unet_snapshot(self.backbone.unet)
-            # The base model's identity, hashed before tuning moves the weights it reads (conv_in among them).
-            self._base_fingerprint = self.backbone.fingerprint()
+            self._full = FullFineTuning(self.backbone.unet, self.backbone.fingerprint())
         n_targets = len(self.personalizer.hypernetwork.names)
         rank = self.personalizer.hypernetwork.rank
         self.v_star = nn.Parameter(
@@ -192,8 +187,8 @@ class ConceptTuning(PersonalizationModule):
         self.personalizer.load_state_dict(self._initial_personalizer)
         if self._initial_unet_lora is not None:
             restore_lora(self.backbone.unet, self._initial_unet_lora)
-        if self._initial_unet is not None:
-            restore_unet(self.backbone.unet, self._initial_unet)
+        if self._full is not None:
+            self._full.reset()
         self.initialised.fill_(False)
         self.concept_name = concept_name
         self.concepts = None
@@ -290,7 +285,7 @@ class ConceptTuning(PersonalizationModule):
     @property
     def modifies_backbone(self) -> bool:
         """Whether this module added a trainable adapter to its backbone's UNet (so it is not the base model)."""
-        return self._initial_unet_lora is not None or self._initial_unet is not None
+        return self._initial_unet_lora is not None or self._full is not None
 
     @property
     def lora_active(self) -> bool:
@@ -352,9 +347,8 @@ class ConceptTuning(PersonalizationModule):
             lora = {k: (d.cpu(), u.cpu()) for k, (d, u) in static.items()}
         steps = self.slots.steps_done(int(self.global_step))
         art = concept_artifact(self.backbone, self.token_index, v_star, lora, self.alpha, steps, extra)
-        if self._initial_unet is not None:
-            art.unet_offsets = unet_offsets(self.backbone.unet, self._initial_unet)
-            art.fingerprint = self._base_fingerprint
+        if self._full is not None:
+            art.unet_offsets, art.fingerprint = self._full.offsets(), self._full.fingerprint
         return art
 
     def export(self, slot: int = 0, export_dir: str | Path | None = None) -> Path:
@@ -372,7 +366,7 @@ class ConceptTuning(PersonalizationModule):
             diffusers=self.export_diffusers,
             kohya=self.export_kohya,
             unet_with_adapter=self.backbone.unet if self._initial_unet_lora is not None else None,
-            tuned_unet=self.backbone.unet if self._initial_unet is not None else None,
+            tuned_unet=self.backbone.unet if self._full is not None else None,
             prediction_type=str(self.backbone.scheduler.config.prediction_type),
             resolution=self.backbone.resolution,
         )

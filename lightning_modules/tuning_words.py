@@ -17,14 +17,22 @@ CAPTION = "{caption}"  # the instance prompt that keeps the data's own prompts
 
 
 def check_tuning_options(
-    tune: Sequence[str], init: str, encoder_checkpoint: str | None, instance_prompt: str | None
+    tune: Sequence[str],
+    init: str,
+    encoder_checkpoint: str | None,
+    instance_prompt: str | None,
+    export_kohya: bool = False,
 ) -> None:
     """Refuses options that do not go together.
 
     Raises:
-        ValueError: nothing to tune, ``init: encoder`` without an encoder checkpoint, or an instance prompt with
-            another ``init`` than ``token`` or with a tuned embedding.
+        ValueError: nothing to tune, ``init: encoder`` without an encoder checkpoint, an instance prompt with
+            another ``init`` than ``token`` or with a tuned embedding, or a kohya export of full fine-tuning.
     """
+    if "unet" in tune and export_kohya:
+        raise ValueError(
+            "tune: [unet] (full fine-tuning, DreamBooth) has no LoRA to export in kohya's format"
+        )
     if not tune:
         raise ValueError("tune must name at least one of embedding, cores, factors, encoder")
     if init == "encoder" and encoder_checkpoint is None:

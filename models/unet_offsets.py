@@ -64,3 +64,24 @@ def applied_offsets(unet: nn.Module, offsets: dict[str, torch.Tensor]) -> Iterat
         with torch.no_grad():
             for name, value in saved.items():
                 params[name].copy_(value)
+
+
+class FullFineTuning:
+    """A UNet tuned in full (DreamBooth): made trainable, its base weights and fingerprint kept.
+
+    Args:
+        unet: the backbone's UNet (every parameter becomes trainable).
+        fingerprint: the base model's fingerprint, taken before tuning moves the weights it hashes.
+    """
+
+    def __init__(self, unet: nn.Module, fingerprint: str) -> None:
+        unet.requires_grad_(True)
+        self.unet, self.fingerprint, self.base = unet, fingerprint, unet_snapshot(unet)
+
+    def reset(self) -> None:
+        """The base weights back in place (the next concept starts from the base model)."""
+        restore_unet(self.unet, self.base)
+
+    def offsets(self) -> dict[str, torch.Tensor]:
+        """What tuning changed so far (:func:`unet_offsets`)."""
+        return unet_offsets(self.unet, self.base)
