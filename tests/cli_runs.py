@@ -1,7 +1,7 @@
 """Helpers and fixtures of the CLI-driven training tests (test_training, test_exports_and_errors).
 
-Registered as a pytest plugin by ``conftest.py``, so its fixtures are shared (module-scoped: built once per
-test module that uses them).
+Registered as a pytest plugin by ``conftest.py``, so its fixtures are shared: the token-index cache and the
+pretraining checkpoint once per session (every reader only reads them), the rest once per test module.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ def cli_environment():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def index_dir(tmp_path_factory) -> Path:
-    """Token-index cache shared by the runs of this module."""
+    """Token-index cache shared by the runs of the session (a cache: a run reads it or adds an entry)."""
     return tmp_path_factory.mktemp("token_index")
 
 
@@ -191,11 +191,20 @@ def nan_unet(module):
     return module.backbone.unet.register_forward_hook(hook)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pretrain_ckpt(tiny_sd_dir, index_dir, tmp_path_factory) -> Path:
-    """``last.ckpt`` of a 2-step pretraining run through ``train.py fit``, reused by the tuning tests."""
+    """``last.ckpt`` of a 2-step pretraining run through ``train.py fit``, reused by the tuning tests of every
+    module (read-only: a test that changes it works on a copy)."""
     root = tmp_path_factory.mktemp("pretrain")
-    train.main(["fit", *pretrain_args(root, tiny_sd_dir, index_dir, steps=2, checkpoint_every=2)])
+    # Built before the module-scoped cli_environment applies: the same plain argv and one thread here.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["train.py"])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            train.main(["fit", *pretrain_args(root, tiny_sd_dir, index_dir, steps=2, checkpoint_every=2)])
+        finally:
+            torch.set_num_threads(threads)
     path = root / "ckpt" / "last.ckpt"
     assert path.is_file()
     return path
