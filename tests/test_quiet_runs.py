@@ -109,6 +109,7 @@ def test_sampling_says_where_the_grid_is(tuning_run, tmp_path):
     assert not noisy(proc.stdout), proc.stdout
 
 
+@pytest.mark.slow
 def test_the_quickstarts_pretraining_step_reports_like_tuning_and_checkpoints(tmp_path):
     """The quickstart's step 1 (``train.py fit --config configs/pretrain/instance_other_context_rank16_small.yaml
     --trainer.max_steps N``), 2 steps, run from a folder holding links to the repository's assets and configs so
@@ -141,6 +142,7 @@ def test_the_quickstarts_pretraining_step_reports_like_tuning_and_checkpoints(tm
     assert list((tmp_path / out / "tb").rglob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_verbose_keeps_the_libraries_notices(tmp_path):
     """The notices are silenced by message, only on request: ``--verbose`` shows them again."""
     if importlib.util.find_spec("torchvision") is not None:
