@@ -79,6 +79,8 @@ class PersonalizationModule(SampleLogging, LightningModule):
 
     strict_loading = False
     phase = "base"
+    #: Every batch holds one concept (tuning): the regulariser is the pull, without counting (a device read).
+    one_concept_per_batch = False
 
     def __init__(
         self,
@@ -235,7 +237,7 @@ class PersonalizationModule(SampleLogging, LightningModule):
         # regulariser (the baselines) skip it and its device-to-host sync.
         if alpha < 1.0 or self.nn_weight > 0:
             k = max(self.nn_k, 1)
-            table = bb.token_embedding_table()
+            table = bb.token_rows()
             neighbours, neighbour_ids = gather_neighbours(self.token_index, table, v_star, k)
             hard_ids = neighbour_ids[:, 0]
             # The regulariser's cosine is the index's similarity (SDXL: mean of the two encoders' cosines).
@@ -254,7 +256,7 @@ class PersonalizationModule(SampleLogging, LightningModule):
         total = losses["loss/diffusion"]
         if self.nn_weight > 0:
             concept_ids = batch_concept_ids(batch, v_star.device)
-            if count_concepts(concept_ids) >= 2:
+            if not self.one_concept_per_batch and count_concepts(concept_ids) >= 2:
                 terms = self.nn_loss(nn_v_star, neighbours, neighbour_ids, concept_ids)
                 losses["loss/nn_contrastive"] = terms["loss/nn_contrastive"]
                 total = total + terms["loss/nn_contrastive_weighted"]

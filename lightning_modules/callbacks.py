@@ -53,23 +53,21 @@ class FiniteGuard(Callback):
     one line. :class:`~lightning_modules.cli.TuningEncoderCLI` adds it to every run.
     """
 
-    def __init__(self) -> None:
-        self.terms: dict[str, float] = {}
-
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx
     ) -> None:
-        self.terms = {
-            k: float(v)
-            for k, v in trainer.callback_metrics.items()
-            if k.startswith("train/loss") and v.numel() == 1
-        }
-        params = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
-        if not params or bool(torch.stack([p.detach().isfinite().all() for _, p in params]).all()):
-            return  # one device synchronisation per step
-        bad = [n for n, p in params if not bool(p.detach().isfinite().all())]
+        params = [(n, p.detach()) for n, p in pl_module.named_parameters() if p.requires_grad]
+        # One fused reduction (the largest |value| of each tensor: NaN or inf exactly when the tensor holds one)
+        # and one device synchronisation per step; everything else only on failure.
+        if not params or bool(
+            torch.stack(torch._foreach_norm([p for _, p in params], float("inf"))).isfinite().all()
+        ):
+            return
+        bad = [n for n, p in params if not bool(p.isfinite().all())]
         if bad:
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(self.terms.items())) or "not logged"
+            logged = trainer.callback_metrics.items()
+            terms = {k: float(v) for k, v in logged if k.startswith("train/loss") and v.numel() == 1}
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(terms.items())) or "not logged"
             raise NonFiniteError(
                 f"training diverged at step {trainer.global_step}: {len(bad)} trained tensor(s) became NaN or "
                 f"infinite ({bad[0]}, ...) after the update; loss terms of that step: {terms}. "

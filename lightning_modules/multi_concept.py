@@ -141,7 +141,7 @@ def multi_concept_step(module, batch: dict) -> tuple[dict[str, torch.Tensor], di
     v_star, cores = module.predict_concepts(batch, noisy, timesteps)
     neighbours = hard_ids = None
     if module.alpha < 1.0 or module.nn_weight > 0:
-        table = bb.token_embedding_table()
+        table = bb.token_rows()
         neighbours, neighbour_ids = gather_neighbours(module.token_index, table, v_star, max(module.nn_k, 1))
         hard_ids = neighbour_ids[:, 0]
         nn_v_star, neighbours = bb.similarity_space(v_star), bb.similarity_space(neighbours)

@@ -83,6 +83,7 @@ class ConceptTuning(PersonalizationModule):
     """
 
     phase = "tune"
+    one_concept_per_batch = True  # model_step sees one concept; several go through multi_concept_step
 
     def __init__(
         self,

@@ -39,6 +39,9 @@ class NeighbourIndex(Protocol):
     def search(self, queries: Tensor, k: int) -> NeighbourSearchResult:  # pragma: no cover - protocol
         ...
 
+    # Optional: ``ids_in_range = True`` when every id returned is a valid row (no -1 padding), which spares
+    # :func:`gather_neighbours` a host-device read of the ids.
+
 
 def gather_neighbours(
     index: NeighbourIndex, embedding_table: Tensor, v_star: Tensor, k: int
@@ -67,11 +70,16 @@ def gather_neighbours(
             f"expected v_star (B, D) and embedding_table (V, D), got {tuple(v_star.shape)} "
             f"and {tuple(embedding_table.shape)}"
         )
-    ids = torch.as_tensor(index.search(v_star.detach(), k).ids)
+    # A diverged row searches as zeros: its NaN reaches the loss, whose finite check stops every rank at once
+    # (an index raising here would stop this rank alone).
+    ids = torch.as_tensor(index.search(v_star.detach().nan_to_num(0.0, 0.0, 0.0), k).ids)
     if ids.shape != (v_star.shape[0], k):
         raise ValueError(f"index returned ids of shape {tuple(ids.shape)}, expected ({v_star.shape[0]}, {k})")
     ids = ids.to(device=embedding_table.device, dtype=torch.long)
-    if bool((ids < 0).any()) or bool((ids >= embedding_table.shape[0]).any()):
+    # An index that guarantees its ids (``ids_in_range``, e.g. ``TokenIndex``) spares the check's device read.
+    if not getattr(index, "ids_in_range", False) and bool(
+        ((ids < 0) | (ids >= embedding_table.shape[0])).any()
+    ):
         # FAISS pads with -1 when it finds fewer than k results; indexing with -1 would silently wrap around.
         raise ValueError(f"index returned ids outside [0, {embedding_table.shape[0]}): {ids.tolist()}")
     # Detach: the neighbours are fixed anchors; the table is frozen and must not collect gradients.

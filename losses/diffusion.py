@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from losses.distributed import world_and_rank
 from losses.precision import full_precision
 
 if TYPE_CHECKING:
@@ -168,27 +170,42 @@ class DiffusionLoss(nn.Module):
 
 
 def check_finite(losses: Mapping[str, Tensor | float]) -> None:
-    """Raises if any loss term is NaN or infinite.
+    """Raises on every rank if any loss term of any rank is NaN or infinite.
 
-    Tensors are checked in a single reduction (one device synchronisation per call, not one per term); the
-    terms are only inspected one by one to build the error message.
+    One fused reduction over all terms, all-reduced across the data-parallel ranks (when a process group is up)
+    and read once: a single host-device synchronisation per call. Every rank reaches the same verdict, so a NaN on
+    one rank stops all of them with the same message, instead of the others waiting in the next collective until
+    the timeout. The terms are inspected one by one only to build that message.
 
     Args:
         losses: Named loss terms, e.g. ``{"loss": ..., "loss/diffusion": ...}``; tensors of any shape or floats.
 
     Raises:
-        FloatingPointError: Naming every term that holds a NaN or an inf, with its value.
+        FloatingPointError: Naming every term that holds a NaN or an inf, with its value (and, with several
+            ranks, the rank it came from).
     """
     tensors = {name: torch.as_tensor(value) for name, value in losses.items()}
     if not tensors:
         return
     device = next(iter(tensors.values())).device
-    flags = torch.stack([torch.isfinite(t.detach()).all().to(device) for t in tensors.values()]).cpu()
-    if bool(flags.all()):
+    values = torch.cat(
+        [t.detach().reshape(-1).to(device=device, dtype=torch.float32) for t in tensors.values()]
+    )
+    world, rank = world_and_rank()
+    bad = torch.zeros(world, device=device)
+    bad[rank] = (~values.isfinite()).any().float()
+    if world > 1:
+        dist.all_reduce(bad)
+    bad_ranks = [r for r, flag in enumerate(bad.tolist()) if flag]  # the one read
+    if not bad_ranks:
         return
-    bad = [
+    terms = ", ".join(
         f"{name}={value.detach().float().cpu().flatten()[:4].tolist()}"
-        for (name, value), ok in zip(tensors.items(), flags)
-        if not bool(ok)
-    ]
-    raise FloatingPointError(f"non-finite loss term(s): {', '.join(bad)}")
+        for name, value in tensors.items()
+        if not bool(value.detach().isfinite().all())
+    )
+    if world > 1:  # every rank reached this line: gather each bad rank's terms for one message
+        parts: list[str] = [""] * world
+        dist.all_gather_object(parts, terms)
+        terms = "; ".join(f"rank {r}: {parts[r]}" for r in bad_ranks)
+    raise FloatingPointError(f"non-finite loss term(s): {terms}")

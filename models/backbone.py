@@ -157,6 +157,10 @@ class DiffusionBackbone(nn.Module):
         """(V, D) the text encoder's input-embedding table (without the placeholder)."""
         return self.text_encoder.get_input_embeddings().weight
 
+    def token_rows(self) -> torch.Tensor:
+        """The table the training step indexes (``rows[ids]``); SDXL's gathers rows without concatenating."""
+        return self.token_embedding_table()
+
     def fingerprint(self, load_path: str | None = None) -> str:
         """A short hash identifying the base model (:func:`models.fingerprint.backbone_fingerprint`)."""
         return backbone_fingerprint(self, load_path)
@@ -282,7 +286,8 @@ class DiffusionBackbone(nn.Module):
         if alpha < 1.0:
             if hard_token_ids is None:
                 raise ValueError(f"alpha={alpha} < 1 needs hard_token_ids (the nearest real token of v*)")
-            hard = self.conditioning(self.hard_prompt_ids(input_ids, hard_token_ids))
+            # S*'s row set to the token's own: the hard prompt's embeddings, with no device read of the ids.
+            hard = self.conditioning(input_ids, self.token_rows()[hard_token_ids])
         return self.denoise(noisy_latents, timesteps, soft, hard, lora, alpha)
 
     # ----- hooks a backbone with another text conditioning overrides (models.backbone_sdxl) -----

@@ -53,6 +53,7 @@ from models.placeholder import (
     run_text_model,
 )
 from models.token_index import SplitCosineTokenIndex, TokenIndex, normalise_halves
+from models.token_rows import ConcatenatedTable
 
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
 # The key names of SDXL embedding files (A1111, ComfyUI, diffusers docs).
@@ -206,6 +207,11 @@ class SDXLDiffusionBackbone(DiffusionBackbone):
         a = self.text_encoder.get_input_embeddings().weight
         b = self.text_encoder_2.get_input_embeddings().weight
         return torch.cat([a, b.to(a.dtype)], dim=1)
+
+    def token_rows(self) -> ConcatenatedTable:
+        """:meth:`token_embedding_table` as a view whose indexing gathers rows of both tables (no copy)."""
+        a = self.text_encoder.get_input_embeddings().weight
+        return ConcatenatedTable(a, self.text_encoder_2.get_input_embeddings().weight)
 
     def mean_token_norms(self) -> tuple[float, ...]:
         table = self.token_embedding_table().detach().float()

@@ -76,7 +76,13 @@ def placeholder_input_embeds(
     mask = None
     if placeholder_id is not None:
         mask = input_ids == placeholder_id
-        if bool(mask.any()):
+        # With a v* for every row, writing it where the mask is set is a no-op on rows without S*: the mask need
+        # not be read (a host-device synchronisation per text-encoder call on a GPU).
+        fits = placeholder_embeds is not None and placeholder_embeds.shape == (
+            ids.shape[0],
+            table.embedding_dim,
+        )
+        if fits or bool(mask.any()):
             if placeholder_embeds is None:
                 raise PlaceholderError(
                     "prompts contain the placeholder but no placeholder embedding was given"

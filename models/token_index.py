@@ -62,6 +62,11 @@ def _faiss_threads(num_threads: int) -> Iterator[None]:
         faiss.omp_set_num_threads(previous)
 
 
+NON_FINITE_QUERY = (
+    "non-finite query (NaN or inf in v*) to the nearest-token index"  # FAISS would crash or lie
+)
+
+
 class TokenIndex:
     """Cosine nearest-neighbour search over a token-embedding table, returning vocabulary ids.
 
@@ -75,6 +80,10 @@ class TokenIndex:
         loaded_from_cache: True when the FAISS index was read from the cache instead of being built.
         cache_path: the cached ``.faiss`` file used or written, or None.
     """
+
+    ids_in_range = (
+        True  #: search returns indexed rows' ids only (FAISS's -1 padding is searched again exactly)
+    )
 
     def __init__(
         self,
@@ -270,9 +279,8 @@ class TokenIndex:
                 f"queries must have shape (Q, {self.dim}) to match the index dim {self.dim}, "
                 f"got {tuple(queries.shape)} (dim {queries.shape[-1] if queries.ndim else None})"
             )
-        if not bool(torch.isfinite(queries.detach()).all()):
-            # FAISS would crash deep inside (or return garbage) on NaN / inf: the caller's training diverged.
-            raise NonFiniteError("non-finite query (NaN or inf in v*) to the nearest-token index")
+        if self.mode == "torch" and not bool(torch.isfinite(queries.detach()).all()):
+            raise NonFiniteError(NON_FINITE_QUERY)  # FAISS checks its host copy of the queries instead
         device = queries.device
         if queries.shape[0] == 0:
             empty_ids = torch.empty(0, k, dtype=torch.long, device=device)
@@ -282,7 +290,7 @@ class TokenIndex:
         else:
             scores, rows = self._search_faiss(queries.detach(), k)
         ids = self.vocab_ids[rows]
-        tokens = [[self.tokens[i] for i in row] for row in ids.tolist()]
+        tokens = [[self.tokens[i] for i in row] for row in ids.numpy().tolist()]  # host ids: no device read
         return TokenSearchResult(ids.to(device), scores.to(device), tokens)
 
     def _search_torch(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -295,7 +303,9 @@ class TokenIndex:
 
     def _search_faiss(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """FAISS search on cpu; returns (Q, k) scores and (Q, k) row indices."""
-        q = np.ascontiguousarray(F.normalize(queries.float().cpu(), dim=-1).numpy())
+        q = np.ascontiguousarray(F.normalize(queries.float().cpu(), dim=-1).numpy())  # the round trip
+        if not np.isfinite(q).all():
+            raise NonFiniteError(NON_FINITE_QUERY)
         # More threads than queries only adds OpenMP overhead (both index types split work by query).
         with _faiss_threads(max(1, min(self.num_threads, q.shape[0]))):
             if self.mode == "hnsw":
@@ -331,6 +341,8 @@ class SplitCosineTokenIndex:
         index: the index over the normalised, concatenated tables.
         dims: the width of each table (SDXL: 768, 1280).
     """
+
+    ids_in_range = True
 
     def __init__(self, index: TokenIndex, dims: tuple[int, ...]) -> None:
         self.index = index

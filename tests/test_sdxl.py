@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 from diffusers.models.attention import BasicTransformerBlock
+from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from models.artifact import ConceptArtifact
@@ -230,8 +231,36 @@ def sdxl_tuned(sdxl_dir, sdxl_pretrained, tmp_path_factory):
         "export_kohya": True,
     }
     snap = Snapshot()
-    cli = fit(_args(TUNE, root, sdxl_dir, index, 3, model, {"steps": 3}), snap)
+    cli = fit(_args(TUNE, root, sdxl_dir, index, 3, model, {"steps": 3}), snap, TableBuilds())
     return cli.model, snap
+
+
+class TableBuilds(Callback):
+    """Counts the full-table concatenations (``token_embedding_table``) made during training steps."""
+
+    builds = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        build = type(pl_module.backbone).token_embedding_table
+
+        def counted(backbone):
+            TableBuilds.builds += 1
+            return build(backbone)
+
+        pl_module.backbone.token_embedding_table = counted.__get__(pl_module.backbone)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        del pl_module.backbone.token_embedding_table
+
+
+def test_sdxl_training_steps_gather_token_rows_without_concatenating_the_table(sdxl, sdxl_tuned):
+    assert (
+        TableBuilds.builds == 0
+    )  # three tuning steps, each with the nearest-token lookup and the hard prompt
+    table, rows = sdxl.token_embedding_table().detach(), sdxl.token_rows()
+    ids = torch.tensor([[1, 5], [7, 300]])
+    assert rows.shape == table.shape and rows.device == table.device
+    assert torch.equal(rows[ids], table[ids]) and torch.equal(rows.detach()[ids[:, 0]], table[ids[:, 0]])
 
 
 def test_tuning_on_sdxl_exports_an_artefact_with_both_parts(sdxl_tuned):

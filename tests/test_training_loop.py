@@ -3,13 +3,21 @@ host-device reads per step, sampling after the optimizer step (tiny backbone, CP
 
 from __future__ import annotations
 
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.overrides import TorchFunctionMode
 
 import lightning_modules.base as base
 import lightning_modules.samples as samples
 import train
-from tests.cli_runs import fit, pretrain_args, tune_args
+from tests.cli_runs import REPO, fit, pretrain_args, tune_args
+from tests.gloo_workers import nan_on_rank_one
 
 
 def test_each_micro_batch_of_an_accumulated_step_draws_its_own_noise(
@@ -72,3 +80,75 @@ def test_samples_are_drawn_after_the_optimizer_step_from_the_values_of_their_ste
     assert calls == [False, False]  # one sample per step, none while a training step's graph is alive
     events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*"))), {"images": 0}).Reload()
     assert [s.step for s in events.Images("concept/samples")] == [0, 1]
+
+
+# ----- a NaN on one rank stops every rank, with one message -----
+def test_a_nan_on_one_of_two_gloo_ranks_stops_both_with_one_message(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(nan_on_rank_one, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    first, second = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
+    assert first == second == repr("non-finite loss term(s): rank 1: loss=[nan], loss/diffusion=[nan]")
+
+
+# ----- reads of tensor values (host-device synchronisations on a GPU) per tuning step -----
+# Reads of values, and ops whose output shape depends on the values (CUDA syncs for them). ``numpy()`` is not
+# counted: it only works on host tensors (FAISS's results, ids already on the host).
+READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "unique", "nonzero"}
+READS |= {"masked_select", "argwhere", "unique_consecutive"}
+
+
+class ReadCounter(TorchFunctionMode, Callback):
+    """Records every read of a tensor's value by the project's code between a batch's start and its end (the
+    tuning step, the optimizer step and the callbacks), with the line that made it. On a GPU each is a
+    host-device synchronisation; here on the CPU the same lines run, so counting them counts those."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[list[str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        masked = name == "__getitem__" and any(getattr(a, "dtype", None) == torch.bool for a in args[1:])
+        if (name in READS or masked) and (where := _caller()):
+            self.steps[-1].append(f"{name} at {where}")
+        return func(*args, **(kwargs or {}))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.steps.append([])
+        self.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.__exit__(None, None, None)
+
+
+def _caller() -> str | None:
+    """``file:line function`` of the innermost frame in the project's own code; None for torch's and Lightning's
+    own reads (e.g. Adam's step counter, a CPU tensor unless ``capturable``)."""
+    frame = traceback.extract_stack()[-3]
+    path = Path(frame.filename)
+    if REPO in path.parents and ".venv" not in path.parts:
+        return f"{path.relative_to(REPO)}:{frame.lineno} {frame.name}"
+    return None
+
+
+# What a tuning step needs to read: the nearest-token search's round trip (FAISS runs on the host), the loss's
+# finite flag (one fused reduction, all-reduced across ranks) and the trained weights' finite flag (one fused
+# reduction after the update). Before: 15 reads a step (the index's finiteness and id checks, the placeholder
+# mask twice, the concept count, per-term floats of the logged losses, two in each finite guard).
+SEARCH, LOSS_FLAG, WEIGHT_FLAG = "_search_faiss", "check_finite", "on_train_batch_end"
+
+
+@pytest.mark.parametrize(
+    ("variant", "reads"),
+    [(None, [SEARCH, LOSS_FLAG, WEIGHT_FLAG]), ("textual_inversion", [LOSS_FLAG, WEIGHT_FLAG])],
+    ids=["date", "textual_inversion"],
+)
+def test_host_device_reads_per_tuning_step(tiny_sd_dir, index_dir, pretrain_ckpt, tmp_path, variant, reads):
+    counter = ReadCounter()
+    ckpt = pretrain_ckpt if variant is None else None
+    fit(tune_args(tmp_path, tiny_sd_dir, index_dir, ckpt, steps=3, variant=variant), counter)
+    assert len(counter.steps) == 3
+    for step in counter.steps:
+        assert [line.rsplit(" ", 1)[-1] for line in step] == reads, step
