@@ -1,4 +1,4 @@
-"""Every fenced ```bash and ```python block of README.md and docs/*.md runs as written.
+"""Every fenced ```bash and ```python block of README.md and docs/**/*.md runs as written.
 
 Each markdown file gets its own copy of the repository (so its blocks write there, not into the checkout) and
 its blocks run in document order from the copy's root, as a reader would run them: a later block may use what
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 LANGUAGES = ("bash", "python")
 MARKER = re.compile(r"^<!--\s*(\w+)\s*(?::\s*(.*?))?\s*-->$")
 FENCE = re.compile(r"^```(\S*)\s*$")

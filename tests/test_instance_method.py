@@ -1,5 +1,5 @@
 """DATE on the instance world, guarded in CI (seeded; the numbers are those of the test run in
-docs/instance_results.md, ``python evaluate.py run --config configs/evaluate/instance_committed.yaml``, with the
+docs/research/instance_world.md, ``python evaluate.py run --config configs/evaluate/instance_committed.yaml``, with the
 committed instance encoder and the tuning settings chosen on the validation concepts: lr 1e-2, 12 steps).
 
 The paper's central claim on this world, DATE-12 beats the words on identity, holds with the committed encoder
@@ -90,7 +90,7 @@ def test_date_beats_the_words_on_the_quickstarts_held_out_instance(run):
 @pytest.mark.slow
 def test_alpha_trades_prompt_for_identity(run):
     """Measured (test run): prompt accuracy 0.984 at alpha 0.5 against 0.776 at alpha 1 (identity 0.149 / 0.146:
-    on this world alpha 1 buys no identity, docs/instance_results.md)."""
+    on this world alpha 1 buys no identity, docs/research/instance_world.md)."""
     rows, _, _ = run
     assert _mean(rows, "date", "pixel_prompt_acc", alpha=0.5) >= 0.9
     assert (
@@ -104,7 +104,7 @@ def test_core_probe_finds_the_instance_in_the_committed_encoders_cores(capsys):
     starts from) lowers the loss on its instance in another context below a same-category instance's prediction
     (measured with n 16, draws 2: 0.155 vs 0.175; n 64, draws 8: 0.179 vs 0.195), and its cores carry no noise
     draw: at the target's own timestep they do no better than at inference (0.154 vs 0.155). The E4T-style encoder
-    of docs/instance_results.md had the opposite pattern (0.202 / 0.248 at its own timestep, 0.227 / 0.226 at
+    of docs/research/instance_world.md had the opposite pattern (0.202 / 0.248 at its own timestep, 0.227 / 0.226 at
     inference)."""
     from toyworld.core_probe import core_probe, main
 

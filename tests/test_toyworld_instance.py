@@ -209,7 +209,7 @@ def test_committed_threshold_is_the_validation_calibration():
     threshold, balanced = cal.calibrate_threshold()
     assert abs(threshold - P.IDENTITY_THRESHOLD) < 5e-4 and balanced >= 0.95
     record = json.loads((REPO / "assets" / "toyworld" / "instance_calibration.json").read_text())
-    assert abs(record["threshold"] - P.IDENTITY_THRESHOLD) < 5e-4  # the table in docs/toyworld.md used it
+    assert abs(record["threshold"] - P.IDENTITY_THRESHOLD) < 5e-4  # docs/research/instance_world.md used it
     assert cal.best_threshold([0.5, 0.6], [0.1, 0.3]) == (pytest.approx(0.4), 1.0)
 
 

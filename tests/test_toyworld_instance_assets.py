@@ -84,7 +84,7 @@ def test_adherence_reads_samples_from_pixels(trained):
 
 
 def test_autoencoder_ceiling_of_the_committed_validation_concepts(capsys):
-    """The committed instance autoencoder's round trip keeps most of an input (docs/instance_results.md: identity
+    """The committed instance autoencoder's round trip keeps most of an input (docs/research/instance_world.md: identity
     0.445 on validation); a broken or swapped autoencoder would drop to the words' 0.1."""
     main(["instance-ceiling", "--concepts", "assets/toyworld/instance_validation_concepts"])
     result = json.loads(capsys.readouterr().out)

@@ -107,7 +107,7 @@ def test_committed_hybrid_encoder_passes_retrieval_and_the_attainable_details():
     distractors >= 0.9, and >= 0.9 on the details the supervised oracle itself reaches 0.9 on, but for a star's
     points (0.88; the oracle 0.95). Measured (probe.json next to the weights, float32): 1-NN 0.92; hue 0.96,
     saturation 0.91, tilt 0.93, pattern 0.91, category 0.96. Roundness, pattern angle and period stay far below
-    even supervised (docs/toyworld.md): not asserted."""
+    even supervised (docs/research/instance_image_encoder.md): not asserted."""
     row = P.instance_probe(["assets/toyworld/instance_image_encoder_hybrid"])["rows"][0]["cells"]
     assert row["1nn"] >= 0.9, row
     for detail in ("hue", "saturation", "tilt", "pattern", "category"):

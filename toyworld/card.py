@@ -61,8 +61,7 @@ def instance_lines(out: Path) -> list[str]:
     )
     lines = [
         "## The instance world (captions name a category and a context, never the instance's details)",
-        'What it is and what was measured with it: docs/toyworld.md ("Instance world") and'
-        " docs/instance_results.md.",
+        "What it is and what was measured with it: docs/toyworld.md and docs/research/instance_world.md.",
         f"- `instance_pipeline/`: the base model trained on instance scenes for {base.get('base_steps')} steps"
         f" (final loss {base.get('base_final_loss', float('nan')):.4f},"
         f" {base.get('base_wall_s_last_run', 0) / 60:.0f} min on one core; VAE reconstruction MSE"
@@ -96,6 +95,6 @@ def instance_lines(out: Path) -> list[str]:
         f" and the reference rows (identity on the test concepts): {refs}.",
         "- `instance_concepts/` (24 test concepts) and `instance_validation_concepts/` (8): input images;"
         " `instance_vocabulary.txt`: the category words (the regulariser's vocabulary); `instance_results/`:"
-        " the grid and trade-off plots of docs/instance_results.md.",
+        " the grids and trade-off plots of docs/research/instance_world.md.",
     ]
     return lines

@@ -1,5 +1,5 @@
-"""What an instance-world encoder's predictions carry, in diffusion-loss terms (docs/instance_results.md, "Why the
-cores carried no identity").
+"""What an instance-world encoder's predictions carry, in diffusion-loss terms (docs/research/instance_world.md,
+"Pretraining on another context").
 
 For ``n`` training-distribution instances, the target is the instance rendered in another context (its caption
 with ``<s*>``); the encoder reads the instance's first render. The loss on the target (alpha 1, v-prediction MSE,

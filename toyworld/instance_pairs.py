@@ -10,7 +10,7 @@ half) are a base instance with one detail redrawn per member (hue, saturation, v
 roundness, points, pattern kind, angle or period), the others independent instances of that category. The
 caption side is a read-out of the category, the only identity word this world's captions state
 (``labels["category"]``). The encoder trained so is committed in ``assets/toyworld/instance_image_encoder/``; it
-does not pass the gate yet (docs/toyworld.md, Instance world).
+does not pass the gate (docs/research/instance_image_encoder.md).
 
     python -m toyworld train image-encoder --config configs/toyworld/instance_image_encoder.yaml
 """
