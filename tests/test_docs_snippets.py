@@ -111,6 +111,30 @@ def test_reader_finds_blocks_and_markers(tmp_path):
     assert [s.line for s in found] == [2, 6, 13]
 
 
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def test_relative_links_resolve():
+    """Every relative markdown link of README.md, docs/**/*.md and the model card names a file that exists."""
+    broken = []
+    for doc in [*DOCS, REPO / "assets" / "toyworld" / "README.md"]:
+        for target in LINK.findall(doc.read_text()):
+            if "://" not in target and not (doc.parent / target).exists():
+                broken.append(f"{doc.relative_to(REPO)}: {target}")
+    assert not broken, broken
+
+
+def test_research_tables_are_rectangular_csv():
+    """The research record's tables (docs/research/data/*.csv): a header and rows of its width."""
+    import csv
+
+    files = sorted((REPO / "docs" / "research" / "data").glob("*.csv"))
+    assert files
+    for path in files:
+        rows = list(csv.reader(path.open()))
+        assert len(rows) > 1 and all(len(r) == len(rows[0]) for r in rows), path.name
+
+
 @pytest.fixture(scope="session")
 def copies(tmp_path_factory) -> dict[Path, Path]:
     """One copy of the repository per markdown file, made when its first block runs."""
