@@ -1,7 +1,7 @@
 """The method's effect on the committed toy world, guarded in CI (seeded; numbers measured with the same run).
 
-Measured (docs/research/named_world.md), with the committed encoder (image branch: the toy world's ResNet image encoder) and
-the tuning defaults chosen on validation concepts:
+Measured (docs/research/named_world.md), with the committed encoder (image branch: the toy world's ResNet image
+encoder) and the tuning defaults chosen on validation concepts:
 - a held-out combination (a red striped star, never seen in base training): 12 steps of DATE draw its shape in
   every new context (shape 1.00, prompt 1.00) and move identity above the encoder's own prediction (0.42 vs
   0.17 at alpha 0.5); v* is nearest to "star", the concept's category word.

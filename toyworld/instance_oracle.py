@@ -15,7 +15,8 @@ Its weights are not committed.
     python -m toyworld instance-probe --encoder .cache/toyworld/instance_oracle/image_encoder --cells validation
 
 ``--image-size 128`` trains it on the renders upsampled 4x instead of 2x (the stem's 4x downsampling then hands
-stage 1 the render's own 32 x 32 resolution; rows in docs/research/instance_image_encoder.md); the gate reads the folder at that size.
+stage 1 the render's own 32 x 32 resolution; rows in docs/research/instance_image_encoder.md); the gate reads the
+folder at that size.
 """
 
 from __future__ import annotations
