@@ -33,6 +33,7 @@ from jsonargparse import CLI  # noqa: E402
 from evaluation.config import EvaluationConfigError  # noqa: E402
 from evaluation.harness import run_evaluation  # noqa: E402
 from evaluation.report.aggregate import aggregate, format_table  # noqa: E402
+from evaluation.report.budget import plot_identity_vs_seconds  # noqa: E402
 from evaluation.report.plot import plot_tradeoff  # noqa: E402
 from evaluation.sample_concept import sample_concept  # noqa: E402
 from evaluation.store.results import read_results  # noqa: E402
@@ -50,17 +51,20 @@ def plot(
     reference_points: bool = False,
     bootstrap_samples: int = 1000,
     title: str | None = None,
+    ceiling: float | None = None,
 ) -> Path:
     """Redraws the trade-off plot from existing results.csv files (no model is loaded).
 
     Args:
         results: one or more results.csv files; with several, methods are prefixed by their folder name.
         out: output PNG (default: tradeoff.png next to the first results file).
-        x: metric column on the x axis (clip_t).
+        x: metric column on the x axis (clip_t); ``tune_seconds`` draws identity against tuning time instead:
+            every method through its step budgets, seconds on a log axis, the plain words as a line.
         y: metric column on the y axis (clip_i or dino).
         reference_points: draw the published DreamBench numbers (SD 1.x scale only).
         bootstrap_samples: bootstrap resamples of the 95 % intervals (over concepts).
         title: figure title.
+        ceiling: with ``--x tune_seconds``, the best identity the generator can show, drawn as a line.
 
     Returns:
         The PNG path.
@@ -79,14 +83,18 @@ def plot(
     if not rows:
         raise EvaluationConfigError(f"no rows in {', '.join(paths)}")
     aggregates = aggregate(rows, n_boot=bootstrap_samples)
-    target = plot_tradeoff(
-        aggregates,
-        out or Path(paths[0]).with_name("tradeoff.png"),
-        x=x,
-        y=y,
-        reference_points=reference_points,
-        title=title,
-    )
+    if x == "tune_seconds":
+        default = Path(paths[0]).with_name("identity_vs_seconds.png")
+        target = plot_identity_vs_seconds(aggregates, out or default, y=y, ceiling=ceiling, title=title)
+    else:
+        target = plot_tradeoff(
+            aggregates,
+            out or Path(paths[0]).with_name("tradeoff.png"),
+            x=x,
+            y=y,
+            reference_points=reference_points,
+            title=title,
+        )
     print(format_table(aggregates))
     print(f"wrote {target}")
     return target

@@ -76,6 +76,8 @@ class ConceptTuning(PersonalizationModule):
             and v* as ``<concept>.safetensors`` (``emb_params``) and ``<concept>.pt`` (A1111 ``string_to_param``)
             for their ``embeddings`` folders; the prompt word there is ``<concept>``.
         method: name recorded in the artefact (e.g. ``date``, ``textual_inversion``).
+        unet_lr: with ``unet`` in ``tune``, the UNet weights' own learning rate (None: the optimizer's, as
+            DreamBooth has it); lets DATE's v* and cores keep their rate while the UNet is tuned too.
         **kwargs: the arguments shared with pretraining (weights, placeholder, module sizes, alpha, regulariser,
             seed, sample logging): see :class:`~lightning_modules.base.PersonalizationModule`. Here ``alpha`` is
             also written to the artefact for sampling, and with one concept per batch the regulariser is a pull
@@ -100,6 +102,7 @@ class ConceptTuning(PersonalizationModule):
         export_diffusers: bool = True,
         export_kohya: bool = False,
         method: str = "date",
+        unet_lr: float | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -320,6 +323,8 @@ class ConceptTuning(PersonalizationModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
+        if self._full is not None and self.hparams.get("unet_lr") is not None:
+            params = self._full.param_groups(params, self.hparams["unet_lr"])
         if self.optimizer_factory is None:
             return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
         return self.optimizer_factory(params)

@@ -1,0 +1,75 @@
+"""``evaluate.py plot --x tune_seconds``: identity against tuning time from a results.csv, no model loaded."""
+
+from __future__ import annotations
+
+import csv
+
+from PIL import Image
+
+import evaluate
+from evaluation.report.budget import plot_identity_vs_seconds
+
+
+def _rows(path):
+    head = [
+        "method",
+        "setting",
+        "steps",
+        "alpha",
+        "guidance",
+        "concept",
+        "class_noun",
+        "prompt_idx",
+        "prompt",
+    ]
+    head += [
+        "sample",
+        "seed",
+        "image",
+        "clip_i",
+        "tune_seconds",
+        "concept_words",
+        "concept_kind",
+        "nearest_word",
+    ]
+    head += ["sampler", "inference_steps", "clip_backbone", "dino_backbone", "metrics_info"]
+    rows = []
+    for c, concept in enumerate(["a", "b"]):
+        budgets = [("plain_words", 0, "", 0.1 + c * 0.01)]
+        budgets += [
+            ("dreambooth", s, t, i) for s, t, i in [(12, 1.0, 0.2), (100, 10.0, 0.3), (500, 50.0, 0.35)]
+        ]
+        for method, steps, secs, ident in budgets:
+            setting = f"s{steps}_a1_g3"
+            rows.append(
+                {"method": method, "setting": setting, "steps": steps, "alpha": 1.0, "guidance": 3.0}
+                | {"concept": concept, "class_noun": "dog", "prompt_idx": 0, "prompt": "a <s*>", "sample": 0}
+                | {"seed": 0, "image": f"images/{method}/{setting}/{concept}/00_00.png", "clip_i": ident}
+                | {"tune_seconds": secs, "sampler": "ddim", "inference_steps": 25}
+            )
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, head)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_identity_vs_seconds_is_drawn_from_results(tmp_path, capsys):
+    results = _rows(tmp_path / "results.csv")
+    out = evaluate.main(
+        ["plot", "--results", str(results), "--x", "tune_seconds", "--y", "clip_i", "--ceiling", "0.7"]
+    )
+    assert out == tmp_path / "identity_vs_seconds.png"
+    with Image.open(out) as img:
+        assert img.size[0] > 500 and img.size[1] > 300
+    assert "dreambooth" in capsys.readouterr().out
+
+
+def test_identity_vs_seconds_needs_a_tuned_method(tmp_path):
+    import pytest
+
+    words_only = [
+        {"method": "plain_words", "steps": 0, "alpha": 1.0, "guidance": 3.0, "clip_i": {"mean": 0.1}}
+    ]
+    with pytest.raises(ValueError, match="tuning seconds"):
+        plot_identity_vs_seconds(words_only, tmp_path / "x.png", y="clip_i")
