@@ -24,7 +24,6 @@ from losses import (
     add_noise,
     check_finite,
     gather_neighbours,
-    gather_rows,
     nearest_pull,
     world_and_rank,
 )
@@ -53,6 +52,10 @@ class PersonalizationModule(SampleLogging, LightningModule):
         nn_weight: weight lambda_nn of the nearest-neighbour contrastive loss (0 disables it).
         nn_temperature: InfoNCE temperature.
         nn_k: number of nearest real tokens used as positives.
+        nn_queue: rows of earlier batches kept as extra InfoNCE negatives (MoCo-style, no gradient): the contrastive
+            term then holds at batch 1 with gradient accumulation, where a batch has no other concept
+            (``configs/pretrain/sdxl_24gb.yaml``). 0: in-batch negatives only; a batch of one concept falls back
+            to the pull toward the nearest tokens.
         token_index_mode: ``exact`` or ``hnsw`` FAISS index (or ``torch`` brute force).
         token_index_cache: folder caching the built index (None: no cache).
         token_vocabulary: vocabulary filter of the nearest-token search: a text file with one word per line (or a
@@ -93,6 +96,7 @@ class PersonalizationModule(SampleLogging, LightningModule):
         nn_weight: float = 0.01,
         nn_temperature: float = 0.07,
         nn_k: int = 1,
+        nn_queue: int = 0,
         token_index_mode: str = "exact",
         token_index_cache: str | None = ".cache/token_index",
         token_vocabulary: str | list[str] | None = None,
@@ -139,7 +143,9 @@ class PersonalizationModule(SampleLogging, LightningModule):
         self.sample_every_n_steps = sample_every_n_steps
         self.sample_inference_steps = sample_inference_steps
         self.diffusion_loss = DiffusionLoss()
-        self.nn_loss = NearestNeighbourContrastiveLoss(temperature=nn_temperature, weight=nn_weight)
+        self.nn_loss = NearestNeighbourContrastiveLoss(
+            nn_temperature, nn_weight, queue_size=nn_queue, dim=self.backbone.token_dim, k=max(nn_k, 1)
+        )
         self.nn_weight = nn_weight
         self.norm_penalty = EmbeddingNormPenalty(self.backbone.mean_token_norm(), norm_penalty)
         self.core_penalty = CorePenalty(core_penalty)
@@ -256,7 +262,7 @@ class PersonalizationModule(SampleLogging, LightningModule):
         total = losses["loss/diffusion"]
         if self.nn_weight > 0:
             concept_ids = batch_concept_ids(batch, v_star.device)
-            if not self.one_concept_per_batch and count_concepts(concept_ids) >= 2:
+            if not self.one_concept_per_batch and self.nn_loss.has_negatives(concept_ids):
                 terms = self.nn_loss(nn_v_star, neighbours, neighbour_ids, concept_ids)
                 losses["loss/nn_contrastive"] = terms["loss/nn_contrastive"]
                 total = total + terms["loss/nn_contrastive_weighted"]
@@ -266,6 +272,8 @@ class PersonalizationModule(SampleLogging, LightningModule):
                 pull = nearest_pull(nn_v_star, neighbours)
                 losses["loss/nn_pull"] = pull
                 total = total + self.nn_weight * pull
+            if not self.one_concept_per_batch:  # the next batches' negatives (no-op without a queue)
+                self.nn_loss.remember(nn_v_star, neighbours, neighbour_ids, concept_ids)
         if self.norm_penalty.weight > 0:
             term = self.norm_penalty(v_star)
             losses.update(term)
@@ -300,8 +308,3 @@ def batch_concept_ids(batch: dict, device: torch.device) -> torch.Tensor:
         n = len(batch["prompt"])
         return torch.arange(n, device=device) + rank * n
     return torch.as_tensor(ids, dtype=torch.long).to(device)
-
-
-def count_concepts(concept_ids: torch.Tensor) -> int:
-    """Distinct concepts in the global batch (all ranks), so every rank takes the same loss branch."""
-    return int(gather_rows(concept_ids).unique().numel())

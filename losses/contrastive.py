@@ -138,23 +138,94 @@ class NearestNeighbourContrastiveLoss(nn.Module):
     positive of ``i`` and a negative via ``j``. Pass ``neighbour_ids`` to drop negative neighbours whose
     vocabulary id is among the anchor's own positive ids; other concepts' v* always stay negatives.
 
+    Negatives from earlier batches (``queue_size > 0``, MoCo-style): with one concept per batch (batch 1 with
+    gradient accumulation) there are no other rows to contrast with. The queue keeps the last ``queue_size``
+    rows of earlier batches (all ranks'; normalised, detached, with their neighbours, ids and concept ids: a
+    buffer, so checkpoints hold it and resuming is exact) and adds them to every anchor's negatives. They push the
+    anchors away but receive no gradient themselves, unlike in-batch negatives; :meth:`remember` fills it.
+
     Args:
         temperature: Softmax temperature (paper default 0.07).
         weight: lambda_nn, the factor of the ``"loss/nn_contrastive_weighted"`` term (default 0.01).
         gather_distributed: Gather the negatives across ranks when a process group is initialised.
+        queue_size: rows of earlier batches kept as extra negatives (0: none).
+        dim: width D of v* (needed with a queue).
+        k: neighbours per row (needed with a queue).
     """
 
     def __init__(
-        self, temperature: float = 0.07, weight: float = 0.01, gather_distributed: bool = True
+        self,
+        temperature: float = 0.07,
+        weight: float = 0.01,
+        gather_distributed: bool = True,
+        queue_size: int = 0,
+        dim: int = 0,
+        k: int = 1,
     ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if weight < 0:
             raise ValueError(f"weight must be >= 0, got {weight}")
+        if queue_size < 0 or (queue_size and dim < 1):
+            raise ValueError(f"queue_size must be >= 0 (and needs dim), got {queue_size} (dim {dim})")
         self.temperature = float(temperature)
         self.weight = float(weight)
         self.gather_distributed = gather_distributed
+        self.queue_size = queue_size
+        if queue_size:  # concept id -1 marks an empty slot: never a negative
+            self.register_buffer("queue_v", torch.zeros(queue_size, dim))
+            self.register_buffer("queue_n", torch.zeros(queue_size, k, dim))
+            self.register_buffer("queue_ids", torch.zeros(queue_size, k, dtype=torch.long))
+            self.register_buffer("queue_concepts", torch.full((queue_size,), -1, dtype=torch.long))
+            self.register_buffer("queue_next", torch.zeros((), dtype=torch.long))
+
+    def _rows(self, v_star: Tensor, neighbours: Tensor, neighbour_ids: Tensor | None, cids: Tensor):
+        """This batch's normalised rows of every rank, then the queue's: (v (N, D), n (N, k, D), ids, concepts)."""
+        gather = self.gather_distributed and world_and_rank()[0] > 1
+        v = F.normalize(v_star.to(loss_dtype(v_star)), dim=-1)
+        n = F.normalize(neighbours.detach().to(device=v.device, dtype=v.dtype), dim=-1)
+        ids = neighbour_ids.to(v.device) if neighbour_ids is not None else None
+        if gather:
+            v, n, cids = gather_rows(v, with_grad=True), gather_rows(n), gather_rows(cids)
+            ids = gather_rows(ids) if ids is not None else None
+        if not self.queue_size:
+            return v, n, ids, cids
+        ids = ids if ids is not None else torch.full(n.shape[:2], -1, dtype=torch.long, device=v.device)
+        return (
+            torch.cat([v, self.queue_v.to(v.dtype)]),
+            torch.cat([n, self.queue_n.to(n.dtype)]),
+            torch.cat([ids, self.queue_ids]),
+            torch.cat([cids, self.queue_concepts]),
+        )
+
+    def has_negatives(self, concept_ids: Tensor) -> bool:
+        """Whether some row of the global batch or of the queue belongs to another concept than some row here."""
+        ids = gather_rows(concept_ids) if self.gather_distributed else concept_ids
+        if self.queue_size:
+            ids = torch.cat([ids, self.queue_concepts[self.queue_concepts >= 0]])
+        return int(ids.unique().numel()) >= 2
+
+    @torch.no_grad()
+    def remember(
+        self, v_star: Tensor, neighbours: Tensor, neighbour_ids: Tensor | None, concept_ids: Tensor
+    ) -> None:
+        """Writes this batch's rows (every rank's) over the queue's oldest; no-op without a queue."""
+        if not self.queue_size:
+            return
+        with full_precision(v_star):
+            v, n, ids, cids = self._rows(
+                v_star.detach(), neighbours, neighbour_ids, concept_ids.to(v_star.device)
+            )
+        rows = min(
+            len(concept_ids) * (world_and_rank()[0] if self.gather_distributed else 1), self.queue_size
+        )
+        slots = (self.queue_next + torch.arange(rows, device=v.device)) % self.queue_size
+        self.queue_v[slots] = v[:rows].to(self.queue_v.dtype)
+        self.queue_n[slots] = n[:rows].to(self.queue_n.dtype)
+        self.queue_ids[slots] = ids[:rows]
+        self.queue_concepts[slots] = cids[:rows]
+        self.queue_next.copy_((self.queue_next + rows) % self.queue_size)
 
     def forward(
         self,
@@ -195,7 +266,7 @@ class NearestNeighbourContrastiveLoss(nn.Module):
         if concept_ids is not None and tuple(concept_ids.shape) != (batch,):
             raise ValueError(f"concept_ids shape {tuple(concept_ids.shape)} != ({batch},)")
         world, rank = world_and_rank() if self.gather_distributed else (1, 0)
-        if batch * world < 2:
+        if batch * world < 2 and not self.queue_size:
             raise ValueError(
                 "the nearest-neighbour contrastive loss needs >= 2 concepts per batch (its negatives are the "
                 f"other concepts), got batch size {batch * world}"
@@ -208,14 +279,8 @@ class NearestNeighbourContrastiveLoss(nn.Module):
         with full_precision(v_star):
             anchors = F.normalize(v_star.to(dtype), dim=-1)  # (B, D)
             positives = F.normalize(neighbours.detach().to(device=device, dtype=dtype), dim=-1)  # (B, k, D)
-            if world > 1:
-                all_v = gather_rows(anchors, with_grad=True)  # (N, D), N = W * B
-                all_n = gather_rows(positives)  # (N, k, D)
-                all_c = gather_rows(cids)
-                all_ids = gather_rows(neighbour_ids.to(device)) if neighbour_ids is not None else None
-            else:
-                all_v, all_n, all_c = anchors, positives, cids
-                all_ids = neighbour_ids.to(device) if neighbour_ids is not None else None
+            # (N, D), (N, k, D), ids, concepts: N = W * B rows of every rank, then the queue's rows
+            all_v, all_n, all_ids, all_c = self._rows(v_star, neighbours, neighbour_ids, cids)
             total = all_v.shape[0]
 
             # Positive logits s_ip: (B, k).
@@ -224,7 +289,8 @@ class NearestNeighbourContrastiveLoss(nn.Module):
             neg_v = anchors @ all_v.T / self.temperature
             neg_n = torch.einsum("id,jqd->ijq", anchors, all_n) / self.temperature
 
-            other = cids[:, None] != all_c[None, :]  # (B, N): row j belongs to another concept
+            # (B, N): row j belongs to another concept (an empty queue slot, concept -1, to none)
+            other = (cids[:, None] != all_c[None, :]) & (all_c[None, :] >= 0)
             if not bool(other.any(dim=1).all()):
                 raise ValueError(
                     "the nearest-neighbour contrastive loss needs >= 2 concepts per batch (its negatives are "

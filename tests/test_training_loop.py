@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.overrides import TorchFunctionMode
@@ -16,7 +17,8 @@ from torch.overrides import TorchFunctionMode
 import lightning_modules.base as base
 import lightning_modules.samples as samples
 import train
-from tests.cli_runs import REPO, fit, pretrain_args, tune_args
+from losses import NearestNeighbourContrastiveLoss
+from tests.cli_runs import REPO, fit, load_ckpt, pretrain_args, tune_args
 from tests.gloo_workers import nan_on_rank_one
 
 
@@ -152,3 +154,52 @@ def test_host_device_reads_per_tuning_step(tiny_sd_dir, index_dir, pretrain_ckpt
     assert len(counter.steps) == 3
     for step in counter.steps:
         assert [line.rsplit(" ", 1)[-1] for line in step] == reads, step
+
+
+# ----- batch 1 keeps the contrastive term: negatives from earlier batches -----
+def test_queued_rows_are_the_negatives_they_would_be_in_one_batch():
+    g = torch.Generator().manual_seed(0)
+    v, n = (
+        torch.randn(4, 8, generator=g, dtype=torch.float64),
+        torch.randn(4, 2, 8, generator=g, dtype=torch.float64),
+    )
+    ids, concepts = torch.randint(0, 50, (4, 2), generator=g), torch.tensor([0, 1, 2, 1])
+    in_batch = NearestNeighbourContrastiveLoss()(v, n, ids, concepts)["loss/nn_contrastive"]
+    alone = []
+    for i in range(4):  # each row at batch 1, the other three remembered from earlier batches
+        loss = NearestNeighbourContrastiveLoss(queue_size=3, dim=8, k=2).double()
+        assert not loss.has_negatives(concepts[i : i + 1])  # empty slots are no negatives
+        for j in (j for j in range(4) if j != i):
+            loss.remember(v[j : j + 1], n[j : j + 1], ids[j : j + 1], concepts[j : j + 1])
+        assert loss.has_negatives(concepts[i : i + 1])
+        alone.append(
+            loss(v[i : i + 1], n[i : i + 1], ids[i : i + 1], concepts[i : i + 1])["loss/nn_contrastive"]
+        )
+    torch.testing.assert_close(torch.stack(alone).mean(), in_batch)
+    only_itself = NearestNeighbourContrastiveLoss(queue_size=2, dim=8, k=2).double()
+    only_itself.remember(v[1:2], n[1:2], ids[1:2], concepts[1:2])
+    assert not only_itself.has_negatives(concepts[3:4])  # the queue holds the same concept only
+
+
+def test_batch_one_with_accumulation_keeps_the_contrastive_term(tiny_sd_dir, index_dir, tmp_path):
+    terms = []
+
+    class Terms(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            terms.append(sorted(k for k in trainer.callback_metrics if k.startswith("train/loss/nn")))
+
+    model, data = {"nn_queue": 3}, {"batch_size": 1}
+    cli = fit(
+        pretrain_args(tmp_path, tiny_sd_dir, index_dir, 2, 2, model, data, accumulate_grad_batches=2), Terms()
+    )
+    # The first micro-batch has no earlier rows (the pull); every later one contrasts with the queue.
+    assert terms[0] == ["train/loss/nn_pull"] and "train/loss/nn_contrastive" in terms[-1]
+    state = load_ckpt(tmp_path / "ckpt" / "last.ckpt")["state_dict"]
+    assert int(state["nn_loss.queue_next"]) == 4 % 3 and (state["nn_loss.queue_concepts"] >= 0).all()
+    assert torch.equal(state["nn_loss.queue_v"], cli.model.nn_loss.queue_v)  # a resume starts from this queue
+
+
+def test_the_batch_one_sdxl_preset_keeps_the_contrastive_term():
+    preset = yaml.safe_load((REPO / "configs" / "pretrain" / "sdxl_24gb.yaml").read_text())
+    assert preset["data"]["init_args"]["batch_size"] == 1
+    assert preset["model"]["init_args"]["nn_queue"] >= preset["trainer"]["accumulate_grad_batches"] - 1
