@@ -126,19 +126,23 @@ class ReadCounter(TorchFunctionMode, Callback):
 
 
 def _caller() -> str | None:
-    """``file:line function`` of the innermost frame in the project's own code; None for torch's and Lightning's
-    own reads (e.g. Adam's step counter, a CPU tensor unless ``capturable``)."""
-    frame = traceback.extract_stack()[-3]
-    path = Path(frame.filename)
-    if REPO in path.parents and ".venv" not in path.parts:
-        return f"{path.relative_to(REPO)}:{frame.lineno} {frame.name}"
+    """``file:line function`` of the project's line that made the read (torch's own Python frames skipped, e.g.
+    ``Tensor.unique``); None for reads by Lightning or torch themselves (e.g. Adam's step counter, a CPU
+    tensor unless ``capturable``)."""
+    for frame in traceback.extract_stack()[-3::-1]:
+        path = Path(frame.filename)
+        if "torch" in path.parts and "site-packages" in path.parts:
+            continue
+        if REPO in path.parents and ".venv" not in path.parts:
+            return f"{path.relative_to(REPO)}:{frame.lineno} {frame.name}"
+        return None
     return None
 
 
 # What a tuning step needs to read: the nearest-token search's round trip (FAISS runs on the host), the loss's
 # finite flag (one fused reduction, all-reduced across ranks) and the trained weights' finite flag (one fused
-# reduction after the update). Before: 15 reads a step (the index's finiteness and id checks, the placeholder
-# mask twice, the concept count, per-term floats of the logged losses, two in each finite guard).
+# reduction after the update). Before: 14 reads a step (the index's finiteness and id checks, the placeholder
+# mask twice, the concept count, per-term floats of the logged losses, two in the loss's finite check).
 SEARCH, LOSS_FLAG, WEIGHT_FLAG = "_search_faiss", "check_finite", "on_train_batch_end"
 
 
