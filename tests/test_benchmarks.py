@@ -13,6 +13,7 @@ import pytest
 from benchmarks import bench_batched, bench_token_index, bench_tuning, real_shape, sdxl_shape, step_probes
 
 
+@pytest.mark.slow  # four fresh Python processes (one timing worker, one memory worker per method)
 def test_bench_tuning_runs_and_writes_json(tmp_path):
     out = tmp_path / "tuning.json"
     bench_tuning.main(
