@@ -5,7 +5,7 @@
     python -m benchmarks.real_shape --device cuda --threads 0          # a GPU
 
 Phases, each a Lightning ``fit`` of the committed SD 1.5 recipe (configs/pretrain/sd15.yaml, configs/tune/sd15.yaml,
-configs/tune/sd15_lora.yaml, resolved by ``lightning_modules.cli.resolve_config`` as ``train.py`` reads them) with
+configs/tune/methods/lora.yaml, resolved by ``lightning_modules.cli.resolve_config`` as ``train.py`` reads them) with
 the weights pointed at the random SD-1.5-shaped folder and synthetic concept images at 512 px:
 
 1. pretraining, batch 2 (EncoderPretraining);
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     del module, trainer
 
     # 2. DATE tuning (encoder prediction + steps), batch 4; 3. one-shot LoRA, batch 1; in paired rounds
-    phases = {"date": (None, 4), "lora": ("configs/tune/sd15_lora.yaml", 1)}
+    phases = {"date": (None, 4), "lora": ("configs/tune/methods/lora.yaml", 1)}
     rounds: list[dict[str, Any]] = []
     for r in range(args.rounds):
         row: dict[str, Any] = {}

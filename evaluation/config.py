@@ -23,7 +23,7 @@ class MethodSpec:
 
     Args:
         name: name in results and plots (e.g. ``date``, ``textual_inversion``); also a folder name.
-        overlay: tune YAML merged over ``tune_config`` (e.g. ``configs/tune/tiny_textual_inversion.yaml``).
+        overlay: tune YAML merged over ``tune_config`` (e.g. ``configs/tune/methods/textual_inversion.yaml``).
         overrides: values set on the merged tune config, by dotted key
             (``{"model.init_args.nn_weight": 0.0}``) or as nested sections (``{"model": {"init_args": ...}}``).
         artifacts: folder of concept artefacts ``<concept>.safetensors`` to evaluate as they are (no tuning);
@@ -36,7 +36,7 @@ class MethodSpec:
         export_format: ``diffusers`` (``ConceptArtifact.export_diffusers``) or ``kohya``
             (``ConceptArtifact.export_kohya``, the web UIs' files; the prompt word is the file name).
         steps: tuning step counts to evaluate for this method (default: ``sweep.steps``, capped at the
-            overlay's ``trainer.max_steps`` when the overlay sets one, as ``tiny_encoder_only.yaml`` does).
+            overlay's ``trainer.max_steps`` when the overlay sets one, as ``methods/encoder_only.yaml`` does).
         alphas: dual-path alphas for this method (default: ``sweep.alphas``).
         guidance_scales: classifier-free guidance scales for this method (default: ``sweep.guidance_scales``).
     """

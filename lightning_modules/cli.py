@@ -172,7 +172,7 @@ def check_values(
     if max_steps == 0 and data_steps == 0:  # `steps: ${trainer.max_steps}`: the data would refuse it later
         raise ConfigurationError(
             "--trainer.max_steps 0: a tuning run needs at least 1 step; to export the encoder's prediction "
-            "alone, add configs/tune/<backbone>_encoder_only.yaml"
+            "alone, add configs/tune/methods/encoder_only.yaml"
         )
     if max_steps == 0 and init.get("method") != "encoder_only":
         # Not refused (the initial prediction is a legitimate thing to export, e.g. to inspect an init), but
@@ -311,7 +311,7 @@ def resolve_config(
     """Resolves ``--config`` files (later ones override earlier ones) plus dotted overrides, as ``train.py``.
 
     Args:
-        configs: YAML files, e.g. ``["configs/tune/tiny.yaml", "configs/tune/tiny_lora.yaml"]``.
+        configs: YAML files, e.g. ``["configs/tune/tiny.yaml", "configs/tune/methods/lora.yaml"]``.
         overrides: ``{"model.init_args.alpha": 0.3, "data": "datamodules.ConceptSetDataModule", ...}``, applied
             in order after the files, as the command line would.
 

@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python}
 start=$(date +%s)
 echo "== 1/4 short encoder pretraining on the instance world (the committed encoder had 4,000 steps)"
-$PY train.py fit --config configs/pretrain/instance_other_context_rank16_small.yaml --trainer.max_steps 200
+$PY train.py fit --config configs/pretrain/instance.yaml --trainer.max_steps 200
 echo "== 2/4 tune a held-out instance (star_test0: its hue, outline and pattern are in no caption) for 12 steps"
 $PY train.py fit --config configs/tune/instance.yaml
 echo "== 3/4 sample it in new contexts, next to what the words give"

@@ -119,7 +119,8 @@ def tune_args(
     model: dict | None = None,
     **trainer,
 ) -> list[str]:
-    """The committed tiny tuning config (+ ``configs/tune/tiny_<variant>.yaml``) + an overlay into ``root``."""
+    """The committed tiny tuning config (+ the method overlay ``configs/tune/methods/<variant>.yaml``, or the
+    both-phase ``no_regularizer`` ablation's tiny overlay) + an overlay into ``root``."""
     m = {
         "pretrained_model_name_or_path": str(sd),
         "image_encoder_name_or_path": str(sd),
@@ -131,7 +132,10 @@ def tune_args(
         m["encoder_checkpoint"] = str(encoder_checkpoint)
     configs = ["--config", str(TUNE)]
     if variant is not None:
-        configs += ["--config", str(TUNE.with_name(f"tiny_{variant}.yaml"))]
+        overlay = TUNE.parent / "methods" / f"{variant}.yaml"
+        if variant == "no_regularizer":
+            overlay = TUNE.parents[1] / "experiments" / "no_regularizer" / "tune_tiny.yaml"
+        configs += ["--config", str(overlay)]
     # `steps: ${trainer.max_steps}` resolves inside tiny.yaml, so the overlay sets the epoch length itself.
     d = {"steps": max(steps, 1)}
     return [*configs, *_overlay(root, _trainer(root, steps, None, **trainer), m, d)]

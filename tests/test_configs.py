@@ -2,8 +2,10 @@
 
 Configs for real Stable Diffusion weights name hub ids that are not available offline, so configs are only
 PARSED here (``--print_config`` exits before anything is instantiated); the tiny configs are instantiated and
-run by ``test_training.py``. ``configs/backbone`` and ``configs/evaluate`` are not ``train.py`` configs and are
-tested elsewhere.
+run by ``test_training.py``. An overlay (``configs/tune/methods/``, the studies' overlays in
+``configs/experiments/``) is parsed stacked on every chain of configs its ``# stack on:`` header lines name, never
+on a base guessed from its file name. ``configs/backbone``, ``configs/evaluate`` and the studies' evaluation
+overlays are not ``train.py`` configs and are tested in ``test_evaluate.py``.
 """
 
 from __future__ import annotations
@@ -19,22 +21,39 @@ import train
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _base_of(path: Path) -> Path | None:
-    """``<base>_<variant>.yaml`` overlays need ``<base>.yaml`` of the same folder (longest such prefix)."""
-    parts = path.stem.split("_")
-    for i in range(len(parts) - 1, 0, -1):
-        base = path.with_name("_".join(parts[:i]) + ".yaml")
-        if base.is_file():
-            return base
-    return None
+def stack_chains(path: Path) -> list[tuple[Path, ...]]:
+    """The configs an overlay is stacked on, from its ``# stack on: <config> [<config> ...]`` header lines: one line
+    per chain (``--config`` order), one chain per base the overlay is meant for. Full configs have none."""
+    root = CONFIGS.parent
+    return [
+        tuple(root / p for p in line.split(":", 1)[1].split())
+        for line in path.read_text().splitlines()
+        if line.startswith("# stack on:")
+    ]
+
+
+def is_full_config(path: Path) -> bool:
+    """A config that builds on its own: it names its model's class."""
+    model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+    return "class_path" in model
+
+
+def train_configs() -> list[Path]:
+    """Every ``train.py`` YAML: pretraining and tuning configs, method overlays, and the experiments' training
+    overlays (those stacked on a pretrain or tune config; the others are ``evaluate.py`` overlays)."""
+    paths = sorted((CONFIGS / "pretrain").glob("*.yaml")) + sorted((CONFIGS / "tune").rglob("*.yaml"))
+    for path in sorted((CONFIGS / "experiments").rglob("*.yaml")):
+        chains = stack_chains(path)
+        if chains and chains[0][0].parent.name in ("pretrain", "tune"):
+            paths.append(path)
+    return paths
 
 
 def _config_sets() -> list[tuple[Path, ...]]:
     sets: list[tuple[Path, ...]] = []
-    for phase in ("pretrain", "tune"):
-        for path in sorted((CONFIGS / phase).glob("*.yaml")):
-            base = _base_of(path)
-            sets.append((base, path) if base is not None else (path,))
+    for path in train_configs():
+        chains = stack_chains(path)
+        sets += [(*chain, path) for chain in chains] if chains else [(path,)]
     for path in sorted((CONFIGS / "trainer").glob("*.yaml")):
         sets.append((CONFIGS / "pretrain" / "tiny.yaml", path))
     return sets
@@ -65,10 +84,16 @@ def _exit_output(capsys, args: list[str]) -> str:
 def test_every_phase_has_configs():
     assert (CONFIGS / "pretrain" / "tiny.yaml") in [s[-1] for s in CONFIG_SETS]
     assert (CONFIGS / "tune" / "tiny.yaml") in [s[-1] for s in CONFIG_SETS]
-    # Every tune overlay found its base (an overlay alone lacks model.class_path and data).
-    for paths in CONFIG_SETS:
-        if paths[-1].parent.name == "tune" and len(paths) == 1:
-            assert "class_path" in paths[0].read_text(), f"{paths[0]} is neither a full config nor an overlay"
+    # An overlay alone lacks model.class_path and data: each one declares the configs it is stacked on, and a full
+    # config declares none.
+    for path in train_configs():
+        chains = stack_chains(path)
+        assert bool(chains) != is_full_config(path), (
+            f"{path}: a full config, or an overlay with stack on lines"
+        )
+        for chain in chains:
+            assert all(p.is_file() for p in chain), f"{path}: stacked on a missing config {chain}"
+            assert is_full_config(chain[0]), f"{path}: its chain {chain} does not start at a full config"
 
 
 @pytest.mark.parametrize(
@@ -79,7 +104,7 @@ def test_config_parses(paths, capsys):
     model, data = printed["model"], printed["data"]
     assert model["class_path"] in ("lightning_modules.EncoderPretraining", "lightning_modules.ConceptTuning")
     assert data["class_path"].startswith("datamodules.")
-    phase = paths[0].parent.name
+    phase = paths[0].parent.name  # the full config's folder
     if phase == "pretrain":
         assert model["class_path"] == "lightning_modules.EncoderPretraining"
     elif phase == "tune":
@@ -148,28 +173,52 @@ def test_data_help_documents_every_argument(capsys):
     assert "Image folders" in out
 
 
-@pytest.mark.parametrize("base", ["tiny", "sd15", "sd21"])
-def test_no_regularizer_ablation_pretrains_its_own_encoder(base):
-    """The ablation removes the regulariser from pretraining too: same recipe, nn_weight 0, own output folder,
-    and the tuning ablation (and DreamBench's method entry) starts from that encoder."""
-    full = yaml.safe_load((CONFIGS / "pretrain" / f"{base}.yaml").read_text())
-    ablation = yaml.safe_load((CONFIGS / "pretrain" / f"{base}_no_regularizer.yaml").read_text())
+def _printed(capsys, paths: tuple[Path, ...]) -> dict:
+    return yaml.safe_load(_exit_output(capsys, ["fit", *_cli_args(paths), "--print_config"]))
+
+
+@pytest.mark.parametrize("base", ["tiny", "sd15", "sd21", "toyworld", "instance"])
+def test_no_regularizer_ablation_pretrains_its_own_encoder(base, capsys):
+    """The ablation removes the regulariser from pretraining too: the same recipe with nn_weight 0 and its own
+    output folder (checkpoints and logs follow it), and the tuning ablation (and DreamBench's method entry) starts
+    from that encoder."""
+    study = CONFIGS / "experiments" / "no_regularizer"
+    pretrain = CONFIGS / "pretrain" / f"{base}.yaml"
+    full = _printed(capsys, (pretrain,))
+    ablation = _printed(capsys, (pretrain, study / f"pretrain_{base}.yaml"))
     assert full["model"]["init_args"]["nn_weight"] > 0 and ablation["model"]["init_args"]["nn_weight"] == 0
-    out = f"outputs/pretrain_{base}_no_regularizer"
-    renamed = yaml.safe_load(
-        (CONFIGS / "pretrain" / f"{base}.yaml").read_text().replace(f"outputs/pretrain_{base}", out)
-    )
+    old, new = full["trainer"]["default_root_dir"], ablation["trainer"]["default_root_dir"]
+    assert new == f"{old}_no_regularizer"
+    renamed = yaml.safe_load(yaml.safe_dump(full).replace(old, new))
     renamed["model"]["init_args"]["nn_weight"] = 0.0
     assert renamed == ablation
+    if base == "instance":  # evaluated by the study's own evaluation configs
+        return
     (checkpoint,) = [
         c for c in ablation["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")
     ]
-    tune = yaml.safe_load((CONFIGS / "tune" / f"{base}_no_regularizer.yaml").read_text())["model"][
-        "init_args"
-    ]
-    assert tune["encoder_checkpoint"] == f"{checkpoint['init_args']['dirpath']}/last.ckpt"
+    tune = yaml.safe_load((study / f"tune_{base}.yaml").read_text())["model"]["init_args"]
+    if base != "toyworld":  # the toy world tunes from the committed copy of that checkpoint
+        assert tune["encoder_checkpoint"] == f"{checkpoint['init_args']['dirpath']}/last.ckpt"
     assert tune["nn_weight"] == 0
     if base == "sd15":
         methods = yaml.safe_load((CONFIGS / "evaluate" / "sd15_dreambench.yaml").read_text())["methods"]
         (entry,) = [m for m in methods if m["name"] == "no_regularizer"]
         assert entry["overrides"]["model.init_args.encoder_checkpoint"] == tune["encoder_checkpoint"]
+
+
+def test_a_method_has_one_name_everywhere():
+    """Two different recipes never share a name: every overlay that sets ``model.init_args.method`` sets one no
+    other overlay sets with different tuned parameters, init or optimizer."""
+    seen: dict[str, tuple[Path, dict]] = {}
+    keys = ("tune", "init", "init_token", "instance_prompt", "nn_weight", "unet_lora_rank", "optimizer")
+    for path in train_configs():
+        init = ((yaml.safe_load(path.read_text()) or {}).get("model") or {}).get("init_args") or {}
+        if is_full_config(path) or "method" not in init:
+            continue
+        recipe = {k: init.get(k) for k in keys}
+        name = init["method"]
+        if name in seen:
+            assert seen[name][1] == recipe, f"{path} and {seen[name][0]} both record method {name!r}"
+        seen.setdefault(name, (path, recipe))
+    assert {"lora", "factored_lora", "textual_inversion", "textual_inversion_zero_init"} <= set(seen)

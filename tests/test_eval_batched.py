@@ -91,9 +91,7 @@ def test_k3_equals_k1_per_concept_same_paths(setup):
 
 def test_textual_inversion_batches_too(setup):
     """v* alone, started from the class noun, weight decay on: per concept as well."""
-    _check_k3_equals_k1(
-        setup, "textual_inversion", str(REPO / "configs/tune/toyworld_textual_inversion.yaml")
-    )
+    _check_k3_equals_k1(setup, "textual_inversion", str(REPO / "configs/tune/methods/textual_inversion.yaml"))
 
 
 def _fake_tuning(root: Path, groups: list[list[str]]):
@@ -123,7 +121,7 @@ def test_groups_hold_only_concepts_still_to_tune(setup, monkeypatch):
 def test_shared_weights_method_stays_sequential(setup, monkeypatch):
     """One-shot LoRA tunes a UNet LoRA every concept would share: one concept per run whatever K is."""
     root, recipe, concepts = setup
-    lora = recipe("date", str(REPO / "configs/tune/toyworld_lora.yaml"))  # named date: the fake's folders
+    lora = recipe("date", str(REPO / "configs/tune/methods/lora.yaml"))  # named date: the fake's folders
     tuner, groups = ConceptTuner(lora, concepts_per_batch=3), []
     assert tuner.per_batch == 1
     monkeypatch.setattr(tuner, "tune_group", _fake_tuning(root, groups))

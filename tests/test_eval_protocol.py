@@ -65,10 +65,10 @@ def _plans(tmp_path: Path, methods: list[MethodSpec], sweep: SweepSpec):
 def test_methods_sharing_the_initial_prediction_do_not_repeat_step_0(tmp_path):
     methods = [
         MethodSpec(name="date"),
-        MethodSpec(name="encoder_only", overlay="configs/tune/tiny_encoder_only.yaml"),
-        MethodSpec(name="no_regularizer", overlay="configs/tune/tiny_no_regularizer.yaml"),
+        MethodSpec(name="encoder_only", overlay="configs/tune/methods/encoder_only.yaml"),
+        MethodSpec(name="no_regularizer", overlay="configs/experiments/no_regularizer/tune_tiny.yaml"),
         MethodSpec(
-            name="textual_inversion", overlay="configs/tune/tiny_textual_inversion.yaml", alphas=[1.0]
+            name="textual_inversion", overlay="configs/tune/methods/textual_inversion.yaml", alphas=[1.0]
         ),
     ]
     plans = _plans(tmp_path, methods, SweepSpec(steps=[0, 4], alphas=[0.5, 1.0]))
@@ -96,7 +96,7 @@ def test_extra_grids_add_points_once_and_method_lists_win(tmp_path):
     )
     methods = [
         MethodSpec(name="date"),
-        MethodSpec(name="ti", overlay="configs/tune/tiny_textual_inversion.yaml", alphas=[1.0]),
+        MethodSpec(name="ti", overlay="configs/tune/methods/textual_inversion.yaml", alphas=[1.0]),
     ]
     plans = _plans(tmp_path, methods, sweep)
     assert plans["date"].settings == sorted(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from lightning import Trainer
 from omegaconf import OmegaConf
 from PIL import Image
@@ -33,7 +33,7 @@ DREAMBENCH = "evaluation.concepts.dreambench.DreamBenchConcepts"
 PROMPTS = '["a photo of a <s*>", "a <s*> on the beach"]'
 # Two of configs/evaluate/tiny.yaml's methods, given explicitly: date (alphas 0.5, 1), textual_inversion (alpha 1).
 METHODS = (
-    '[{"name": "date"}, {"name": "textual_inversion", "overlay": "configs/tune/tiny_textual_inversion.yaml",'
+    '[{"name": "date"}, {"name": "textual_inversion", "overlay": "configs/tune/methods/textual_inversion.yaml",'
     ' "alphas": [1.0]}]'
 )
 N_SETTINGS = 2 * 2 + 2 * 1  # steps [0, 2] x alphas
@@ -248,7 +248,7 @@ def test_dreambench_run_with_batches_regenerates_a_batch_member(base_args, tmp_p
         Image.new("RGB", (40, 48), colour).save(root / "teapot" / f"{j:02d}.jpg")
     subjects = tmp_path / "subjects.json"
     subjects.write_text(json.dumps({"subjects": [{"name": "teapot", "class_noun": "teapot", "live": False}]}))
-    method = '[{"name": "ti", "overlay": "configs/tune/tiny_textual_inversion.yaml", "steps": [1]}]'
+    method = '[{"name": "ti", "overlay": "configs/tune/methods/textual_inversion.yaml", "steps": [1]}]'
     out = tmp_path / "out"
     argv = [
         *base_args,
@@ -331,7 +331,7 @@ def test_reused_tuner_matches_a_fresh_one(tiny_sd_dir, tmp_path):
         "model.init_args.token_index_cache": None,
         "data.init_args.batch_size": 1,
     }
-    spec = MethodSpec(name="lora", overlay="configs/tune/tiny_lora.yaml")
+    spec = MethodSpec(name="lora", overlay="configs/tune/methods/lora.yaml")
     recipe = resolve_recipe("configs/tune/tiny.yaml", spec, overrides, str(tmp_path / "export"))
     first, second = load_concepts(SyntheticConcepts(synthetic_ids=[60, 61], prompts=["a <s*>"]), "<s*>")
     reused = ConceptTuner(recipe)
@@ -346,18 +346,27 @@ def test_reused_tuner_matches_a_fresh_one(tiny_sd_dir, tmp_path):
 
 
 def test_evaluation_overlays_parse_on_their_base(capsys):
-    """configs/evaluate/overlays/*.yaml only change a base config (named in their header): they parse on it."""
-    overlays = sorted(Path("configs/evaluate/overlays").glob("*.yaml"))
-    assert overlays
-    for path in overlays:
-        # the header's usage line names the base: --config configs/evaluate/<base>.yaml --config <this overlay>
-        usage = re.search(
-            rf"--config (configs/evaluate/[\w.]+\.yaml) --config {path.as_posix()}", path.read_text()
-        )
-        assert usage, f"{path}: no usage line naming its base config"
-        base = usage.group(1)
+    """The studies' evaluation overlays (configs/experiments/) only change the configs their ``# stack on:`` header
+    names: they parse stacked on them, and every tuned method's recipe resolves."""
+    overlays = {}
+    for path in sorted(Path("configs/experiments").rglob("*.yaml")):
+        lines = path.read_text().splitlines()
+        chains = [line.split(":", 1)[1].split() for line in lines if line.startswith("# stack on:")]
+        assert chains, f"{path}: no '# stack on:' line naming the configs it changes"
+        if chains[0][0].startswith("configs/evaluate/"):  # the others are train.py overlays (test_configs.py)
+            (overlays[path],) = chains
+    assert len(overlays) >= 10
+    for path, chain in overlays.items():
+        args = [a for p in [*chain, str(path)] for a in ("--config", p)]
         with pytest.raises(SystemExit) as exit_info:
-            evaluate.main(["run", "--config", base, "--config", str(path), "--print_config"])
+            evaluate.main(["run", *args, "--print_config"])
         assert exit_info.value.code == 0, path
-        printed = capsys.readouterr().out
-        assert "methods:" in printed and "toyworld" in printed
+        cfg = yaml.safe_load(capsys.readouterr().out)
+        assert cfg["methods"] and "toyworld" in str(cfg["tune_config"]) + str(cfg["concepts"])
+        for method in cfg["methods"]:
+            spec = MethodSpec(**method)
+            if spec.overlay or not (spec.plain_words or spec.artifacts or spec.export_of):
+                recipe = resolve_recipe(
+                    cfg["tune_config"], spec, cfg["tune_overrides"] or {}, "unused", check_checkpoint=False
+                )
+                assert recipe.method == spec.name

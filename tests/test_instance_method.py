@@ -1,5 +1,5 @@
 """DATE on the instance world, guarded in CI (seeded; the numbers are those of the test run in
-docs/research/instance_world.md, ``python evaluate.py run --config configs/evaluate/instance_committed.yaml``, with the
+docs/research/instance_world.md, ``python evaluate.py run --config configs/evaluate/instance.yaml``, with the
 committed instance encoder and the tuning settings chosen on the validation concepts: lr 1e-2, 12 steps).
 
 The paper's central claim on this world, DATE-12 beats the words on identity, holds with the committed encoder
@@ -110,7 +110,7 @@ def test_core_probe_finds_the_instance_in_the_committed_encoders_cores(capsys):
 
     out = core_probe(
         "assets/toyworld/instance_encoder/date.ckpt",
-        "configs/pretrain/instance_other_context_rank16_small.yaml",
+        "configs/pretrain/instance.yaml",
         n=16,
         draws=2,
     )
@@ -126,10 +126,12 @@ def test_core_probe_finds_the_instance_in_the_committed_encoders_cores(capsys):
                 "assets/toyworld/instance_encoder/date.ckpt",
                 "--pretrain-config",
                 "configs/pretrain/instance.yaml",
+                "configs/experiments/instance_encoders/e4t_style.yaml",
             ]
         )
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert exc.value.code == 2 and "date.ckpt was not trained with configs/pretrain/instance.yaml" in err, err
+    e4t = "configs/pretrain/instance.yaml + configs/experiments/instance_encoders/e4t_style.yaml"
+    assert exc.value.code == 2 and f"date.ckpt was not trained with {e4t}" in err, err
 
 
 def test_the_quickstarts_tuning_config_personalizes_the_held_out_instance(tmp_path):
@@ -191,13 +193,13 @@ def test_figures_draw_the_concept_across_methods_and_keep_the_plots(run, tmp_pat
 
 
 def test_encoder_checkpoint_option_wins_over_the_configs_tune_overrides(tmp_path, capsys):
-    """configs/evaluate/instance_committed.yaml names the committed encoder in its tune_overrides; an explicit
+    """configs/evaluate/instance.yaml names the committed encoder in its tune_overrides; an explicit
     ``--encoder_checkpoint`` must replace it, not be silently ignored (here: a missing file, named before any model
     loads)."""
     args = [
         "run",
         "--config",
-        "configs/evaluate/instance_committed.yaml",
+        "configs/evaluate/instance.yaml",
         "--out_dir",
         str(tmp_path / "eval"),
     ]

@@ -111,7 +111,7 @@ def test_sampling_says_where_the_grid_is(tuning_run, tmp_path):
 
 @pytest.mark.slow
 def test_the_quickstarts_pretraining_step_reports_like_tuning_and_checkpoints(tmp_path):
-    """The quickstart's step 1 (``train.py fit --config configs/pretrain/instance_other_context_rank16_small.yaml
+    """The quickstart's step 1 (``train.py fit --config configs/pretrain/instance.yaml
     --trainer.max_steps N``), 2 steps, run from a folder holding links to the repository's assets and configs so
     that its outputs land there. It says what tuning says: one bar over the steps, the loss start -> end, where
     its files are; no model-summary table, no epoch bars, no warning. The checkpoint holds the encoder with the
@@ -120,7 +120,7 @@ def test_the_quickstarts_pretraining_step_reports_like_tuning_and_checkpoints(tm
 
     for name in ("assets", "configs"):
         (tmp_path / name).symlink_to(REPO / name)
-    config = "configs/pretrain/instance_other_context_rank16_small.yaml"
+    config = "configs/pretrain/instance.yaml"
     proc = run([str(REPO / "train.py"), "fit", "--config", config, "--trainer.max_steps", "2"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout + proc.stderr

@@ -33,7 +33,7 @@ def tuner(tiny_sd_dir, tmp_path, monkeypatch):
         "model.init_args.token_index_cache": None,
         "data.init_args.batch_size": 1,
     }
-    spec = MethodSpec(name="ti", overlay="configs/tune/tiny_textual_inversion.yaml")
+    spec = MethodSpec(name="ti", overlay="configs/tune/methods/textual_inversion.yaml")
     recipe = resolve_recipe("configs/tune/tiny.yaml", spec, overrides, str(tmp_path / "export"))
     tuner = ConceptTuner(recipe)
     tuner.loads = loads

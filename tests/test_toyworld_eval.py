@@ -300,7 +300,7 @@ def test_committed_toyworld_config_plans_every_method(tmp_path):
     run_wide = {"model.init_args.encoder_checkpoint": str(ckpt)}
     methods = [MethodSpec(**m) for m in cfg["methods"]]
     for m in methods:
-        if m.overlay and m.overlay.endswith("_no_regularizer.yaml"):
+        if m.overlay and "no_regularizer" in m.overlay:
             m.overrides = {**m.overrides, **run_wide}  # the overlay names its own encoder
     sweep = SweepSpec(**cfg["sweep"])
     _, (concept,), plans = make_plans(tmp_path / "o", cfg["tune_config"], methods, concepts, sweep, run_wide)
@@ -314,6 +314,6 @@ def test_committed_toyworld_config_plans_every_method(tmp_path):
     later = [MethodSpec(name="x", export_of="date"), MethodSpec(name="date")]
     with pytest.raises(EvaluationConfigError, match="earlier tuned method"):
         make_plans(tmp_path / "o2", cfg["tune_config"], later, concepts, sweep, run_wide)
-    both = [MethodSpec(name="p", plain_words=True, overlay="configs/tune/toyworld_lora.yaml")]
+    both = [MethodSpec(name="p", plain_words=True, overlay="configs/tune/methods/lora.yaml")]
     with pytest.raises(EvaluationConfigError, match="plain_words / export_of take no"):
         make_plans(tmp_path / "o3", cfg["tune_config"], both, concepts, sweep, run_wide)

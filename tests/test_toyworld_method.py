@@ -31,7 +31,7 @@ def rows(tmp_path_factory):
     methods = [
         {
             "name": "encoder_only",
-            "overlay": "configs/tune/tiny_encoder_only.yaml",
+            "overlay": "configs/tune/methods/encoder_only.yaml",
             "steps": [0],
             "alphas": [0.5],
         },

@@ -79,7 +79,10 @@ def _parser() -> argparse.ArgumentParser:
         "ckpt", help="a pretraining checkpoint (e.g. outputs/pretrain_toyworld/checkpoints/last.ckpt)"
     )
     ve.add_argument(
-        "--pretrain-config", default="configs/pretrain/toyworld.yaml", help="its pretraining config"
+        "--pretrain-config",
+        nargs="+",
+        default=["configs/pretrain/toyworld.yaml"],
+        help="its pretraining config, then the overlays stacked on it",
     )
     for name, text in (
         ("export", "assemble assets/toyworld/ from the trained models (and measure them)"),

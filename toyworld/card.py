@@ -8,7 +8,7 @@ from pathlib import Path
 
 NAMED_ENCODERS = {
     "date": "configs/pretrain/toyworld.yaml",
-    "no_regularizer": "configs/pretrain/toyworld_no_regularizer.yaml",
+    "no_regularizer": "configs/pretrain/toyworld.yaml + configs/experiments/no_regularizer/pretrain_toyworld.yaml",
 }
 
 
@@ -40,7 +40,7 @@ def encoder_lines(out: Path, folder: str = "encoder", configs: dict[str, str] = 
     return lines
 
 
-INSTANCE_ENCODERS = {"date": "configs/pretrain/instance_other_context_rank16_small.yaml"}
+INSTANCE_ENCODERS = {"date": "configs/pretrain/instance.yaml"}
 
 
 def instance_lines(out: Path) -> list[str]:

@@ -17,7 +17,7 @@ Read: identity lives in the cores when ``inference`` < ``inference_same_category
 ``own_timestep_same_category_cores`` while the inference pair is equal means the cores carry the noise draw.
 
     python -m toyworld.core_probe assets/toyworld/instance_encoder/date.ckpt \
-        --pretrain-config configs/pretrain/instance_other_context_rank16_small.yaml
+        --pretrain-config configs/pretrain/instance.yaml
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from torch.utils.data import default_collate
 from losses import add_noise
 
 
-def core_probe(ckpt: str, config: str, n: int = 64, draws: int = 8, seed: int = 12345) -> dict[str, float]:
+def core_probe(
+    ckpt: str, config: str | list[str], n: int = 64, draws: int = 8, seed: int = 12345
+) -> dict[str, float]:
     """The losses described in the module docstring (mean over ``draws`` noise draws), and ``n``."""
     from toyworld.instance_data import InstanceConceptDataset
     from toyworld.validation import load_pretrained
@@ -93,8 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--pretrain-config",
-        default="configs/pretrain/instance_other_context_rank16_small.yaml",
-        help="the config the checkpoint was trained with (builds the model; default: the committed encoder's)",
+        nargs="+",
+        default=["configs/pretrain/instance.yaml"],
+        help="the config the checkpoint was trained with, then the overlays stacked on it (builds the model; "
+        "default: the committed encoder's)",
     )
     parser.add_argument("--n", type=int, default=64, help="instances (each needs a same-category partner)")
     parser.add_argument(
@@ -104,8 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not Path(args.ckpt).is_file():
         parser.error(f"checkpoint {args.ckpt} does not exist")
-    if not Path(args.pretrain_config).is_file():
-        parser.error(f"config {args.pretrain_config} does not exist")
+    for config in args.pretrain_config:
+        if not Path(config).is_file():
+            parser.error(f"config {config} does not exist")
     if args.n < 2 or args.draws < 1:
         parser.error(f"--n must be >= 2 and --draws >= 1, got {args.n} and {args.draws}")
     try:

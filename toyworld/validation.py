@@ -216,13 +216,16 @@ def write_validation_concepts(out: str, n: int = 8, seed: int = 1234) -> str:
     return str(folder)
 
 
-def load_pretrained(ckpt: str, config: str):
-    """The LightningCLI of the pretraining ``config`` (not run) with ``ckpt``'s weights loaded into its model and the
-    model set up (token index built); the checkpoint is checked against the config's base model first."""
+def load_pretrained(ckpt: str, config: str | list[str]):
+    """The LightningCLI of the pretraining ``config`` (not run; a list: a config and the overlays stacked on it) with
+    ``ckpt``'s weights loaded into its model and the model set up (token index built); the checkpoint is checked
+    against the config's base model first."""
     from lightning_modules.checkpoint import check_checkpoint, read_checkpoint
     from lightning_modules.cli import build_cli
 
-    cli = build_cli(["--config", config, "--trainer.logger", "false"], run=False)
+    configs = [config] if isinstance(config, str) else list(config)
+    config = " + ".join(configs)
+    cli = build_cli([*(a for c in configs for a in ("--config", c)), "--trainer.logger", "false"], run=False)
     checkpoint = read_checkpoint(ckpt, "encoder checkpoint")
     check_checkpoint(checkpoint, cli.model.backbone, phase="pretrain", source=ckpt)
     try:
@@ -239,7 +242,7 @@ def measure_checkpoint(
 ) -> dict[str, float]:
     """Encoder-only validation identity / prompt accuracy of a pretraining checkpoint at each alpha, with its
     predicted cores and with zero cores (keys ``..._zero_cores``), measured by the ``ValidationIdentity`` class
-    ``config`` trains with (``InstanceValidationIdentity`` for ``configs/pretrain/instance.yaml``)."""
+    ``config`` trains with (``InstanceValidationIdentity`` for ``configs/experiments/instance_encoders/e4t_style.yaml``)."""
     cli = load_pretrained(ckpt, config)
     module = cli.model
     # the config's own validation callback class (the instance world's scores pixels), with ``kwargs``
