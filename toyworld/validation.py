@@ -242,7 +242,7 @@ def measure_checkpoint(
 ) -> dict[str, float]:
     """Encoder-only validation identity / prompt accuracy of a pretraining checkpoint at each alpha, with its
     predicted cores and with zero cores (keys ``..._zero_cores``), measured by the ``ValidationIdentity`` class
-    ``config`` trains with (``InstanceValidationIdentity`` for ``configs/experiments/instance_encoders/e4t_style.yaml``)."""
+    ``config`` trains with (``InstanceValidationIdentity`` for ``configs/pretrain/instance.yaml``)."""
     cli = load_pretrained(ckpt, config)
     module = cli.model
     # the config's own validation callback class (the instance world's scores pixels), with ``kwargs``
