@@ -124,7 +124,7 @@ def world_info(module: LightningDataModule) -> tuple[int, int]:
 
 class PretrainDataModule(LightningDataModule):
     """Training data for encoder pretraining: image folders, procedural concepts when none are given, or any
-    given map-style dataset of the same items (e.g. ``toyworld.data.ToyWorldConceptDataset``).
+    given map-style dataset of the same items (e.g. ``toyworld.ToyWorldConceptDataset``).
 
     Roots are scanned and validated in ``__init__``, so a missing or empty folder fails with a one-line error
     before any training starts. Only a train dataloader is provided.

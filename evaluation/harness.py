@@ -76,7 +76,7 @@ def run_evaluation(
         methods: methods and ablations (default: one method ``date`` = the tune config as is).
         concepts: the concept set and its prompts, by ``class_path`` (None: ``SyntheticConcepts()``):
             ``evaluation.concepts.synthetic.SyntheticConcepts``, ``evaluation.concepts.dreambench.DreamBenchConcepts``
-            or a plug-in such as ``toyworld.concepts.ToyWorldConcepts``.
+            or a plug-in such as ``toyworld.ToyWorldConcepts``.
         sweep: tuning steps, alphas and guidance scales (every combination is a setting).
         sampling: sampler, denoising steps, samples per prompt, base seed.
         metrics: CLIP / DINO backbones of the metrics and metric plug-ins.

@@ -22,7 +22,7 @@ from evaluation.config import MethodSpec
 from evaluation.recipe import resolve_recipe
 from evaluation.tuning import ARTIFACTS_DIR, ConceptTuner, snapshot_path
 from models.artifact import ConceptArtifact
-from toyworld.concepts import ToyWorldConcepts
+from toyworld.named.concepts import ToyWorldConcepts
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = str(REPO / "configs" / "tune" / "toyworld.yaml")

@@ -11,7 +11,7 @@ from evaluation.concepts.synthetic import SyntheticConcepts
 from evaluation.config import EvaluationConfigError, MethodSpec, SamplingSpec
 from evaluation.metrics.suite import MetricSpec
 from evaluation.store.run_state import OUTPUTS, RECORD_FILE, check_run_record, run_record, write_json
-from toyworld.concepts import ToyWorldConcepts
+from toyworld.named.concepts import ToyWorldConcepts
 
 
 def _record(concepts, concepts_per_batch: int = 1) -> dict:

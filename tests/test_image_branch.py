@@ -148,7 +148,7 @@ def test_convolutional_tower_loads_by_config_with_mean_pooling(
 
 
 def test_supcon_prefers_embeddings_that_match_objects():
-    from toyworld.image_encoder import object_pair_batch, supcon_loss
+    from toyworld.training.image_encoder import object_pair_batch, supcon_loss
 
     batch = object_pair_batch(8, seed=0, step=0)
     ids = batch["object_ids"]
@@ -164,7 +164,7 @@ def test_committed_image_encoder_passes_the_probe_gate():
     """The gate before encoder pretraining (issue: the image branch must see the concept): from the features
     DATE reads (mean-pooled ResNet stages), a linear probe trained on base renders recovers shape, colour and
     pattern of the held-out combinations with accuracy >= 0.9."""
-    from toyworld.image_encoder import probe
+    from toyworld.diagnostics.image_probe import probe
 
     result = probe("assets/toyworld/image_encoder", "mean", [1, 2, 3])
     for attribute in ("shape", "colour", "pattern"):
@@ -178,7 +178,7 @@ def test_committed_encoder_cores_help_at_alpha_1():
     at least that with zero cores, at the prompt accuracy of zero cores minus one sample in ten.
     Measured (python -m toyworld validate-encoder assets/toyworld/encoder/date.ckpt): identity 0.58 vs 0.17, prompt
     1.00 vs 1.00."""
-    from toyworld.validation import measure_checkpoint
+    from toyworld.named.validation import measure_checkpoint
 
     m = measure_checkpoint("assets/toyworld/encoder/date.ckpt", alphas=(1.0,))
     assert m["identity_a1"] >= m["identity_a1_zero_cores"] + 0.1, m

@@ -106,7 +106,7 @@ def test_core_probe_finds_the_instance_in_the_committed_encoders_cores(capsys):
     draw: at the target's own timestep they do no better than at inference (0.154 vs 0.155). The E4T-style encoder
     of docs/research/instance_world.md had the opposite pattern (0.202 / 0.248 at its own timestep, 0.227 / 0.226 at
     inference)."""
-    from toyworld.core_probe import core_probe, main
+    from toyworld.diagnostics.core_probe import core_probe, main
 
     out = core_probe(
         "assets/toyworld/instance_encoder/date.ckpt",
@@ -164,12 +164,12 @@ def test_the_quickstarts_tuning_config_personalizes_the_held_out_instance(tmp_pa
 
 @pytest.mark.slow
 def test_figures_draw_the_concept_across_methods_and_keep_the_plots(run, tmp_path):
-    """``toyworld.figures.write_figures`` (how the committed figures are made): one row per method of ``main`` the
+    """``toyworld.release.figures.write_figures`` (how the committed figures are made): one row per method of ``main`` the
     run holds, the input image first; the plots stored as palette PNGs of the same size."""
     import numpy as np
     from PIL import Image
 
-    from toyworld.figures import write_figures
+    from toyworld.release.figures import write_figures
 
     _, _, out = run
     main = {

@@ -1,4 +1,4 @@
-"""Encoder pretraining on the instance world (toyworld/instance_data.py): the items (training distribution only,
+"""Encoder pretraining on the instance world (toyworld/instance/data.py): the items (training distribution only,
 the category word replaced by the placeholder, one concept per item, resumable) and the validation callback's
 pixel scores (renders of the concept in the asked contexts score high identity and full prompt accuracy; other
 instances of the category score lower)."""
@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from toyworld.instance import CATEGORIES, Context, instance_split, render, sample_instance
-from toyworld.instance_concepts import concept_instances, input_context, prompt_contexts
-from toyworld.instance_data import InstanceConceptDataset, InstanceValidationIdentity
-from toyworld.world import seeded_rng, to_tensor
+from toyworld.instance.concepts import concept_instances, input_context, prompt_contexts
+from toyworld.instance.data import InstanceConceptDataset, InstanceValidationIdentity
+from toyworld.instance.render import render
+from toyworld.instance.world import CATEGORIES, Context, instance_split, sample_instance
+from toyworld.named.world import seeded_rng, to_tensor
 
 
 def test_instance_items_train_through_the_ordinary_pretrain_module():

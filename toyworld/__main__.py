@@ -30,7 +30,7 @@ PROG = "python -m toyworld"
 
 
 def _parser() -> argparse.ArgumentParser:
-    from toyworld.measure import CHECKER_DIR, GUIDANCE, PIPELINE_DIR, SAMPLE_STEPS
+    from toyworld.common.pipeline import CHECKER_DIR, GUIDANCE, PIPELINE_DIR, SAMPLE_STEPS
 
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    from toyworld import world
+    from toyworld.named import world
 
     if args.command == "write-concepts":
         print(world.write_concepts(args.out))
@@ -271,24 +271,24 @@ def main(argv: list[str] | None = None) -> None:
             print(world.caption(s))
         print(f"wrote {args.out}", file=sys.stderr)
     elif args.command == "base-adherence":
-        from toyworld.measure import base_adherence
+        from toyworld.named.measure import base_adherence
 
         acc = base_adherence(args.n, args.seed, args.pipeline, args.checker, args.steps, args.guidance)
         sys.stdout.write(json.dumps(acc) + "\n")
     elif args.command == "figures":
-        from toyworld.figures import write_figures
+        from toyworld.release.figures import write_figures
 
         print(write_figures(Path(args.run), args.concept, Path(args.out)))
     elif args.command == "probe-image-encoder":
-        from toyworld.image_encoder import probe
+        from toyworld.diagnostics.image_probe import probe
 
         print(json.dumps(probe(args.encoder, args.features, args.layers), indent=1))
     elif args.command == "write-validation-concepts":
-        from toyworld.validation import write_validation_concepts
+        from toyworld.named.validation import write_validation_concepts
 
         print(write_validation_concepts(args.out))
     elif args.command == "validate-encoder":
-        from toyworld.validation import measure_checkpoint
+        from toyworld.named.validation import measure_checkpoint
 
         try:  # a checkpoint trained with another config: one line
             print(json.dumps(measure_checkpoint(args.ckpt, args.pretrain_config), indent=1))
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(str(err))
     elif args.command == "instance-render":
         from evaluation.generate.images import save_grid
-        from toyworld.instance import InstanceWorldStream
+        from toyworld.instance.stream import InstanceWorldStream
 
         batch = InstanceWorldStream(args.n, seed=args.seed, empty_prob=0.0, drop_prob=0.0).batch(0)
         save_grid(((batch["pixels"].permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy(), args.out)
@@ -304,13 +304,13 @@ def main(argv: list[str] | None = None) -> None:
             print(c)
         print(f"wrote {args.out}", file=sys.stderr)
     elif args.command == "instance-concepts":
-        from toyworld.instance_concepts import write_instance_concepts
+        from toyworld.instance.concepts import write_instance_concepts
 
         print(write_instance_concepts(args.out or INSTANCE_DIRS[args.split], args.split))
     elif args.command == "instance-calibrate":
         _instance_calibrate(args)
     elif args.command == "instance-probe":
-        from toyworld.instance_probe import format_table, instance_probe
+        from toyworld.diagnostics.instance_probe import format_table, instance_probe
 
         result = instance_probe(
             [*args.encoder, "pixels"], args.n_train, args.n_test, args.n_categories, args.seed, args.cells
@@ -320,24 +320,24 @@ def main(argv: list[str] | None = None) -> None:
             Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
             print(f"wrote {args.out}", file=sys.stderr)
     elif args.command == "instance-ceiling":
-        from toyworld.instance_assets import autoencoder_ceiling
+        from toyworld.release.instance_assets import autoencoder_ceiling
 
         print(json.dumps(autoencoder_ceiling(args.concepts, args.pipeline)))
     elif args.command == "instance-adherence":
-        from toyworld.instance_assets import instance_adherence
+        from toyworld.release.instance_assets import instance_adherence
 
         result = json.dumps(instance_adherence(args.n, args.seed, args.pipeline, grid=args.grid), indent=1)
         if args.out:
             Path(args.out).write_text(result + "\n")
         print(result)
     elif args.command == "instance-oracle":
-        from toyworld.instance_oracle import train_oracle
+        from toyworld.diagnostics.oracle import train_oracle
 
         hybrid = {"contrastive_weight": args.contrastive_weight, "group": args.group}
         hybrid |= {"one_detail": args.one_detail, "temperature": args.temperature}
         print(train_oracle(args.out_dir, args.steps, seed=args.seed, image_size=args.image_size, **hybrid))
     elif args.command == "export-encoder":
-        from toyworld.assets import export_encoder
+        from toyworld.release.assets import export_encoder
 
         print(export_encoder(args.ckpt, args.name, args.log_dir, folder=args.folder, fp16=args.fp16))
     else:
@@ -345,8 +345,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _instance_calibrate(args: argparse.Namespace) -> None:
-    from toyworld import instance_calibration as cal
-    from toyworld.pixels import IDENTITY_THRESHOLD
+    from toyworld.diagnostics import calibration as cal
+    from toyworld.instance.pixels import IDENTITY_THRESHOLD
 
     threshold, balanced = cal.calibrate_threshold()
     table = cal.reference_table(args.prompts, args.seed, args.negatives, threshold)
@@ -367,28 +367,28 @@ def _instance_calibrate(args: argparse.Namespace) -> None:
 
 
 def _run_config_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from toyworld.train import load_config
+    from toyworld.training.train import load_config
 
     cfg = load_config(args.config)
     check_weights_only(Path(cfg.get("out_dir", "")) / "last.pt", parser.error, missing_ok=True)
     if args.command == "train":
         if args.model == "clip":
-            from toyworld.train_clip import train_clip
+            from toyworld.training.clip import train_clip
 
             train_clip(cfg)
         elif args.model == "image-encoder":
-            from toyworld.image_encoder import train
+            from toyworld.training.image_encoder import train
 
             print(train(cfg))
         else:
-            from toyworld.train import train_base, train_checker
+            from toyworld.training.train import train_base, train_checker
 
             (train_base if args.model == "base" else train_checker)(cfg)
         return
-    from toyworld import assets
+    from toyworld.release import assets
 
     if args.command == "export-instance":
-        from toyworld.instance_assets import export_instance
+        from toyworld.release.instance_assets import export_instance
 
         print(export_instance(cfg))
     elif args.command == "export":

@@ -39,7 +39,7 @@ class MetricSpec:
         vocabulary: words file (one a line, ``#`` comments) the nearest word of each v* is searched among
             (None: the artefact's own nearest token).
         plugins: further metrics by ``class_path`` (``evaluation.metrics.registry.ImageMetric`` subclasses),
-            e.g. the toy world's attribute checker ``toyworld.checker.CheckerMetric``.
+            e.g. the toy world's attribute checker ``toyworld.CheckerMetric``.
     """
 
     clip: str = "openai/clip-vit-base-patch32"

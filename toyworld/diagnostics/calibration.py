@@ -1,4 +1,4 @@
-"""Calibration of the instance world's pixel metric (``toyworld/pixels.py``): the identity threshold,
+"""Calibration of the instance world's pixel metric (``toyworld/instance/pixels.py``): the identity threshold,
 from the validation concepts only, and the reference rows on the validation and test concepts.
 
 Reference rows (:data:`REFERENCE_ROWS`), each scored against the concept's input image and its prompt contexts:
@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from toyworld import pixels
-from toyworld.instance import CATEGORIES, HELD_OUT_CATEGORIES, backgrounds_for, render, sample_instance
-from toyworld.instance_concepts import concept_instances, input_context, prompt_contexts
-from toyworld.world import seeded_rng
+from toyworld.instance import pixels
+from toyworld.instance.concepts import concept_instances, input_context, prompt_contexts
+from toyworld.instance.render import render
+from toyworld.instance.world import CATEGORIES, HELD_OUT_CATEGORIES, backgrounds_for, sample_instance
+from toyworld.named.world import seeded_rng
 
 # How the threshold is calibrated: prompt contexts per validation concept, random same-category instances per
 # context, pixel noise std (0..1) on both, seed.

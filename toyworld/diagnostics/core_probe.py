@@ -16,7 +16,7 @@ averaged over ``draws`` noise draws) is measured with:
 Read: identity lives in the cores when ``inference`` < ``inference_same_category``; ``own_timestep`` far below
 ``own_timestep_same_category_cores`` while the inference pair is equal means the cores carry the noise draw.
 
-    python -m toyworld.core_probe assets/toyworld/instance_encoder/date.ckpt \
+    python -m toyworld.diagnostics.core_probe assets/toyworld/instance_encoder/date.ckpt \
         --pretrain-config configs/pretrain/instance.yaml
 """
 
@@ -37,8 +37,8 @@ def core_probe(
     ckpt: str, config: str | list[str], n: int = 64, draws: int = 8, seed: int = 12345
 ) -> dict[str, float]:
     """The losses described in the module docstring (mean over ``draws`` noise draws), and ``n``."""
-    from toyworld.instance_data import InstanceConceptDataset
-    from toyworld.validation import load_pretrained
+    from toyworld.instance.data import InstanceConceptDataset
+    from toyworld.named.validation import load_pretrained
 
     module = load_pretrained(ckpt, config).model
     module.eval()
@@ -86,7 +86,7 @@ def core_probe(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m toyworld.core_probe",
+        prog="python -m toyworld.diagnostics.core_probe",
         description="Diffusion loss on an instance in another context with the encoder's own-timestep, "
         "inference-style and another same-category instance's predictions (module docstring).",
     )

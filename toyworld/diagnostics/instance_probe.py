@@ -1,12 +1,12 @@
 """The image-branch gate on the instance world: do the features DATE's image branch reads see the
 instance, not only the category?
 
-Probes are fitted on ``n_train`` training-distribution instances (``sample_instance(rng, "train")``), one random
-context each, and tested on held-out instances, each rendered in two different contexts (both renders are probed):
-``cells``, instances in the **test** cells of the training categories (``cell_split()["test"]``; with
-``--cells validation``, the validation cells instead, to choose among encoder variants), and ``categories``,
-instances of the held-out categories (heart, moon, arrow; whole detail space). Every render has the world's
-place / size jitter.
+Probes are fitted on ``n_train`` training-distribution instances (``sample_instance(rng, "train")``), one
+random context each, and tested on held-out instances, each rendered in two different contexts (both renders
+are probed): ``cells``, instances in the **test** cells of the training categories (``cell_split()["test"]``;
+with ``--cells validation``, the validation cells instead, to choose among encoder variants), and
+``categories``, instances of the held-out categories (heart, moon, arrow; whole detail space). Every render
+has the world's place / size jitter.
 
 Each detail gets a linear read-out of the features: continuous ones by ridge regression (standardised features,
 penalty chosen on the last 20 % of the training set, then refitted on all of it) scored by R² on held-out
@@ -44,17 +44,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from toyworld.image_encoder import linear_probe, read_features
-from toyworld.instance import (
+from toyworld.diagnostics.image_probe import linear_probe, read_features
+from toyworld.instance.render import render
+from toyworld.instance.world import (
     HELD_OUT_CATEGORIES,
     PATTERN_KINDS,
     TRAIN_CATEGORIES,
     Instance,
     random_context,
-    render,
     sample_instance,
 )
-from toyworld.world import seeded_rng, to_tensor
+from toyworld.named.world import seeded_rng, to_tensor
 
 CONTINUOUS = ("hue", "saturation", "value", "aspect", "roundness", "rotation", "tilt", "angle", "period")
 CATEGORICAL = ("pattern", "points", "category")

@@ -1,7 +1,7 @@
 """A supervised oracle for the instance-probe gate: a DIAGNOSTIC, never a solution.
 
 The question it answers: are the instance details readable at all at 32 px by the image encoder's architecture,
-i.e. is the gate (``toyworld/instance_probe.py``) attainable? The oracle is the same small ResNet as
+i.e. is the gate (``toyworld/diagnostics/instance_probe.py``) attainable? The oracle is the same small ResNet as
 ``configs/toyworld/instance_image_encoder.yaml`` (same input size, same ``tower_pixels`` path), trained from
 scratch and TOLD every detail: one linear head per detail on the mean-pooled stages DATE and the gate read,
 regressing the gate's own targets (``instance_probe.target``; circular ones as cos / sin; MSE on targets
@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from toyworld.image_encoder import _head_input, _save_processor, _schedule, supcon_loss, tower_pixels
-from toyworld.instance_pairs import instance_pair_batch
-from toyworld.instance_probe import CATEGORICAL, CONTINUOUS, target
+from toyworld.diagnostics.instance_probe import CATEGORICAL, CONTINUOUS, target
+from toyworld.instance.pairs import instance_pair_batch
+from toyworld.training.image_encoder import _head_input, _save_processor, _schedule, supcon_loss, tower_pixels
 
 RESNET = {"embedding_size": 32, "hidden_sizes": [32, 64, 128], "depths": [1, 1, 1], "layer_type": "basic"}
 N_CLASSES = {"pattern": 4, "points": 4, "category": 6}

@@ -1,10 +1,10 @@
-"""The instance world's concepts for evaluation (``toyworld/instance.py``): held-out instances of known categories
+"""The instance world's concepts for evaluation (``toyworld/instance/world.py``): held-out instances of known categories
 and instances of held-out categories, one input image each, asked for in other contexts. They plug into
-``evaluate.py run`` as a concept set, with the pixel metric (``toyworld.pixels.PixelIdentityMetric``)::
+``evaluate.py run`` as a concept set, with the pixel metric (``toyworld.instance.pixels.PixelIdentityMetric``)::
 
-    concepts: {class_path: toyworld.instance_concepts.InstanceConcepts,
+    concepts: {class_path: toyworld.instance.concepts.InstanceConcepts,
                init_args: {concepts_dir: assets/toyworld/instance_concepts}}
-    metrics: {plugins: [{class_path: toyworld.pixels.PixelIdentityMetric}]}
+    metrics: {plugins: [{class_path: toyworld.instance.pixels.PixelIdentityMetric}]}
 
 The folder has the world's layout (``<name>.png`` + ``concepts.json``, written by ``python -m toyworld
 instance-concepts``); each entry also holds the instance's details (``instance``), from which the references are
@@ -25,8 +25,8 @@ import torch
 from datamodules.transforms import load_rgb
 from evaluation.concepts.base import EvalConcept
 from evaluation.config import EvaluationConfigError
-from toyworld.concepts import CONCEPTS_FILE, ToyWorldConcepts, read_concept_index
-from toyworld.instance import (
+from toyworld.instance.render import render
+from toyworld.instance.world import (
     HELD_OUT_CATEGORIES,
     TEST_CATEGORIES,
     TRAIN_CATEGORIES,
@@ -37,10 +37,10 @@ from toyworld.instance import (
     backgrounds_for,
     caption,
     instance_split,
-    render,
     sample_instance,
 )
-from toyworld.world import COLOURS, seeded_rng
+from toyworld.named.concepts import CONCEPTS_FILE, ToyWorldConcepts, read_concept_index
+from toyworld.named.world import COLOURS, seeded_rng
 
 _KEYS = ("name", "image", "kind", "class_noun", "words", "template", "attributes", "instance", "split")
 _REFERENCE_SALT = 0x5EF

@@ -1,12 +1,13 @@
-"""Encoder pretraining on the instance world (``toyworld/instance.py``): the dataset and the validation callback.
+"""Encoder pretraining on the instance world (``toyworld/instance/world.py``): the dataset and the validation
+callback.
 
-The dataset plugs into the ordinary ``datamodules.pretrain.PretrainDataModule`` like ``toyworld.data``'s; the
-callback is ``toyworld.validation.ValidationIdentity`` with the instance world's validation concepts (never the test
-concepts) scored from pixels (``toyworld.pixels``)::
+The dataset plugs into the ordinary ``datamodules.pretrain.PretrainDataModule`` like ``toyworld.named.data``'s; the
+callback is ``toyworld.ValidationIdentity`` with the instance world's validation concepts (never the test concepts)
+scored from pixels (``toyworld.instance.pixels``)::
 
     data: {class_path: datamodules.pretrain.PretrainDataModule,
-           init_args: {dataset: {class_path: toyworld.instance_data.InstanceConceptDataset}}}
-    trainer.callbacks: [{class_path: toyworld.instance_data.InstanceValidationIdentity}]
+           init_args: {dataset: {class_path: toyworld.InstanceConceptDataset}}}
+    trainer.callbacks: [{class_path: toyworld.instance.data.InstanceValidationIdentity}]
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.transforms import CLIP_MEAN, CLIP_STD, DEFAULT_PLACEHOLDER
-from toyworld.data import ToyWorldConceptDataset
-from toyworld.instance import Context, Instance, caption, random_context, render, sample_instance
-from toyworld.instance_concepts import concept_instances, input_context, prompt_contexts
-from toyworld.validation import ValidationIdentity
-from toyworld.world import seeded_rng, to_tensor
+from toyworld.instance.concepts import concept_instances, input_context, prompt_contexts
+from toyworld.instance.render import render
+from toyworld.instance.world import Context, Instance, caption, random_context, sample_instance
+from toyworld.named.data import ToyWorldConceptDataset
+from toyworld.named.validation import ValidationIdentity
+from toyworld.named.world import seeded_rng, to_tensor
 
 
 class InstanceConceptDataset(ToyWorldConceptDataset):
@@ -98,7 +100,7 @@ class InstanceValidationIdentity(ValidationIdentity):
     """``ValidationIdentity`` on the instance world's validation concepts (``concept_instances("validation")``:
     held-out instances of the six training categories and two of the held-out validation category ``arrow``):
     each concept's input image (``input_context``), ``prompts_per_concept`` of its prompt contexts, and the
-    samples scored from pixels against the input image (``toyworld.pixels.score_images``). Logged per alpha:
+    samples scored from pixels against the input image (``toyworld.instance.pixels.score_images``). Logged per alpha:
     ``identity`` (the pixel identity score), ``identity_acc`` (accuracy at the calibrated threshold) and
     ``prompt`` (background, position and size all as asked). The options are ``ValidationIdentity``'s
     (``n_concepts``: the first n of the 8; ``checker_dir`` is unused)."""
@@ -119,7 +121,7 @@ class InstanceValidationIdentity(ValidationIdentity):
         return images, prompts, wanted
 
     def score(self, samples: torch.Tensor, images: torch.Tensor, wanted: list) -> dict[str, float]:
-        from toyworld.pixels import as_uint8, score_images
+        from toyworld.instance.pixels import as_uint8, score_images
 
         x = samples.float().cpu()
         if x.shape[-2:] != (32, 32):

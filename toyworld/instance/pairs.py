@@ -1,16 +1,17 @@
 """Instance-world batches for the image encoder: "my star", not "a star".
 
-The named-world encoder (``object_pair_batch``) learned what the words name (shape, colour word, pattern kind) and
-little of the unnamed instance details (the instance-probe gate, ``toyworld/instance_probe.py``). Here each of N
-instances of the **training distribution** (``instance.sample_instance(rng, "train")``: never a test or validation
-cell, never a held-out category) is rendered twice in two different random contexts (``instance.random_context``;
-background, position, size, jitter): the two renders are positives, every other instance a negative. Instances
-come in groups of ``group`` of one category (hard negatives): a fraction ``one_detail`` of the groups (by default
-half) are a base instance with one detail redrawn per member (hue, saturation, value, aspect, rotation,
-roundness, points, pattern kind, angle or period), the others independent instances of that category. The
-caption side is a read-out of the category, the only identity word this world's captions state
-(``labels["category"]``). The encoder trained so is committed in ``assets/toyworld/instance_image_encoder/``; it
-does not pass the gate (docs/research/instance_image_encoder.md).
+The named-world encoder (``object_pair_batch``) learned what the words name (shape, colour word, pattern kind)
+and little of the unnamed instance details (the instance-probe gate,
+``toyworld/diagnostics/instance_probe.py``). Here each of N instances of the **training distribution**
+(``instance.sample_instance(rng, "train")``: never a test or validation cell, never a held-out category) is
+rendered twice in two different random contexts (``instance.random_context``; background, position, size,
+jitter): the two renders are positives, every other instance a negative. Instances come in groups of ``group``
+of one category (hard negatives): a fraction ``one_detail`` of the groups (by default half) are a base
+instance with one detail redrawn per member (hue, saturation, value, aspect, rotation, roundness, points,
+pattern kind, angle or period), the others independent instances of that category. The caption side is a
+read-out of the category, the only identity word this world's captions state (``labels["category"]``). The
+encoder trained so is committed in ``assets/toyworld/instance_image_encoder/``; it does not pass the gate
+(docs/research/instance_image_encoder.md).
 
     python -m toyworld train image-encoder --config configs/toyworld/instance_image_encoder.yaml
 """
@@ -22,16 +23,16 @@ import dataclasses
 import numpy as np
 import torch
 
-from toyworld.instance import (
+from toyworld.instance.render import render
+from toyworld.instance.world import (
     TRAIN_CATEGORIES,
     Instance,
     backgrounds_for,
     instance_split,
     random_context,
-    render,
     sample_instance,
 )
-from toyworld.world import seeded_rng, to_tensor
+from toyworld.named.world import seeded_rng, to_tensor
 
 # The details a hard negative may differ in (every field of an Instance but its category).
 DETAILS: tuple[str, ...] = ("hue", "saturation", "value", "aspect", "rotation", "roundness", "points")

@@ -1,5 +1,5 @@
-"""Identity and prompt adherence of the instance world (``toyworld/instance.py``) read from pixels alone: no trained
-model, so it measures exactly what a checker trained on named attributes cannot.
+"""Identity and prompt adherence of the instance world (``toyworld/instance/world.py``) read from pixels alone: no
+trained model, so it measures exactly what a checker trained on named attributes cannot.
 
 **Segmentation.** The background is one plain colour: its estimate is the median of the image's 1-pixel border;
 the object is every pixel farther than ``SEGMENT_THRESHOLD`` (RGB distance) from it, kept to its largest
@@ -19,7 +19,7 @@ resized to ``NORM_SIZE`` px: position and scale are gone, the instance's own asp
 The **identity score** is their geometric mean (``(iou * colour * pattern) ** (1/3)``: any one detail wrong pulls
 it down, like the checker's "all identity attributes right"); **identity accuracy** is ``score >=
 IDENTITY_THRESHOLD``. The threshold is calibrated on the VALIDATION concepts only
-(``toyworld.instance_calibration.calibrate_threshold``):
+(``toyworld.diagnostics.calibration.calibrate_threshold``):
 positives are each validation instance rendered in its prompt contexts, negatives are random instances of the same
 category in the same contexts (what the class word gives), all rendered with the world's place/size jitter and
 pixel noise of std 0.05; the threshold maximises balanced accuracy between them, and
@@ -30,8 +30,8 @@ nearest to the bounding-box centre; size = ``large`` when the object's diameter 
 its pixels, + 1 px) exceeds ``SIZE_THRESHOLD`` of the image side. Prompt accuracy: all three as the prompt asks.
 
 :class:`PixelIdentityMetric` plugs this into ``evaluate.py run`` (``metrics.plugins``) next to or instead of
-``toyworld.checker.CheckerMetric``: it reads each concept's input image (``EvalConcept.load_input``) and each
-prompt's wanted context (``EvalConcept.attributes``, as ``toyworld.instance_concepts.InstanceConcepts`` gives).
+``toyworld.named.checker.CheckerMetric``: it reads each concept's input image (``EvalConcept.load_input``) and each
+prompt's wanted context (``EvalConcept.attributes``, as ``toyworld.instance.concepts.InstanceConcepts`` gives).
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ from torch import Tensor
 from evaluation.concepts.base import EvalConcept
 from evaluation.config import EvaluationConfigError
 from evaluation.metrics.registry import Column, ImageMetric, register
-from toyworld.instance import ANCHORS, CONTEXT, RADIUS
-from toyworld.world import COLOURS
+from toyworld.instance.world import ANCHORS, CONTEXT, RADIUS
+from toyworld.named.world import COLOURS
 
 SEGMENT_THRESHOLD = 60.0  # RGB distance from the background estimate
 NORM_SIZE = 20  # side of the normalised crop (objects are about 11 px small, 18 px large)
@@ -58,7 +58,7 @@ COLOUR_SCALE = 20.0  # dE (CIE76) at which the colour similarity is 1/e
 # gradient density.
 PATTERN_SCALES = {"dark": 0.25, "c2": 0.8, "c4": 0.8, "density": 0.1}
 SIZE_THRESHOLD = 2 * (RADIUS["small"] + RADIUS["large"]) / 2  # diameters: small ~0.36, large ~0.56
-# toyworld.instance_calibration.calibrate_threshold() on the validation concepts (see the module docstring).
+# toyworld.diagnostics.calibration.calibrate_threshold() on the validation concepts (see the module docstring).
 IDENTITY_THRESHOLD = 0.386
 
 PIXEL_COLUMNS: tuple[Column, ...] = register(
@@ -336,7 +336,7 @@ class PixelIdentityMetric(ImageMetric):
             if c.attributes is None or any(a not in row for row in c.attributes for a in CONTEXT):
                 raise EvaluationConfigError(
                     f"the pixel metric needs concepts whose prompts state {', '.join(CONTEXT)} "
-                    f"(toyworld.instance_concepts.InstanceConcepts); {c.name!r} has none"
+                    f"(toyworld.instance.concepts.InstanceConcepts); {c.name!r} has none"
                 )
 
     def score(
@@ -354,7 +354,7 @@ class PixelIdentityMetric(ImageMetric):
 
     def describe(self) -> dict[str, Any]:
         return {
-            "backbone": "none (pixels): toyworld.pixels",
+            "backbone": "none (pixels): toyworld.instance.pixels",
             "preprocessing": "[0, 1] -> 32 px -> segmented against the border colour, bbox-cropped to a square, "
             f"resized to {NORM_SIZE} px",
             "pairing": "identity: each image against the concept's input image (silhouette IoU, Lab colour, "

@@ -9,7 +9,7 @@ ever states.
   star) and the pattern (kind ``plain | stripes | checks | dots``, ``angle``, ``period``). The pattern lives in the
   object's own frame (period in units of its radius), so it scales with the object and identity does not depend on
   the size the prompt asks for.
-- **Context** (named in captions, as in ``toyworld/world.py``): background (one of the world's eight colour
+- **Context** (named in captions, as in ``toyworld/named/world.py``): background (one of the world's eight colour
   names, always a plain colour far from the object's two tones, so the object can be segmented from pixels;
   :func:`backgrounds_for`), position (``left | right | top | bottom | center``) and size (``small | large``).
 
@@ -26,22 +26,20 @@ different instances for the same words (:class:`InstanceWorldStream`).
 (the main kind) are drawn inside held-out cells; the training stream never yields an instance in a held-out
 cell nor of a held-out category. Test and validation concepts use disjoint cells and disjoint held-out categories.
 
-Concepts (``toyworld/instance_concepts.py``) are written like the world's and served to ``evaluate.py run``;
-``toyworld/pixels.py`` measures identity and prompt from pixels. Command line: ``python -m toyworld
+Concepts (``toyworld/instance/concepts.py``) are written like the world's and served to ``evaluate.py run``;
+``toyworld/instance/pixels.py`` measures identity and prompt from pixels. Command line: ``python -m toyworld
 instance-concepts | instance-render | instance-calibrate``.
 """
 
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from torch.utils.data import IterableDataset
 
-from toyworld.world import COLOURS, _article, _shape_mask, seeded_rng, to_tensor
+from toyworld.named.world import COLOURS, _article, seeded_rng
 
 TRAIN_CATEGORIES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross")
 TEST_CATEGORIES: tuple[str, ...] = ("heart", "moon")  # held out of training: the test's hard kind
@@ -231,101 +229,6 @@ def caption(category: str, context: Context, identity: str | None = None) -> str
     return " ".join([_article(words[0]), *words])
 
 
-def _outline(inst: Instance, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
-    """Boolean mask of the instance's outline of radius ``r`` at the origin of ``x``, ``y`` (y grows downward)."""
-    phi = np.deg2rad(inst.rotation)
-    u = x * np.cos(phi) + y * np.sin(phi)
-    v = -x * np.sin(phi) + y * np.cos(phi)
-    c, q = inst.category, inst.roundness
-    if c in ("circle", "star", "moon", "arrow"):
-        v = v / inst.aspect  # squeeze across the long axis
-    else:
-        u = u / inst.aspect  # squeeze the width
-    if c == "circle":
-        p = 1.8 + 0.6 * q
-        return np.abs(u) ** p + np.abs(v) ** p <= r**p
-    if c == "square":
-        p = 3.5 + 8.0 * (1 - q)
-        s = 0.75 * r
-        return np.abs(u) ** p + np.abs(v) ** p <= s**p
-    if c == "triangle":
-        skew = (q - 0.5) * 0.7 * r
-        return _shape_mask("triangle", u - skew * (0.8 * r - v) / (1.8 * r), v, r)
-    if c == "star":
-        theta = np.arctan2(u, -v)
-        rho = np.sqrt(u**2 + v**2)
-        k = (np.cos(inst.points * theta) + 1) / 2
-        inner = 0.35 + 0.25 * q
-        return rho <= r * (inner + (1 - inner) * k**2)
-    if c == "diamond":
-        p = 1.0 + 0.6 * q
-        return np.abs(u) ** p + np.abs(v) ** p <= r**p
-    if c == "cross":
-        w = (0.22 + 0.18 * q) * r
-        au, av = np.abs(u), np.abs(v)
-        return ((au <= w) & (av <= r)) | ((av <= w) & (au <= r))
-    if c == "heart":
-        a, b = u / r * 1.25, -v / r * 1.25 + 0.05 + 0.2 * q
-        return (a**2 + b**2 - 1) ** 3 - a**2 * b**3 <= 0
-    if c == "moon":
-        off = (0.3 + 0.3 * q) * r
-        return (u**2 + v**2 <= r**2) & ((u - off) ** 2 + (v + 0.1 * r) ** 2 > (0.8 * r) ** 2)
-    if c == "arrow":  # points along +u
-        head = (0.45 + 0.3 * q) * r
-        shaft = 0.28 * r
-        in_head = (u >= r - 2 * head) & (u <= r) & (np.abs(v) <= (r - u) * 0.55)
-        in_shaft = (u >= -r) & (u < r - 2 * head + 1e-9) & (np.abs(v) <= shaft)
-        return in_head | in_shaft
-    raise ValueError(f"unknown category {c!r}; known: {', '.join(CATEGORIES)}")
-
-
-def _second_tone(inst: Instance, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
-    """Where the pattern's dark tone is, in the object's frame (units of its radius, so it scales with size)."""
-    a = np.deg2rad(inst.angle)
-    pu = (x * np.cos(a) + y * np.sin(a)) / r / inst.period
-    pv = (-x * np.sin(a) + y * np.cos(a)) / r / inst.period
-    if inst.pattern == "plain":
-        return np.zeros(x.shape, bool)
-    if inst.pattern == "stripes":
-        return np.floor(pu).astype(int) % 2 == 1
-    if inst.pattern == "checks":
-        return (np.floor(pu).astype(int) + np.floor(pv).astype(int)) % 2 == 1
-    if inst.pattern == "dots":
-        du, dv = pu - np.floor(pu) - 0.5, pv - np.floor(pv) - 0.5
-        return du**2 + dv**2 <= 0.33**2
-    raise ValueError(f"unknown pattern {inst.pattern!r}; known: {', '.join(PATTERN_KINDS)}")
-
-
-def render(
-    inst: Instance,
-    context: Context,
-    size: int = 32,
-    rng: np.random.Generator | None = None,
-    supersample: int = 4,
-) -> np.ndarray:
-    """The instance in ``context`` as a uint8 array ``(size, size, 3)``, anti-aliased by ``supersample`` x
-    ``supersample`` sampling; ``rng`` adds a small jitter of place (2 % of the image) and size (5 %), like
-    ``world.render`` (the object never reaches the image border). The background is one plain colour everywhere
-    (the pixel metric segments against it)."""
-    if context.background not in COLOURS or context.position not in ANCHORS or context.size not in RADIUS:
-        raise ValueError(f"unknown context {context}")
-    jitter = rng.uniform(-1, 1, 3) if rng is not None else np.zeros(3)
-    ax, ay = ANCHORS[context.position]
-    cx, cy = ax + 0.02 * jitter[0], ay + 0.02 * jitter[1]
-    r = RADIUS[context.size] * (1 + 0.05 * jitter[2])
-    n = size * supersample
-    t = (np.arange(n) + 0.5) / n
-    x, y = np.meshgrid(t - cx, t - cy, indexing="xy")
-    mask = _outline(inst, x, y, r)
-    main, dark = inst.tones()
-    img = np.empty((n, n, 3), dtype=np.float64)
-    img[:] = np.array(COLOURS[context.background], dtype=np.float64)
-    obj = np.where(_second_tone(inst, x, y, r)[..., None], dark, main)
-    img = np.where(mask[..., None], obj, img)
-    img = img.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))
-    return np.clip(np.round(img), 0, 255).astype(np.uint8)
-
-
 def all_contexts(inst: Instance) -> list[Context]:
     """Every context the world allows for ``inst`` (backgrounds far from its tones)."""
     return [Context(b, p, s) for b in backgrounds_for(inst) for p in POSITIONS for s in SIZES]
@@ -338,62 +241,3 @@ def random_context(rng: np.random.Generator, inst: Instance) -> Context:
         POSITIONS[int(rng.integers(len(POSITIONS)))],
         SIZES[int(rng.integers(len(SIZES)))],
     )
-
-
-class InstanceWorldStream(IterableDataset):
-    """An endless, seeded stream of base-training batches ``{"pixels", "captions", "instances", "contexts"}``:
-    instances of the training distribution only (never a held-out cell or category), captions with the category
-    and context (each context word dropped with ``drop_prob``; the empty caption with ``empty_prob``).
-
-    Args:
-        batch_size: scenes per batch.
-        seed: batch ``step`` is a pure function of (seed, step): resumable with ``start_step``.
-        drop_prob: probability of dropping each context attribute from the caption.
-        empty_prob: probability of the empty caption (for classifier-free guidance).
-        size: image size in pixels.
-    """
-
-    def __init__(
-        self,
-        batch_size: int = 64,
-        seed: int = 0,
-        drop_prob: float = 0.15,
-        empty_prob: float = 0.1,
-        size: int = 32,
-        start_step: int = 0,
-    ):
-        super().__init__()
-        self.batch_size, self.seed, self.size = batch_size, seed, size
-        self.drop_prob, self.empty_prob, self.start_step = drop_prob, empty_prob, start_step
-
-    def _caption(self, rng: np.random.Generator, inst: Instance, ctx: Context) -> str:
-        if rng.uniform() < self.empty_prob:
-            return ""
-        words = []
-        if rng.uniform() >= self.drop_prob:
-            words.append(ctx.size)
-        words.append(inst.category)
-        if rng.uniform() >= self.drop_prob:
-            words.append(POSITION_PHRASE[ctx.position])
-        if rng.uniform() >= self.drop_prob:
-            words.append(f"on {_article(ctx.background)} {ctx.background} background")
-        return " ".join([_article(words[0]), *words])
-
-    def batch(self, step: int) -> dict:
-        rng = seeded_rng(self.seed, 0x696E7374, step)
-        instances = [sample_instance(rng, "train") for _ in range(self.batch_size)]
-        contexts = [random_context(rng, i) for i in instances]
-        images = np.stack([render(i, c, self.size, rng) for i, c in zip(instances, contexts)])
-        captions = [self._caption(rng, i, c) for i, c in zip(instances, contexts)]
-        return {
-            "pixels": to_tensor(images),
-            "captions": captions,
-            "instances": instances,
-            "contexts": contexts,
-        }
-
-    def __iter__(self) -> Iterator[dict]:
-        step = self.start_step
-        while True:
-            yield self.batch(step)
-            step += 1

@@ -25,7 +25,7 @@ from evaluation.concepts.base import EvalConcept
 from evaluation.config import EvaluationConfigError
 from evaluation.metrics.registry import Column, ImageMetric, register
 from models.io import atomic_write_dir
-from toyworld.world import ATTRIBUTES
+from toyworld.named.world import ATTRIBUTES
 
 IDENTITY_ATTRIBUTES = ("shape", "colour", "pattern")
 PROMPT_ATTRIBUTES = ("background", "position", "size")
@@ -42,7 +42,7 @@ class AttributeChecker(nn.Module):
     """CNN over RGB plus two coordinate channels (they make position easy), one linear head per attribute.
 
     Args:
-        classes: attribute name -> its class names, in label order (e.g. ``toyworld.world.VALUES``).
+        classes: attribute name -> its class names, in label order (e.g. ``toyworld.named.world.VALUES``).
         width: channels of the first conv stage (doubled twice).
     """
 
@@ -183,7 +183,7 @@ class CheckerMetric(ImageMetric):
             raise EvaluationConfigError(f"metrics.plugins: checker {self.path} is not a folder")
         if any(c.attributes is None for c in concepts):
             raise EvaluationConfigError(
-                "the attribute checker needs concepts with checked attributes (toyworld.concepts.ToyWorldConcepts)"
+                "the attribute checker needs concepts with checked attributes (toyworld.ToyWorldConcepts)"
             )
 
     def load(self, device: str = "cpu") -> CheckerMetric:

@@ -1,5 +1,5 @@
 """Toy-world concepts for evaluation: held-out identities, one input image each, prompts that change the context.
-They plug into ``evaluate.py run`` as a concept set (``concepts: {class_path: toyworld.concepts.ToyWorldConcepts}``).
+They plug into ``evaluate.py run`` as a concept set (``concepts: {class_path: toyworld.ToyWorldConcepts}``).
 
 A concept is an identity (colour, pattern, shape) the base model never saw: a novel shape (``HELD_OUT_SHAPES``) or a
 held-out combination (``HELD_OUT_COMBOS``). It is learned from ONE image at a fixed context (large, in the center,
@@ -22,7 +22,7 @@ from torch import Tensor
 from datamodules.transforms import load_rgb
 from evaluation.concepts.base import ConceptSet, EvalConcept
 from evaluation.config import EvaluationConfigError
-from toyworld.world import (
+from toyworld.named.world import (
     ATTRIBUTES,
     COLOUR_NAMES,
     HELD_OUT_COMBOS,
@@ -77,7 +77,7 @@ def _check_entry(entry: dict[str, Any], where: str) -> Scene:
     if bad:
         raise EvaluationConfigError(f"{where}: concept {entry['name']!r} has unknown values of {bad}")
     scene = Scene(**{a: attrs[a] for a in ATTRIBUTES})
-    # Validation concepts (kind "validation", toyworld.validation) are objects of the base distribution on
+    # Validation concepts (kind "validation", toyworld.named.validation) are objects of the base distribution on
     # purpose: settings are chosen on them, never on the held-out test concepts.
     held_out = scene.shape in HELD_OUT_SHAPES or scene.identity in HELD_OUT_COMBOS
     if entry.get("kind") == "validation" and held_out:

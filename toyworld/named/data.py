@@ -1,4 +1,4 @@
-"""Encoder pretraining data from the toy world (``toyworld/world.py``): one scene per item, its caption with the
+"""Encoder pretraining data from the toy world (``toyworld/named/world.py``): one scene per item, its caption with the
 object's words replaced by the placeholder. The dataset plugs into the ordinary
 ``datamodules.pretrain.PretrainDataModule`` (its ``dataset`` argument), which brings the resumable loader::
 
@@ -6,7 +6,7 @@ object's words replaced by the placeholder. The dataset plugs into the ordinary
       class_path: datamodules.pretrain.PretrainDataModule
       init_args:
         dataset:
-          class_path: toyworld.data.ToyWorldConceptDataset
+          class_path: toyworld.named.data.ToyWorldConceptDataset
           init_args: {length: 4096, split: base, seed: 0}
         batch_size: 16
 """
@@ -20,7 +20,16 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from datamodules.transforms import CLIP_MEAN, CLIP_STD, DEFAULT_PLACEHOLDER
-from toyworld.world import COLOUR_NAMES, PATTERNS, SHAPES, Scene, caption, random_scene, render, seeded_rng
+from toyworld.named.world import (
+    COLOUR_NAMES,
+    PATTERNS,
+    SHAPES,
+    Scene,
+    caption,
+    random_scene,
+    render,
+    seeded_rng,
+)
 
 IDENTITIES: tuple[tuple[str, str, str], ...] = tuple(
     (shape, colour, pattern) for shape in SHAPES for colour in COLOUR_NAMES for pattern in PATTERNS

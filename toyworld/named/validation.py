@@ -6,7 +6,7 @@ on them. The callback predicts (v*, cores) from each concept's one input image w
 tuning: the encoder-only result, which is where tuning starts), samples it in new contexts and lets the attribute
 checker read the samples, so the pretraining curve shows when the encoder saturates.
 
-    trainer.callbacks: [{class_path: toyworld.validation.ValidationIdentity, init_args: {every_n_steps: 500}}]
+    trainer.callbacks: [{class_path: toyworld.named.validation.ValidationIdentity, init_args: {every_n_steps: 500}}]
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from lightning import Callback
 
-from toyworld.world import (
+from toyworld.common.pipeline import ASSETS
+from toyworld.named.world import (
     HELD_OUT_CONCEPTS,
     TRAIN_SHAPES,
     VALUES,
@@ -31,7 +32,6 @@ from toyworld.world import (
     to_tensor,
 )
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets" / "toyworld"
 IDENTITY = ("shape", "colour", "pattern")
 CONTEXT = ("background", "position", "size")
 
@@ -118,7 +118,7 @@ class ValidationIdentity(Callback):
     def score(self, samples: torch.Tensor, images: torch.Tensor, wanted: list) -> dict[str, float]:
         """``identity`` and ``prompt`` of the samples ((N * k, 3, R, R) in [0, 1], concept-major) as the attribute
         checker reads them."""
-        from toyworld.checker import AttributeChecker
+        from toyworld.named.checker import AttributeChecker
 
         if self._checker is None:
             self._checker = AttributeChecker.from_pretrained(self.checker_dir).eval()
@@ -192,7 +192,7 @@ def write_validation_concepts(out: str, n: int = 8, seed: int = 1234) -> str:
 
     from PIL import Image
 
-    from toyworld.world import concept_name, concept_template, identity_phrase
+    from toyworld.named.world import concept_name, concept_template, identity_phrase
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

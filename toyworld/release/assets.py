@@ -16,11 +16,10 @@ from evaluation.generate.images import save_grid
 from models.io import atomic_write, atomic_write_dir
 from models.tiny import CLIP_MEAN, CLIP_STD
 from models.weights_only import load_weights_only
-from toyworld.card import encoder_lines, instance_lines
-from toyworld.checker import AttributeChecker, adherence, read_attributes
-from toyworld.measure import base_adherence, clip_tokenizer, image_nn_accuracy, load_pipeline, sample
-from toyworld.train import build_base
-from toyworld.world import (
+from toyworld.common.pipeline import ASSETS, clip_tokenizer, load_pipeline, sample
+from toyworld.named.checker import AttributeChecker, adherence, read_attributes
+from toyworld.named.measure import base_adherence, image_nn_accuracy
+from toyworld.named.world import (
     ATTRIBUTES,
     COLOUR_NAMES,
     HELD_OUT_COMBOS,
@@ -32,8 +31,8 @@ from toyworld.world import (
     render,
     sample_prompts,
 )
-
-ASSETS = Path(__file__).resolve().parents[1] / "assets" / "toyworld"
+from toyworld.release.card import encoder_lines, instance_lines
+from toyworld.training.train import build_base
 
 
 def toyworld_vocabulary() -> list[str]:
@@ -184,7 +183,7 @@ def write_card(out: Path, cfg: dict) -> None:
         "below was measured by that command (see the JSON files next to this card).",
         "",
         "## Data",
-        "32 x 32 procedural scenes (`toyworld/world.py`): one object on a plain background. Shapes "
+        "32 x 32 procedural scenes (`toyworld/named/world.py`): one object on a plain background. Shapes "
         + ", ".join(TRAIN_SHAPES)
         + f" (held out of base training: {', '.join(HELD_OUT_SHAPES)}); colours "
         + ", ".join(COLOUR_NAMES)
@@ -207,7 +206,7 @@ def write_card(out: Path, cfg: dict) -> None:
         f" of the whole world in four stages (configs/toyworld/clip.yaml, clip_stage2..4.yaml: 1,200 + 800 + 700 +"
         f" {clip.get('steps')} steps; the last two with hard-negative groups that differ in one attribute, because"
         f" the first two learned colours but not shapes). Its image tower still sees shape poorly (row below).",
-        f"- `checker/`: the attribute checker (`toyworld.checker.AttributeChecker`), {checker.get('steps')} steps"
+        f"- `checker/`: the attribute checker (`toyworld.named.checker.AttributeChecker`), {checker.get('steps')} steps"
         f" ({checker.get('wall_s')} s), on renders of the whole world with noise and brightness jitter.",
         "- `vocabulary.txt`: the words the base text encoder was trained on that name an object (the token",
         "  index's vocabulary filter); `concepts/`: the held-out concepts' input images.",
@@ -299,11 +298,11 @@ def export_encoder(
     folder: str = "encoder",
     fp16: bool = False,
 ) -> Path:
-    """Writes ``assets/toyworld/<folder>/<name>.ckpt`` (``folder``: ``encoder``, or ``instance_encoder`` for the
-    instance world's; ``fp16``: the weights stored in float16, as the instance world's are to keep the assets
-    small): a pretraining checkpoint's trainable weights and metadata only (no optimizer state, no loops), which
-    ``ConceptTuning(encoder_checkpoint=...)`` reads; and the
-    final values of its training curves (from its TensorBoard log) into ``<name>.json``."""
+    """Writes ``assets/toyworld/<folder>/<name>.ckpt`` (``folder``: ``encoder``, or ``instance_encoder`` for
+    the instance world's; ``fp16``: the weights stored in float16, as the instance world's are to keep the
+    assets small): a pretraining checkpoint's trainable weights and metadata only (no optimizer state, no
+    loops), which ``ConceptTuning(encoder_checkpoint=...)`` reads; and the final values of its training curves
+    (from its TensorBoard log) into ``<name>.json``."""
     from lightning_modules.checkpoint import CHECKPOINT_KEY
 
     full = load_weights_only(ckpt, "checkpoint")
@@ -337,7 +336,7 @@ def export_encoder(
                         "first": values[0].value,
                     }
         info["curves"] = curves
-        # identity on the validation concepts (toyworld.validation.ValidationIdentity), whole run
+        # identity on the validation concepts (toyworld.named.validation.ValidationIdentity), whole run
         val = Path(log_dir) / "validation.jsonl"
         if val.is_file():
             info["validation"] = [json.loads(line) for line in val.read_text().splitlines() if line.strip()]

@@ -1,5 +1,5 @@
-"""The model card's lines for the committed encoders and the instance world (``toyworld.assets.write_card``), from
-the JSON files measured with them."""
+"""The model card's lines for the committed encoders and the instance world (``toyworld.release.assets.write_card``),
+from the JSON files measured with them."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ INSTANCE_ENCODERS = {"date": "configs/pretrain/instance.yaml"}
 
 
 def instance_lines(out: Path) -> list[str]:
-    """Model-card lines for the instance world's assets (``toyworld.assets.write_card``), from the JSON files
+    """Model-card lines for the instance world's assets (``toyworld.release.assets.write_card``), from the JSON files
     measured with them."""
 
     def load(name: str) -> dict:

@@ -8,7 +8,7 @@ links the rest (``SHARED``: text encoder, tokenizer, image encoder, feature extr
 folders with relative symlinks. Plain ``StableDiffusionPipeline.from_pretrained("assets/toyworld/instance_pipeline")``
 follows them; ``assets/`` stays within its 30 MB.
 
-Measured from pixels (``toyworld/pixels.py``, no trained model), :func:`instance_adherence`:
+Measured from pixels (``toyworld/instance/pixels.py``, no trained model), :func:`instance_adherence`:
 
 - **prompt**: for ``n`` random training-distribution instances in random contexts, the caption (category and
   context) is sampled and background, position and size are read back (each, and all three together);
@@ -32,12 +32,12 @@ import torch
 
 from models.io import atomic_write_dir
 from models.weights_only import load_weights_only
-from toyworld import pixels
-from toyworld.instance import CONTEXT, Context, caption, random_context, render, sample_instance
-from toyworld.measure import GUIDANCE, SAMPLE_STEPS, load_pipeline, sample
-from toyworld.world import seeded_rng, to_tensor
+from toyworld.common.pipeline import ASSETS, GUIDANCE, SAMPLE_STEPS, load_pipeline, sample
+from toyworld.instance import pixels
+from toyworld.instance.render import render
+from toyworld.instance.world import CONTEXT, Context, caption, random_context, sample_instance
+from toyworld.named.world import seeded_rng, to_tensor
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets" / "toyworld"
 PIPELINE_NAME = "instance_pipeline"
 SHARED = ("text_encoder", "tokenizer", "image_encoder", "feature_extractor")
 
@@ -48,7 +48,7 @@ def export_instance(cfg: dict, out: Path = ASSETS, name: str = PIPELINE_NAME) ->
     ``cfg["text_encoder_from"]`` (the frozen text encoder's pipeline), in fp16. Returns the folder."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
-    from toyworld.train import build_base
+    from toyworld.training.train import build_base
 
     shared_from = cfg.get("text_encoder_from")
     if not shared_from:
@@ -171,7 +171,7 @@ def autoencoder_ceiling(concepts_dir: str | Path, pipeline_dir: str | Path = ASS
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from toyworld.concepts import read_concept_index
+    from toyworld.named.concepts import read_concept_index
 
     vae = AutoencoderKL.from_pretrained(Path(pipeline_dir) / "vae", dtype=torch.float32)
     index = read_concept_index(Path(concepts_dir), None, 1, "instance-concepts")

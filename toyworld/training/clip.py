@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from toyworld.measure import clip_pixels, clip_tokenizer, zero_shot_accuracy
-from toyworld.train import log_row, lr_lambda, optimizer_step
-from toyworld.world import ToyWorldStream
+from toyworld.common.pipeline import clip_pixels, clip_tokenizer
+from toyworld.named.measure import zero_shot_accuracy
+from toyworld.named.world import ToyWorldStream
+from toyworld.training.train import log_row, lr_lambda, optimizer_step
 
 
 def grouped_batch(n: int, seed: int, step: int, group: int = 8) -> dict:
@@ -27,7 +28,7 @@ def grouped_batch(n: int, seed: int, step: int, group: int = 8) -> dict:
     cannot tell the captions apart, which pushes the image tower to see shape and position."""
     import numpy as np
 
-    from toyworld.world import VALUES, Scene, caption, random_scene, render, to_tensor
+    from toyworld.named.world import VALUES, Scene, caption, random_scene, render, to_tensor
 
     rng = np.random.default_rng([seed, 0x67727570, step])
     scenes = []

@@ -28,9 +28,10 @@ from tqdm import tqdm
 
 from models.io import atomic_write
 from models.weights_only import load_weights_only
-from toyworld.checker import AttributeChecker
-from toyworld.measure import attribute_accuracy, clip_tokenizer
-from toyworld.world import ATTRIBUTES, VALUES, ToyWorldStream
+from toyworld.common.pipeline import clip_tokenizer
+from toyworld.named.checker import AttributeChecker
+from toyworld.named.measure import attribute_accuracy
+from toyworld.named.world import ATTRIBUTES, VALUES, ToyWorldStream
 
 
 def load_config(path: str | list[str]) -> dict:
@@ -41,12 +42,12 @@ def load_config(path: str | list[str]) -> dict:
 
 def world_stream(cfg: dict, batch_size: int, seed: int, split: str, **caption_args):
     """The training stream of the config's ``world``: ``named`` (``ToyWorldStream`` of ``split``) or ``instance``
-    (``toyworld.instance.InstanceWorldStream``: category and context captions, the training distribution only)."""
+    (``toyworld.instance.world.InstanceWorldStream``: category and context captions, the training distribution only)."""
     world = cfg.get("world", "named")
     if world == "named":
         return ToyWorldStream(batch_size, seed=seed, split=split, size=cfg["resolution"], **caption_args)
     if world == "instance":
-        from toyworld.instance import InstanceWorldStream
+        from toyworld.instance.stream import InstanceWorldStream
 
         return InstanceWorldStream(batch_size, seed=seed, size=cfg["resolution"], **caption_args)
     raise ValueError(f"world must be 'named' or 'instance', got {world!r}")

@@ -7,20 +7,19 @@ import json
 import pytest
 import torch
 
-from toyworld import world as tw
-from toyworld.checker import AttributeChecker, adherence, read_attributes
-from toyworld.measure import (
+from toyworld.common.pipeline import (
     ASSETS,
     CHECKER_DIR,
     CLIP_DIR,
     PIPELINE_DIR,
     VOCABULARY_FILE,
-    attribute_accuracy,
     clip_tokenizer,
     load_pipeline,
     sample,
-    zero_shot_accuracy,
 )
+from toyworld.named import world as tw
+from toyworld.named.checker import AttributeChecker, adherence, read_attributes
+from toyworld.named.measure import attribute_accuracy, zero_shot_accuracy
 
 # Measured by `python -m toyworld base-adherence --n 256 --seed 0` (assets/toyworld/README.md);
 # the test draws its own small seeded sample and allows this margin below the measured figure.

@@ -25,9 +25,9 @@ from evaluation.store.results import read_results
 from lightning_modules import EncoderPretraining
 from models.clip_tokenizer import load_clip_tokenizer, write_clip_tokenizer
 from models.personalizer import PersonalizerConfig
-from toyworld.checker import CHECKER_COLUMNS, AttributeChecker, checker_scores
-from toyworld.concepts import ToyWorldConcepts
-from toyworld.world import VALUES, Scene, caption, render
+from toyworld.named.checker import CHECKER_COLUMNS, AttributeChecker, checker_scores
+from toyworld.named.concepts import ToyWorldConcepts
+from toyworld.named.world import VALUES, Scene, caption, render
 
 CHECKER_NAMES = [c.name for c in CHECKER_COLUMNS]
 
@@ -245,7 +245,7 @@ def test_one_concept_run_has_checker_metrics_plain_words_and_export(toy_inputs, 
             json.dumps(
                 [
                     {
-                        "class_path": "toyworld.checker.CheckerMetric",
+                        "class_path": "toyworld.CheckerMetric",
                         "init_args": {"path": str(toy_inputs["checker"])},
                     }
                 ]

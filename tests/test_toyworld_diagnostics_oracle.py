@@ -1,4 +1,4 @@
-"""The supervised oracle (a diagnostic of the instance gate, toyworld/instance_oracle.py): a few steps train,
+"""The supervised oracle (a diagnostic of the instance gate, toyworld/diagnostics/oracle.py): a few steps train,
 save an image-encoder folder the gate reads, and the gate returns finite values; ``--image-size`` reaches the
 saved folder, the gate reads at that size, and a size below the 32 px renders is refused."""
 
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from toyworld.instance_probe import COLUMNS, instance_probe
+from toyworld.diagnostics.instance_probe import COLUMNS, instance_probe
 
 
 def test_oracle_trains_saves_and_the_gate_reads_it(tmp_path, capsys):
@@ -35,8 +35,8 @@ def test_oracle_image_size_reaches_the_saved_folder_and_the_gate_reads_at_it(tmp
 
     from models.encoder import image_tokens
     from toyworld.__main__ import main
-    from toyworld.image_encoder import tower_pixels
-    from toyworld.instance_probe import feature_reader
+    from toyworld.diagnostics.instance_probe import feature_reader
+    from toyworld.training.image_encoder import tower_pixels
 
     main(["instance-oracle", "--steps", "2", "--image-size", "48", "--out-dir", str(tmp_path)])
     dest = tmp_path / "image_encoder"

@@ -1,4 +1,4 @@
-"""The image-branch gate on the instance world (toyworld/instance_probe.py): held-out sets that
+"""The image-branch gate on the instance world (toyworld/diagnostics/instance_probe.py): held-out sets that
 are held out, read-outs that can reach the gate, a pixel floor that sees hue, and the stated retrieval gallery."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from toyworld import instance_probe as P
-from toyworld.instance import CATEGORIES, HELD_OUT_CATEGORIES, PATTERN_KINDS, instance_split
+from toyworld.diagnostics import instance_probe as P
+from toyworld.instance.world import CATEGORIES, HELD_OUT_CATEGORIES, PATTERN_KINDS, instance_split
 
 WIDTHS = {"hue": 2, "rotation": 2, "angle": 2}
 

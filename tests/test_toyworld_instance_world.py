@@ -1,5 +1,5 @@
-"""The instance world (toyworld/instance.py), its concepts (toyworld/instance_concepts.py) and the pixel metric
-(toyworld/pixels.py): determinism, captions that never name a detail, disjoint held-out splits, and a metric that
+"""The instance world (toyworld/instance/world.py), its concepts (toyworld/instance/concepts.py) and the pixel metric
+(toyworld/instance/pixels.py): determinism, captions that never name a detail, disjoint held-out splits, and a metric that
 tells the same instance from another of its category."""
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import pytest
 import torch
 
 from evaluation.config import EvaluationConfigError
-from toyworld import instance as I
-from toyworld import instance_calibration as cal
-from toyworld import instance_concepts as C
-from toyworld import pixels as P
-from toyworld.instance_concepts import InstanceConcepts
+from toyworld.diagnostics import calibration as cal
+from toyworld.instance import concepts as C
+from toyworld.instance import pixels as P
+from toyworld.instance import render as R
+from toyworld.instance import stream as S
+from toyworld.instance import world as I
+from toyworld.instance.concepts import InstanceConcepts
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DIR = REPO / "assets" / "toyworld" / "instance_concepts"
@@ -35,11 +37,11 @@ def test_sampling_rendering_and_stream_are_deterministic():
     b = I.sample_instance(I.seeded_rng(3, 1), "train")
     assert a == b and a != I.sample_instance(I.seeded_rng(4, 1), "train")
     ctx = I.Context("white", "left", "small")
-    assert np.array_equal(I.render(a, ctx, rng=I.seeded_rng(0)), I.render(a, ctx, rng=I.seeded_rng(0)))
-    s1, s2 = I.InstanceWorldStream(8, seed=5).batch(7), I.InstanceWorldStream(8, seed=5).batch(7)
+    assert np.array_equal(R.render(a, ctx, rng=I.seeded_rng(0)), R.render(a, ctx, rng=I.seeded_rng(0)))
+    s1, s2 = S.InstanceWorldStream(8, seed=5).batch(7), S.InstanceWorldStream(8, seed=5).batch(7)
     assert torch.equal(s1["pixels"], s2["pixels"]) and s1["captions"] == s2["captions"]
     assert s1["pixels"].shape == (8, 3, 32, 32) and s1["pixels"].min() >= -1 and s1["pixels"].max() <= 1
-    assert next(iter(I.InstanceWorldStream(8, seed=5, start_step=7)))["captions"] == s1["captions"]
+    assert next(iter(S.InstanceWorldStream(8, seed=5, start_step=7)))["captions"] == s1["captions"]
     assert C.concept_instances("test") == C.concept_instances("test")
 
 
@@ -57,7 +59,7 @@ def test_committed_concept_folders_are_what_the_writer_writes(tmp_path):
 
 def test_captions_name_category_and_context_never_a_detail():
     detail_words = set(I.PATTERN_KINDS) | {"striped", "checkered", "dotted", "plain"}
-    captions = [c for step in range(3) for c in I.InstanceWorldStream(64, seed=1).batch(step)["captions"]]
+    captions = [c for step in range(3) for c in S.InstanceWorldStream(64, seed=1).batch(step)["captions"]]
     assert "" in captions  # the empty caption, for guidance
     for text in captions:
         words = set(text.split())
@@ -82,7 +84,7 @@ def test_held_out_splits_are_disjoint_from_each_other_and_from_training():
     assert len(split["train"] | split["test"] | split["validation"]) == per_category * len(I.TRAIN_CATEGORIES)
     assert not set(I.TEST_CATEGORIES) & set(I.VALIDATION_CATEGORIES)
     assert not set(I.HELD_OUT_CATEGORIES) & set(I.TRAIN_CATEGORIES)
-    stream = I.InstanceWorldStream(64, seed=2)
+    stream = S.InstanceWorldStream(64, seed=2)
     seen = [i for step in range(10) for i in stream.batch(step)["instances"]]
     assert all(I.instance_split(i) == "train" for i in seen)
     assert {i.category for i in seen} == set(I.TRAIN_CATEGORIES)
@@ -105,11 +107,11 @@ def test_same_instance_in_another_context_beats_another_of_its_category():
         rng = I.seeded_rng(seed, 9)
         for category in I.TRAIN_CATEGORIES:
             inst = I.sample_instance(rng, "test", category)
-            source = I.render(inst, C.input_context(inst))
+            source = R.render(inst, C.input_context(inst))
             ctx = C.prompt_contexts(inst, 1, seed, "x")[0]
-            same = P.identity(I.render(inst, ctx, rng=rng), source)["identity"]
+            same = P.identity(R.render(inst, ctx, rng=rng), source)["identity"]
             others = [
-                P.identity(I.render(cal.stand_in(rng, inst, ctx, True), ctx, rng=rng), source)["identity"]
+                P.identity(R.render(cal.stand_in(rng, inst, ctx, True), ctx, rng=rng), source)["identity"]
                 for _ in range(3)
             ]
             margins.append(same - max(others))
@@ -132,7 +134,7 @@ def test_segmentation_recovers_position_and_size():
         for _ in range(8):
             inst = I.sample_instance(rng, "any", category)
             ctx = I.random_context(rng, inst)
-            image = I.render(inst, ctx, rng=rng)
+            image = R.render(inst, ctx, rng=rng)
             seg = P.segment(image)
             ax, ay = I.ANCHORS[ctx.position]
             assert abs(seg.centre[0] - ax) <= 0.07 and abs(seg.centre[1] - ay) <= 0.07, (inst, ctx)
@@ -145,7 +147,7 @@ def test_segmentation_recovers_position_and_size():
             assert np.allclose(seg.background, I.COLOURS[ctx.background], atol=1)
     # A plain circle without jitter: the box is the disc's, to a pixel.
     circle = replace(C.concept_instances("test")[0][2], aspect=1.0, roundness=1 / 3, pattern="plain")
-    seg = P.segment(I.render(circle, I.Context("white", "right", "large")))
+    seg = P.segment(R.render(circle, I.Context("white", "right", "large")))
     x0, y0, x1, y1 = seg.bbox
     r = I.RADIUS["large"] * 32
     assert abs((x0 + x1) / 2 - 0.67 * 32) <= 1 and abs((y0 + y1) / 2 - 16) <= 1
@@ -170,7 +172,7 @@ def test_plugin_scores_through_the_metric_interface():
         )
         contexts = [I.Context(a["background"], a["position"], a["size"]) for a in c.attributes]
         images = (
-            torch.from_numpy(np.stack([I.render(inst, ctx) for ctx in contexts])).permute(0, 3, 1, 2) / 255
+            torch.from_numpy(np.stack([R.render(inst, ctx) for ctx in contexts])).permute(0, 3, 1, 2) / 255
         )
         out = metric.score(images[[2, 0]], c, [2, 0])
         assert set(out) == {col.name for col in P.PIXEL_COLUMNS} <= set(REGISTRY)
@@ -238,27 +240,23 @@ def test_an_evaluation_config_takes_the_instance_concepts_and_the_pixel_metric(t
 
     cfg = OmegaConf.load(REPO / "configs" / "evaluate" / "toyworld_quick.yaml")
     cfg.concepts = {
-        "class_path": "toyworld.instance_concepts.InstanceConcepts",
+        "class_path": "toyworld.InstanceConcepts",
         "init_args": {"concepts_dir": str(TEST_DIR), "names": ["star_test0"], "num_prompts": 3},
     }
-    cfg.metrics.plugins = [
-        {"class_path": "toyworld.pixels.PixelIdentityMetric", "init_args": {"threshold": 0.5}}
-    ]
+    cfg.metrics.plugins = [{"class_path": "toyworld.PixelIdentityMetric", "init_args": {"threshold": 0.5}}]
     path = tmp_path / "instance.yaml"
     OmegaConf.save(cfg, path)
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["run", "--config", str(path), "--print_config"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert (
-        "toyworld.pixels.PixelIdentityMetric" in out and "toyworld.instance_concepts.InstanceConcepts" in out
-    )
+    assert "toyworld.PixelIdentityMetric" in out and "toyworld.InstanceConcepts" in out
 
 
 def test_base_training_on_the_instance_world_runs_and_resumes(tmp_path):
     """The overlay selects the instance stream for the autoencoder and the base model; a rerun resumes."""
-    from toyworld.instance import InstanceWorldStream
-    from toyworld.train import load_config, train_base, world_stream
+    from toyworld.instance.stream import InstanceWorldStream
+    from toyworld.training.train import load_config, train_base, world_stream
 
     overlay = tmp_path / "short.yaml"
     overlay.write_text(
@@ -279,7 +277,7 @@ def test_base_training_on_the_instance_world_runs_and_resumes(tmp_path):
 
 
 def test_unknown_world_is_refused():
-    from toyworld.train import world_stream
+    from toyworld.training.train import world_stream
 
     with pytest.raises(ValueError, match="world must be"):
         world_stream({"world": "other", "resolution": 32}, 2, 0, "base")

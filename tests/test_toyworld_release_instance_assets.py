@@ -1,4 +1,4 @@
-"""The instance world's base model as an asset (toyworld/instance_assets.py): a few training steps with the named
+"""The instance world's base model as an asset (toyworld/release/instance_assets.py): a few training steps with the named
 world's text encoder frozen, the export that links the shared components instead of copying them, plain
 diffusers loading the result, and the pixel read-outs of its samples."""
 
@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from toyworld.__main__ import main
-from toyworld.instance_assets import SHARED, export_instance, instance_adherence
-from toyworld.train import load_config, train_base
+from toyworld.release.instance_assets import SHARED, export_instance, instance_adherence
+from toyworld.training.train import load_config, train_base
 
 NAMED = Path("assets/toyworld/pipeline")
 
@@ -107,7 +107,7 @@ def test_adherence_bad_input_is_one_line(argv, message, capsys):
 
 
 def test_the_committed_card_carries_the_instance_assets_as_measured():
-    from toyworld.card import instance_lines
+    from toyworld.release.card import instance_lines
 
     assets = Path("assets/toyworld")
     lines = instance_lines(assets)

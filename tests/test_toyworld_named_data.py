@@ -12,7 +12,7 @@ import torch
 
 from models.token_index import TokenIndex
 from models.vocabulary import vocabulary_ids
-from toyworld import world as tw
+from toyworld.named import world as tw
 
 
 def test_render_is_deterministic_and_draws_the_asked_colours():
@@ -158,7 +158,7 @@ def test_vocabulary_filter_sets_the_token_norm_and_the_modules_search(tiny_sd_di
 def test_toyworld_items_train_through_the_ordinary_pretrain_module():
     """The world's pretraining items plug into ``PretrainDataModule`` (its resumable loader), placeholder checked."""
     from datamodules.pretrain import PretrainDataModule
-    from toyworld.data import ToyWorldConceptDataset, identity_id
+    from toyworld.named.data import ToyWorldConceptDataset, identity_id
 
     data = ToyWorldConceptDataset(length=8, seed=3)
     module = PretrainDataModule(dataset=data, batch_size=4, seed=3)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from toyworld.instance import TRAIN_CATEGORIES, instance_split
-from toyworld.instance_pairs import instance_pair_batch
+from toyworld.instance.pairs import instance_pair_batch
+from toyworld.instance.world import TRAIN_CATEGORIES, instance_split
 
 COMMITTED = Path("assets/toyworld/instance_image_encoder")
 
@@ -40,7 +40,7 @@ def test_many_batches_stay_in_the_training_distribution():
 def test_world_instance_trains_an_encoder_with_a_category_read_out(tmp_path):
     from transformers import AutoModel
 
-    from toyworld.image_encoder import train
+    from toyworld.training.image_encoder import train
 
     cfg = {
         "seed": 0, "world": "instance", "arch": "resnet", "image_size": 32, "out_dir": str(tmp_path),
@@ -65,7 +65,7 @@ def test_world_instance_trains_an_encoder_with_a_category_read_out(tmp_path):
 
 
 def test_the_probe_can_choose_on_the_validation_cells():
-    from toyworld.instance_probe import instance_sets
+    from toyworld.diagnostics.instance_probe import instance_sets
 
     sets = instance_sets(10, 8, 5, seed=0, cells="validation")
     assert {instance_split(i) for i in sets["cells"]["instances"]} == {"validation"}
@@ -77,7 +77,7 @@ def test_the_committed_instance_encoder_sees_more_of_the_instance_than_the_named
     """About 3 s. On a small seeded probe (400 training instances, 120 held-out test-cell instances: 119
     distractors), the committed instance encoder keeps near the values its probe JSON states and beats the
     named-world encoder."""
-    from toyworld.instance_probe import instance_probe
+    from toyworld.diagnostics.instance_probe import instance_probe
 
     stated = json.loads((COMMITTED / "probe.json").read_text())["rows"][0]["cells"]
     result = instance_probe([str(COMMITTED), "assets/toyworld/image_encoder"], 400, 120, 30, seed=1)
