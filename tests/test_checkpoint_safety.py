@@ -145,7 +145,7 @@ def test_toyworld_commands(payload, tmp_path, capsys, command):
 
 def test_toyworld_loaders(payload, tmp_path):
     """The loaders themselves (not only the commands' checks) read weights-only."""
-    from toyworld import assets, instance_assets
+    from toyworld.release import assets, instance_assets
 
     path, marker = payload
     path.rename(tmp_path / "last.pt")

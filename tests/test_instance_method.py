@@ -106,7 +106,8 @@ def test_core_probe_finds_the_instance_in_the_committed_encoders_cores(capsys):
     draw: at the target's own timestep they do no better than at inference (0.154 vs 0.155). The E4T-style encoder
     of docs/research/instance_world.md had the opposite pattern (0.202 / 0.248 at its own timestep, 0.227 / 0.226 at
     inference)."""
-    from toyworld.diagnostics.core_probe import core_probe, main
+    from toyworld.__main__ import main
+    from toyworld.diagnostics.core_probe import core_probe
 
     out = core_probe(
         "assets/toyworld/instance_encoder/date.ckpt",
@@ -118,11 +119,12 @@ def test_core_probe_finds_the_instance_in_the_committed_encoders_cores(capsys):
     assert abs(out["own_timestep"] - out["inference"]) < 0.01 and out["n"] == 16, out
     assert out["inference"] + 0.03 < out["zero_cores"], out
     with pytest.raises(SystemExit) as exc:
-        main(["missing.ckpt"])
+        main(["core-probe", "missing.ckpt"])
     assert exc.value.code == 2 and "checkpoint missing.ckpt does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # the rank-4 E4T-style config cannot hold the rank-16 weights
         main(
             [
+                "core-probe",
                 "assets/toyworld/instance_encoder/date.ckpt",
                 "--pretrain-config",
                 "configs/pretrain/instance.yaml",
@@ -164,8 +166,8 @@ def test_the_quickstarts_tuning_config_personalizes_the_held_out_instance(tmp_pa
 
 @pytest.mark.slow
 def test_figures_draw_the_concept_across_methods_and_keep_the_plots(run, tmp_path):
-    """``toyworld.release.figures.write_figures`` (how the committed figures are made): one row per method of ``main`` the
-    run holds, the input image first; the plots stored as palette PNGs of the same size."""
+    """``toyworld.release.figures.write_figures`` (how the committed figures are made): one row per method of
+    ``main`` the run holds, the input image first; the plots stored as palette PNGs of the same size."""
     import numpy as np
     from PIL import Image
 

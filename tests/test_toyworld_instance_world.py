@@ -1,6 +1,6 @@
-"""The instance world (toyworld/instance/world.py), its concepts (toyworld/instance/concepts.py) and the pixel metric
-(toyworld/instance/pixels.py): determinism, captions that never name a detail, disjoint held-out splits, and a metric that
-tells the same instance from another of its category."""
+"""The instance world (toyworld/instance/world.py), its concepts (toyworld/instance/concepts.py) and the pixel
+metric (toyworld/instance/pixels.py): determinism, captions that never name a detail, disjoint held-out
+splits, and a metric that tells the same instance from another of its category."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The instance world's base model as an asset (toyworld/release/instance_assets.py): a few training steps with the named
-world's text encoder frozen, the export that links the shared components instead of copying them, plain
-diffusers loading the result, and the pixel read-outs of its samples."""
+"""The instance world's base model as an asset (toyworld/release/instance_assets.py): a few training steps
+with the named world's text encoder frozen, the export that links the shared components instead of copying
+them, plain diffusers loading the result, and the pixel read-outs of its samples."""
 
 from __future__ import annotations
 

@@ -16,16 +16,11 @@ averaged over ``draws`` noise draws) is measured with:
 Read: identity lives in the cores when ``inference`` < ``inference_same_category``; ``own_timestep`` far below
 ``own_timestep_same_category_cores`` while the inference pair is equal means the cores carry the noise draw.
 
-    python -m toyworld.diagnostics.core_probe assets/toyworld/instance_encoder/date.ckpt \
+    python -m toyworld core-probe assets/toyworld/instance_encoder/date.ckpt \
         --pretrain-config configs/pretrain/instance.yaml
 """
 
 from __future__ import annotations
-
-import argparse
-import json
-import sys
-from pathlib import Path
 
 import torch
 from torch.utils.data import default_collate
@@ -82,43 +77,3 @@ def core_probe(
                 loss = ((pred.float() - noised.target.float()) ** 2).mean().item()
                 sums[name] = sums.get(name, 0.0) + loss / draws
     return {**{k: round(v, 5) for k, v in sums.items()}, "n": n, "draws": draws}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m toyworld.diagnostics.core_probe",
-        description="Diffusion loss on an instance in another context with the encoder's own-timestep, "
-        "inference-style and another same-category instance's predictions (module docstring).",
-    )
-    parser.add_argument(
-        "ckpt", help="an instance-world pretraining checkpoint (e.g. .../checkpoints/last.ckpt)"
-    )
-    parser.add_argument(
-        "--pretrain-config",
-        nargs="+",
-        default=["configs/pretrain/instance.yaml"],
-        help="the config the checkpoint was trained with, then the overlays stacked on it (builds the model; "
-        "default: the committed encoder's)",
-    )
-    parser.add_argument("--n", type=int, default=64, help="instances (each needs a same-category partner)")
-    parser.add_argument(
-        "--draws", type=int, default=8, help="noise draws averaged (and inference predictions)"
-    )
-    parser.add_argument("--seed", type=int, default=12345, help="seed of the instances and the noise")
-    args = parser.parse_args(argv)
-    if not Path(args.ckpt).is_file():
-        parser.error(f"checkpoint {args.ckpt} does not exist")
-    for config in args.pretrain_config:
-        if not Path(config).is_file():
-            parser.error(f"config {config} does not exist")
-    if args.n < 2 or args.draws < 1:
-        parser.error(f"--n must be >= 2 and --draws >= 1, got {args.n} and {args.draws}")
-    try:
-        out = core_probe(args.ckpt, args.pretrain_config, args.n, args.draws, args.seed)
-    except ValueError as err:  # a checkpoint that does not fit the config: one line, not a traceback
-        parser.error(str(err))
-    print(json.dumps(out))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
