@@ -92,11 +92,15 @@ def concept_artifact(
 
 
 def save_diffusers_unet(artifact: ConceptArtifact, unet: nn.Module, out_dir: str | Path) -> Path:
-    """DreamBooth's diffusers export: the tuned UNet in ``<out>/unet/`` and v* for ``load_textual_inversion``."""
+    """The diffusers export of a tuned UNet: ``<out>/unet/`` (``UNet2DConditionModel.from_pretrained``) and v* for
+    ``load_textual_inversion``; with DATE's LoRA too (``tune: [embedding, cores, unet]``), its LoRA file as well."""
     out = Path(out_dir)
+    if artifact.lora:  # DATE tuning the UNet too: its LoRA (and v*) as every DATE export, next to the UNet
+        artifact.export_diffusers(out)
+    else:
+        emb = {artifact.placeholder: artifact.embedding_tensors()["emb_params"].reshape(-1)}
+        save_file(emb, str(out / "learned_embeds.safetensors"), metadata={"base_model": artifact.base_model})
     unet.save_pretrained(out / "unet", safe_serialization=True)
-    emb = {artifact.placeholder: artifact.embedding_tensors()["emb_params"].reshape(-1)}
-    save_file(emb, str(out / "learned_embeds.safetensors"), metadata={"base_model": artifact.base_model})
     return out
 
 

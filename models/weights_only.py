@@ -29,9 +29,11 @@ def load_weights_only(path: str | Path, what: str = "checkpoint") -> Any:
         raise MissingFileError(f"{what} {path} does not exist")
     import torch
 
+    from models.personalizer import PersonalizerConfig  # the one class our checkpoints hold (hyperparameters)
+
     try:
-        with warnings.catch_warnings():  # "Detected pickle protocol 4": the refusal below says what matters
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(), torch.serialization.safe_globals([PersonalizerConfig]):
+            warnings.simplefilter("ignore")  # "Detected pickle protocol 4": the refusal below says what matters
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):

@@ -43,10 +43,11 @@ def test_concepts_name_their_input_reference():
 
 
 def _plans(tmp_path: Path, methods: list[MethodSpec], sweep: SweepSpec):
-    ckpt = tmp_path / "encoder.ckpt"
-    ckpt.write_bytes(b"x")  # planning checks that the file exists; it loads no model
-    other = tmp_path / "noreg.ckpt"
-    other.write_bytes(b"x")
+    # Planning reads each encoder checkpoint (weights only) and checks its phase; it loads no model.
+    ckpt, other = (
+        Path("assets/toyworld/encoder/date.ckpt"),
+        Path("assets/toyworld/encoder/no_regularizer.ckpt"),
+    )
     for m in methods:
         if m.name == "no_regularizer":
             m.overrides = {"model.init_args.encoder_checkpoint": str(other)}

@@ -295,8 +295,7 @@ def test_committed_toyworld_config_plans_every_method(tmp_path):
     cfg = OmegaConf.to_container(OmegaConf.load("configs/evaluate/toyworld.yaml"))
     folder = write_concepts(tmp_path / "c", {"red_plain_heart": HEART})
     concepts = ToyWorldConcepts(concepts_dir=str(folder), num_prompts=6, num_references=5)
-    ckpt = tmp_path / "encoder.ckpt"  # planning only checks that the encoders exist; nothing is loaded
-    ckpt.write_bytes(b"")
+    ckpt = "assets/toyworld/encoder/date.ckpt"  # planning reads and phase-checks each encoder (weights only)
     run_wide = {"model.init_args.encoder_checkpoint": str(ckpt)}
     methods = [MethodSpec(**m) for m in cfg["methods"]]
     for m in methods:
