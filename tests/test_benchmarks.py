@@ -58,6 +58,7 @@ def test_bench_batched_runs_and_writes_json(tmp_path, capsys):
     assert "| 2 |" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # the whole real-shape benchmark end to end (four phases), about 12 s
 def test_real_shape_runs_and_writes_json(tmp_path, tiny_sd_dir):
     out = tmp_path / "real_shape.json"
     real_shape.main(

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -76,13 +74,12 @@ def test_stream_batches_are_a_function_of_seed_and_step():
     assert px.shape == (8, 3, 32, 32) and px.min() >= -1 and px.max() <= 1
 
 
-def test_sample_prompts_command_prints_json_lines():
-    out = subprocess.run(
-        [sys.executable, "-m", "toyworld", "sample-prompts", "--n", "5", "--seed", "7"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
+def test_sample_prompts_command_prints_json_lines(capsys):
+    """``python -m toyworld sample-prompts``, in process (the same parser and function as the command)."""
+    from toyworld.__main__ import main
+
+    main(["sample-prompts", "--n", "5", "--seed", "7"])
+    out = capsys.readouterr().out.splitlines()
     rows = [json.loads(line) for line in out]
     assert len(rows) == 5
     for row in rows:
@@ -90,13 +87,8 @@ def test_sample_prompts_command_prints_json_lines():
         assert set(attrs) == set(tw.ATTRIBUTES)
         assert row["prompt"] == tw.caption(tw.Scene(**attrs))
         assert not tw.is_held_out(tw.Scene(**attrs))
-    again = subprocess.run(
-        [sys.executable, "-m", "toyworld", "sample-prompts", "--n", "5", "--seed", "7"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    assert again == out
+    main(["sample-prompts", "--n", "5", "--seed", "7"])
+    assert capsys.readouterr().out.splitlines() == out
 
 
 def test_vocabulary_filter_returns_only_allowed_tokens(tmp_path):
