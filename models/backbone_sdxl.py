@@ -52,7 +52,8 @@ from models.placeholder import (
     replace_placeholder_ids,
     run_text_model,
 )
-from models.token_index import SplitCosineTokenIndex, TokenIndex, normalise_halves
+from models.token_index import TokenIndex
+from models.token_index_split import SplitCosineTokenIndex, normalise_halves
 from models.token_rows import ConcatenatedTable
 
 SDXL_PIPELINE = "StableDiffusionXLPipeline"

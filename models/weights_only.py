@@ -33,7 +33,8 @@ def load_weights_only(path: str | Path, what: str = "checkpoint") -> Any:
 
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals([PersonalizerConfig]):
-            warnings.simplefilter("ignore")  # "Detected pickle protocol 4": the refusal below says what matters
+            # "Detected pickle protocol 4": the refusal below says what matters.
+            warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):

@@ -8,31 +8,11 @@ from PIL import Image
 
 import evaluate
 from evaluation.report.budget import plot_identity_vs_seconds
+from evaluation.store.results import HEAD, TAIL
 
 
 def _rows(path):
-    head = [
-        "method",
-        "setting",
-        "steps",
-        "alpha",
-        "guidance",
-        "concept",
-        "class_noun",
-        "prompt_idx",
-        "prompt",
-    ]
-    head += [
-        "sample",
-        "seed",
-        "image",
-        "clip_i",
-        "tune_seconds",
-        "concept_words",
-        "concept_kind",
-        "nearest_word",
-    ]
-    head += ["sampler", "inference_steps", "clip_backbone", "dino_backbone", "metrics_info"]
+    head = [*HEAD, "clip_i", *TAIL]  # the results.csv schema with one metric column
     rows = []
     for c, concept in enumerate(["a", "b"]):
         budgets = [("plain_words", 0, "", 0.1 + c * 0.01)]

@@ -15,7 +15,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from evaluation.report.plot import _axis_label
+from evaluation.report.plot import _axis_label, save_figure
 
 WORDS = "plain_words"
 
@@ -74,8 +74,4 @@ def plot_identity_vs_seconds(
     ax.set_title(title or "Identity against tuning time: every method at every budget")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)

@@ -138,6 +138,11 @@ def plot_tradeoff(
     ax.set_title(title or "Identity vs prompt similarity (points: tuning steps; bars: bootstrap 95% CI)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Lays the figure out and writes it to ``path`` (its folder created); returns the path."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
