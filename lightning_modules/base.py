@@ -219,6 +219,10 @@ class PersonalizationModule(SampleLogging, LightningModule):
     def lora_deltas(self, cores: torch.Tensor) -> dict[str, LoraDelta]:
         raise NotImplementedError
 
+    def hard_prompt_ids(self, batch: dict, neighbour_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) the word the vanilla path reads in place of S*: each row's nearest real token (the paper's)."""
+        return neighbour_ids[:, 0]
+
     def model_step(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict]:
         """Diffusion loss under dual-path attention plus the regularisers; returns (losses, extras)."""
         bb = self.backbone
@@ -245,7 +249,7 @@ class PersonalizationModule(SampleLogging, LightningModule):
             k = max(self.nn_k, 1)
             table = bb.token_rows()
             neighbours, neighbour_ids = gather_neighbours(self.token_index, table, v_star, k)
-            hard_ids = neighbour_ids[:, 0]
+            hard_ids = self.hard_prompt_ids(batch, neighbour_ids)
             # The regulariser's cosine is the index's similarity (SDXL: mean of the two encoders' cosines).
             nn_v_star, neighbours = bb.similarity_space(v_star), bb.similarity_space(neighbours)
         ids = bb.tokenize(list(batch["prompt"]), require_placeholder=True)

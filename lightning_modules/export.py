@@ -151,7 +151,10 @@ def write_concept(
         resolution=resolution,
     )
     path = files["artifact"]
-    msg = f"concept {name!r}: {artifact.steps} steps, nearest token {artifact.nearest_token!r} -> {path}"
+    msg = f"concept {name!r}: {artifact.steps} steps, nearest token {artifact.nearest_token!r}"
+    if artifact.hard_token is not None:
+        msg += f", hard prompt word {artifact.hard_token!r}"
+    msg += f" -> {path}"
     if "diffusers" in files:
         msg += f" (+ diffusers files in {files['diffusers']})"
     if "kohya" in files:

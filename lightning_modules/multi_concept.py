@@ -143,7 +143,7 @@ def multi_concept_step(module, batch: dict) -> tuple[dict[str, torch.Tensor], di
     if module.alpha < 1.0 or module.nn_weight > 0:
         table = bb.token_rows()
         neighbours, neighbour_ids = gather_neighbours(module.token_index, table, v_star, max(module.nn_k, 1))
-        hard_ids = neighbour_ids[:, 0]
+        hard_ids = module.hard_prompt_ids(batch, neighbour_ids)
         nn_v_star, neighbours = bb.similarity_space(v_star), bb.similarity_space(neighbours)
     ids = bb.tokenize(list(batch["prompt"]), require_placeholder=True)
     pred = bb.personalized_unet(

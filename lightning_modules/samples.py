@@ -40,10 +40,16 @@ class SampleLogging:
 
     @rank_zero_only
     def log_samples(
-        self, prompts: list[str], v_star: torch.Tensor, cores: torch.Tensor, tag: str, step: int | None = None
+        self,
+        prompts: list[str],
+        v_star: torch.Tensor,
+        cores: torch.Tensor,
+        tag: str,
+        step: int | None = None,
+        slots: list[int] | None = None,
     ) -> None:
         """Logs the nearest tokens of v* (B, D) as text and sample images at ``step`` (default: the global step),
-        when the logger is TensorBoard."""
+        when the logger is TensorBoard. ``slots``: the rows' concepts (for a hard prompt read from them)."""
         if not isinstance(self.logger, TensorBoardLogger):
             return
         step = self.global_step if step is None else step
@@ -59,7 +65,7 @@ class SampleLogging:
             prompts,
             v_star.detach(),
             self.lora_deltas(cores.detach()),
-            result.ids[:, 0],
+            self.hard_prompt_ids({"slot": slots} if slots is not None else {}, result.ids),
             alpha=self.alpha,
             num_inference_steps=self.sample_inference_steps,
             generator=torch.Generator().manual_seed(self.seed),

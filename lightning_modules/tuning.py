@@ -78,6 +78,10 @@ class ConceptTuning(PersonalizationModule):
         method: name recorded in the artefact (e.g. ``date``, ``textual_inversion``).
         unet_lr: with ``unet`` in ``tune``, the UNet weights' own learning rate (None: the optimizer's, as
             DreamBooth has it); lets DATE's v* and cores keep their rate while the UNet is tuned too.
+        hard_word: the word the dual path's vanilla branch reads in place of S* (the "hard prompt"), in tuning
+            and in the artefact for sampling: ``nearest`` (v*'s nearest real token, the paper's) or ``class_noun``
+            (the concept's class noun, the semantic word the regulariser is meant to find; needs the datamodule's
+            ``class_noun``). Single-path exports (alpha 1) read no hard prompt.
         **kwargs: the arguments shared with pretraining (weights, placeholder, module sizes, alpha, regulariser,
             seed, sample logging): see :class:`~lightning_modules.base.PersonalizationModule`. Here ``alpha`` is
             also written to the artefact for sampling, and with one concept per batch the regulariser is a pull
@@ -103,12 +107,16 @@ class ConceptTuning(PersonalizationModule):
         export_kohya: bool = False,
         method: str = "date",
         unet_lr: float | None = None,
+        hard_word: Literal["nearest", "class_noun"] = "nearest",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["optimizer"])
         self.tune = list(tune) if tune is not None else ["embedding", "cores"]
         check_tuning_options(self.tune, init, encoder_checkpoint, instance_prompt, export_kohya)
+        if hard_word not in ("nearest", "class_noun"):
+            raise ValueError(f"hard_word must be 'nearest' or 'class_noun', got {hard_word!r}")
+        self.hard_word = hard_word
         state = None
         if encoder_checkpoint is not None:
             meta, state = load_pretraining_checkpoint(encoder_checkpoint, self.backbone)
@@ -242,17 +250,31 @@ class ConceptTuning(PersonalizationModule):
     def init_token_id(self, concept: TuningConcept | None = None) -> int:
         """Id of the word v* starts from: ``init_token``, or the class noun's (last) token for ``class_noun``."""
         if self.init == "class_noun":
-            word = class_noun(concept or self.concept(), self.init)
+            word = class_noun(concept or self.concept(), f"init={self.init!r}")
         else:
             word = self.init_token
         return word_token_id(self.backbone.tokenizer, word, one_token=self.init == "token")
+
+    def class_noun_token_id(self, concept: TuningConcept) -> int:
+        """Id of a concept's class noun (its last token, the head noun): the hard prompt's word with
+        ``hard_word: class_noun``."""
+        word = class_noun(concept, "hard_word='class_noun'")
+        return word_token_id(self.backbone.tokenizer, word, one_token=False)
+
+    def hard_prompt_ids(self, batch: dict, neighbour_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) each row's hard-prompt word: the nearest token, or its concept's class noun (``hard_word``)."""
+        if self.hard_word == "nearest":
+            return neighbour_ids[:, 0]
+        rows = batch["slot"] if "slot" in batch else [0] * neighbour_ids.shape[0]
+        ids = [self.class_noun_token_id(self.concept(int(j))) for j in rows]
+        return torch.tensor(ids, device=neighbour_ids.device, dtype=neighbour_ids.dtype)
 
     def training_prompts(self, prompts: list[str], slots: Sequence[int] | None = None) -> list[str]:
         """The batch's prompts, or the fixed instance prompt (one-shot LoRA) for each of them."""
         if self.instance_prompt is None:
             return prompts
         rows = slots if slots is not None else [0] * len(prompts)
-        nouns = [class_noun(self.concept(int(j)), self.init) for j in rows]
+        nouns = [class_noun(self.concept(int(j)), "instance_prompt") for j in rows]
         return instance_prompts(self.instance_prompt, prompts, nouns, self.backbone.placeholder)
 
     def encoder_prediction(self, concept: TuningConcept | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,7 +331,8 @@ class ConceptTuning(PersonalizationModule):
         losses, extras = multi_concept_step(self, batch) if "slot" in batch else self.model_step(batch)
         self.log_step(losses, extras, batch_size=len(batch["prompt"]))
         prompts = list(batch["prompt"][:1])
-        draw = lambda step, v, c: self.log_samples(prompts, v, c, tag="concept", step=step)  # noqa: E731
+        slots = [int(batch["slot"][0])] if "slot" in batch else None
+        draw = lambda step, v, c: self.log_samples(prompts, v, c, tag="concept", step=step, slots=slots)  # noqa: E731
         self.queue_samples(draw, extras["v_star"][:1], extras["cores"][:1])
         return losses["loss"]
 
@@ -355,6 +378,10 @@ class ConceptTuning(PersonalizationModule):
         art = concept_artifact(self.backbone, self.token_index, v_star, lora, self.alpha, steps, extra)
         if self._full is not None:
             art.unet_offsets, art.fingerprint = self._full.offsets(), self._full.fingerprint
+        if self.hard_word == "class_noun":
+            concept = self.concept(slot)
+            art.hard_token = class_noun(concept, "hard_word='class_noun'")
+            art.hard_token_id = self.class_noun_token_id(concept)
         return art
 
     def export(self, slot: int = 0, export_dir: str | Path | None = None) -> Path:

@@ -41,16 +41,17 @@ def check_tuning_options(
         raise ValueError("instance_prompt needs init='token' and a fixed embedding (no 'embedding' in tune)")
 
 
-def class_noun(concept: TuningConcept, init: str) -> str:
+def class_noun(concept: TuningConcept, option: str) -> str:
     """The concept's class noun.
 
+    Args:
+        option: the setting that asks for it, named in the error (e.g. ``"init='class_noun'"``).
+
     Raises:
-        ConfigurationError: the concept has none (``init`` is named in the message).
+        ConfigurationError: the concept has none.
     """
     if not concept.class_noun:
-        raise ConfigurationError(
-            f"init={init!r} / instance_prompt need the concept's class noun: set data.init_args.class_noun"
-        )
+        raise ConfigurationError(f"{option} needs the concept's class noun: set data.init_args.class_noun")
     return str(concept.class_noun)
 
 

@@ -71,6 +71,9 @@ class ConceptArtifact:
         extra: any further string metadata (method, concept name, ...).
         unet_offsets: dense offsets ``W - W_base`` of UNet parameters by name (full fine-tuning, DreamBooth);
             empty for every other method (:mod:`models.unet_offsets`).
+        hard_token: the hard prompt's word when it is not the nearest token (``hard_word: class_noun``: the
+            concept's class noun); None = ``nearest_token``.
+        hard_token_id: its id (None with ``hard_token``).
     """
 
     v_star: torch.Tensor
@@ -84,6 +87,18 @@ class ConceptArtifact:
     steps: int
     extra: dict[str, str] = field(default_factory=dict)
     unet_offsets: dict[str, torch.Tensor] = field(default_factory=dict)
+    hard_token: str | None = None
+    hard_token_id: int | None = None
+
+    @property
+    def hard_prompt_token_id(self) -> int:
+        """The word the vanilla path reads in place of S* (the class noun if recorded, else the nearest token)."""
+        return self.nearest_token_id if self.hard_token_id is None else self.hard_token_id
+
+    @property
+    def hard_prompt_token(self) -> str:
+        """The string of :attr:`hard_prompt_token_id`."""
+        return self.nearest_token if self.hard_token is None else self.hard_token
 
     def embedding_parts(self) -> dict[str, int]:
         """Names and widths of v*'s parts (SDXL: ``{"clip_l": 768, "clip_g": 1280}``); empty for one encoder."""
@@ -140,6 +155,8 @@ class ConceptArtifact:
             "steps": str(int(self.steps)),
             "extra": json.dumps(self.extra),
         }
+        if self.hard_token_id is not None:
+            meta.update(hard_token=str(self.hard_token), hard_token_id=str(int(self.hard_token_id)))
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -178,6 +195,8 @@ class ConceptArtifact:
             unet_offsets={
                 k[len(OFFSET_PREFIX) :]: v for k, v in tensors.items() if k.startswith(OFFSET_PREFIX)
             },
+            hard_token=meta.get("hard_token"),
+            hard_token_id=int(meta["hard_token_id"]) if "hard_token_id" in meta else None,
         )
 
     def export_diffusers(self, out_dir: str | Path) -> Path:

@@ -103,7 +103,7 @@ def generate_images(
 
     Args:
         backbone: the frozen backbone (dual-path processors installed).
-        artifact: the concept (v*, static LoRA, nearest token).
+        artifact: the concept (v*, static LoRA, the hard prompt's word).
         prompts: N prompts containing the placeholder.
         seeds: N image seeds (:func:`image_seed`).
         setting: alpha and guidance to sample with (``steps`` only names the artefact).
@@ -122,7 +122,7 @@ def generate_images(
             list(prompts),
             artifact.v_star.to(device).unsqueeze(0),
             lora,
-            torch.tensor([artifact.nearest_token_id], device=device),
+            torch.tensor([artifact.hard_prompt_token_id], device=device),
             alpha=setting.alpha,
             num_inference_steps=num_inference_steps,
             guidance_scale=setting.guidance,
