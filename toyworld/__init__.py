@@ -21,7 +21,8 @@ Rooms (each imports only the rooms above it):
   (the instance pipeline, its adherence and autoencoder ceiling), ``card`` (model-card lines), ``figures``.
 - ``diagnostics/``, research instruments: ``image_probe`` and ``instance_probe`` (the image-branch gates),
   ``oracle`` (a supervised upper bound of the gate), ``calibration`` (the pixel metric's threshold and
-  reference rows), ``core_probe`` (what an encoder's cores carry).
+  reference rows), ``core_probe`` (what an encoder's cores carry),
+  ``sample_rows`` (pixel identity per row of an ``evaluate.py sample`` grid).
 - Each room's ``commands`` holds its commands; ``cli`` generates the command line from their signatures and
   docstrings; ``__main__``: ``python -m toyworld --help`` lists them by room.
 """

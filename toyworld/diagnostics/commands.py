@@ -170,10 +170,44 @@ def core_probe(
     print(json.dumps(out))
 
 
+def instance_score_samples(
+    grid: str = "outputs/samples_cross_test2.png",
+    concept: str = "cross_test2",
+    split: Literal["test", "validation"] = "test",
+    scale: int = 3,
+) -> None:
+    """Instance world: identity from pixels per row of an `evaluate.py sample` grid, against the concept's input.
+
+    Args:
+        grid: the PNG `evaluate.py sample` wrote (its .txt beside it names the rows)
+        concept: the instance's name in the split's concepts.json
+        split: test | validation concept folder
+        scale: the grid's upscaling (`evaluate.py sample --scale`)
+    """
+    from toyworld.instance.commands import CONCEPT_DIRS
+
+    folder = Path(CONCEPT_DIRS[split])
+    check(Path(grid).is_file(), f"--grid {grid} does not exist")
+    check(
+        Path(grid).with_suffix(".txt").is_file(),
+        f"--grid {grid} has no {Path(grid).with_suffix('.txt').name} beside it",
+    )
+    check((folder / f"{concept}.png").is_file(), f"--concept {concept} is not in {folder}")
+    check(scale >= 1, f"--scale must be >= 1, got {scale}")
+    from toyworld.diagnostics.sample_rows import format_rows, load_png, score_rows
+
+    try:
+        rows = score_rows(grid, load_png(folder / f"{concept}.png"), scale)
+    except ValueError as err:
+        raise UsageError(f"--grid {grid}: {err}") from err
+    print(format_rows(rows))
+
+
 COMMANDS = {
     "probe-image-encoder": probe_image_encoder,
     "instance-probe": instance_probe,
     "instance-oracle": instance_oracle,
     "instance-calibrate": instance_calibrate,
     "core-probe": core_probe,
+    "instance-score-samples": instance_score_samples,
 }
