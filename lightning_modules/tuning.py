@@ -29,6 +29,7 @@ from lightning_modules.tuning_words import check_tuning_options, class_noun, ins
 from models.artifact import ConceptArtifact
 from models.attention import LoraDelta
 from models.errors import ConfigurationError
+from models.module_offsets import shaped_factors
 from models.personalizer import Personalizer, PersonalizerConfig
 from models.unet_lora import add_unet_lora, lora_parameters, lora_snapshot, restore_lora
 from models.unet_lora import static_factors as unet_lora_factors
@@ -373,6 +374,9 @@ class ConceptTuning(PersonalizationModule):
             lora = unet_lora_factors(self.backbone.unet)
         else:
             static = self.personalizer.hypernetwork.static_lora(cores[0].float())
+            static = shaped_factors(
+                self.backbone.unet, static
+            )  # convolutions' factors as LoRA files hold them
             lora = {k: (d.cpu(), u.cpu()) for k, (d, u) in static.items()}
         steps = self.slots.steps_done(int(self.global_step))
         art = concept_artifact(self.backbone, self.token_index, v_star, lora, self.alpha, steps, extra)

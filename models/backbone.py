@@ -17,6 +17,7 @@ from models.attention import PERSONALIZATION_KWARG, LoraDelta, Personalization, 
 from models.fingerprint import backbone_fingerprint, matches_fingerprint
 from models.hub import load_sd_components
 from models.image_encoder import tower_dtype
+from models.module_offsets import active_offsets, install_module_offsets
 from models.placeholder import (
     DEFAULT_PLACEHOLDER,
     add_placeholder_token,
@@ -95,8 +96,10 @@ class DiffusionBackbone(nn.Module):
         self.vocabulary_ids: list[int] | None = None
         self.requires_grad_(False)
         self.eval()
-        # Plain attention until a call passes `personalization` (see models.attention).
+        # Plain attention until a call passes `personalization` (see models.attention); ResNet and feed-forward
+        # offsets only inside `denoise` calls that carry them (models.module_offsets).
         install_dual_path(unet)
+        install_module_offsets(unet)
 
     @classmethod
     def from_pretrained(
@@ -359,9 +362,12 @@ class DiffusionBackbone(nn.Module):
         personalization = Personalization(
             lora=lora or {}, hard_context=None if hard is None else hard.context, alpha=alpha
         )
-        return self.unet(
-            noisy_latents.to(self.unet.dtype),
-            timesteps,
-            encoder_hidden_states=soft.context.to(self.unet.dtype),
-            cross_attention_kwargs={PERSONALIZATION_KWARG: personalization},
-        ).sample
+        with active_offsets(
+            lora
+        ):  # the ResNet / feed-forward offsets of lora, if any (models.module_offsets)
+            return self.unet(
+                noisy_latents.to(self.unet.dtype),
+                timesteps,
+                encoder_hidden_states=soft.context.to(self.unet.dtype),
+                cross_attention_kwargs={PERSONALIZATION_KWARG: personalization},
+            ).sample

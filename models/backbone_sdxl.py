@@ -44,6 +44,7 @@ from models.attention import PERSONALIZATION_KWARG, LoraDelta, Personalization
 from models.backbone import DEFAULT_IMAGE_ENCODER, DiffusionBackbone, TextConditioning
 from models.clip_tokenizer import load_clip_tokenizer
 from models.hub import resolve_model_path
+from models.module_offsets import active_offsets
 from models.placeholder import (
     DEFAULT_PLACEHOLDER,
     PlaceholderError,
@@ -341,13 +342,16 @@ class SDXLDiffusionBackbone(DiffusionBackbone):
         personalization = Personalization(
             lora=lora or {}, hard_context=None if hard is None else hard.context, alpha=alpha
         )
-        return self.unet(
-            noisy_latents.to(self.unet.dtype),
-            timesteps,
-            encoder_hidden_states=soft.context.to(self.unet.dtype),
-            added_cond_kwargs=self.added_cond_kwargs(noisy_latents, pooled),
-            cross_attention_kwargs={PERSONALIZATION_KWARG: personalization},
-        ).sample
+        with active_offsets(
+            lora
+        ):  # the ResNet / feed-forward offsets of lora, if any (models.module_offsets)
+            return self.unet(
+                noisy_latents.to(self.unet.dtype),
+                timesteps,
+                encoder_hidden_states=soft.context.to(self.unet.dtype),
+                added_cond_kwargs=self.added_cond_kwargs(noisy_latents, pooled),
+                cross_attention_kwargs={PERSONALIZATION_KWARG: personalization},
+            ).sample
 
     def unet_time_embedding(
         self, sample: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor

@@ -11,6 +11,7 @@ from models.attention import DEFAULT_PROJECTIONS, LoraDelta, lora_targets
 from models.backbone import DiffusionBackbone
 from models.encoder import FeatureEncoder, HyperNetwork, MultiTokenEmbedder, TokenEmbedder
 from models.image_encoder import feature_widths
+from models.module_offsets import module_targets
 
 
 @dataclass
@@ -27,6 +28,8 @@ class PersonalizerConfig:
         lora_rank: rank r of the LoRA offsets.
         lora_projections: attention projections that get offsets.
         lora_attention: attention kinds that get offsets (attn1 = self, attn2 = cross).
+        lora_modules: further layers that get offsets of the same form (:mod:`models.module_offsets`): ``ff``
+            (feed-forward linears), ``resnet`` (ResNet convolutions); () = attention only (the paper's).
         negative_slope: LeakyReLU slope everywhere.
         image_features: how each read vision layer is pooled: ``cls`` (E4T), ``mean`` (towers without [CLS],
             e.g. SigLIP) or ``cls_mean`` (both; see ``models.encoder.image_tokens``).
@@ -41,6 +44,7 @@ class PersonalizerConfig:
     lora_rank: int = 4
     lora_projections: tuple[str, ...] = DEFAULT_PROJECTIONS
     lora_attention: tuple[str, ...] = ("attn1", "attn2")
+    lora_modules: tuple[str, ...] = ()
     negative_slope: float = 0.2
     image_features: str = "cls"
 
@@ -99,6 +103,7 @@ class Personalizer(nn.Module):
                 negative_slope=cfg.negative_slope,
             )
         targets = lora_targets(backbone.unet, tuple(cfg.lora_projections), tuple(cfg.lora_attention))
+        targets |= module_targets(backbone.unet, tuple(cfg.lora_modules))
         self.hypernetwork = HyperNetwork(
             feature_dim=cfg.feature_dim,
             targets=targets,
