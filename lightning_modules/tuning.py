@@ -16,29 +16,26 @@ from typing import Literal
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
 from datamodules.concept import TuningConcept
 from datamodules.transforms import check_image_size
 from lightning_modules.base import PersonalizationModule
 from lightning_modules.checkpoint import load_pretraining_checkpoint
-from lightning_modules.export import concept_artifact, concept_views, encoder_prediction, write_concept
+from lightning_modules.export import concept_views, encoder_prediction
 from lightning_modules.multi_concept import ConceptSlots, check_concepts, multi_concept_step, with_rows
+from lightning_modules.tuning_export import ConceptExport
 from lightning_modules.tuning_words import check_tuning_options, class_noun, instance_prompts, word_token_id
-from models.artifact import ConceptArtifact
 from models.attention import LoraDelta
 from models.errors import ConfigurationError
-from models.module_offsets import shaped_factors
 from models.personalizer import Personalizer, PersonalizerConfig
 from models.unet_lora import add_unet_lora, lora_parameters, lora_snapshot, restore_lora
-from models.unet_lora import static_factors as unet_lora_factors
 from models.unet_offsets import FullFineTuning
 
 Tunable = Literal["embedding", "cores", "factors", "encoder", "unet_lora", "unet"]
 
 
-class ConceptTuning(PersonalizationModule):
+class ConceptTuning(ConceptExport, PersonalizationModule):
     """Predicts v* and the LoRA cores from one image, tunes them for a few steps, and exports the concept.
 
     Concepts (:class:`~datamodules.concept.TuningConcept`) come in through :meth:`set_concepts`, or else from the
@@ -352,74 +349,3 @@ class ConceptTuning(PersonalizationModule):
         if self.optimizer_factory is None:
             return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
         return self.optimizer_factory(params)
-
-    # ----- export -----
-    def concept_prediction(self, slot: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, D) v* and (1, T, r, r) cores of the concept in ``slot``."""
-        if "encoder" in self.tune:
-            return self.encoder_prediction(self.concept(slot))
-        return self.v_star[slot : slot + 1].detach(), self.cores[slot : slot + 1].detach()
-
-    def build_artifact(self, slot: int = 0) -> ConceptArtifact:
-        """The artefact of the concept in ``slot`` as it stands (no file written)."""
-        v_star, cores = self.concept_prediction(slot)
-        extra = {"method": self.method, "tuned": ",".join(self.tune), "init": self.init}
-        if self.concepts is not None and self.concept(slot).class_noun:
-            extra["class_noun"] = str(self.concept(slot).class_noun)
-        if self.instance_prompt is not None:
-            # Sampling writes "<s*> <class noun>" where prompts say "<s*>": with v* = the identifier's
-            # embedding that is exactly "sks <class noun>" (evaluation/harness.py).
-            extra.update(instance_prompt=self.instance_prompt, identifier=self.init_token)
-        if self._initial_unet_lora is not None:
-            lora = unet_lora_factors(self.backbone.unet)
-        else:
-            static = self.personalizer.hypernetwork.static_lora(cores[0].float())
-            static = shaped_factors(
-                self.backbone.unet, static
-            )  # convolutions' factors as LoRA files hold them
-            lora = {k: (d.cpu(), u.cpu()) for k, (d, u) in static.items()}
-        steps = self.slots.steps_done(int(self.global_step))
-        art = concept_artifact(self.backbone, self.token_index, v_star, lora, self.alpha, steps, extra)
-        if self._full is not None:
-            art.unet_offsets, art.fingerprint = self._full.offsets(), self._full.fingerprint
-        if self.hard_word == "class_noun":
-            concept = self.concept(slot)
-            art.hard_token = class_noun(concept, "hard_word='class_noun'")
-            art.hard_token_id = self.class_noun_token_id(concept)
-        return art
-
-    def export(self, slot: int = 0, export_dir: str | Path | None = None) -> Path:
-        """Writes the concept in ``slot`` (``<export_dir>/<name>.safetensors`` + the requested formats).
-
-        Needs no Trainer: after :meth:`set_concepts` and :meth:`start_group` (or a fit) it writes what v* and
-        the cores hold. Returns the artefact's path and logs one summary line.
-        """
-        concept = self.concept(slot)
-        name = (self.concept_name if self.slots.total == 1 else None) or concept.name
-        path, msg = write_concept(
-            self.build_artifact(slot),
-            export_dir or self.export_dir,
-            name,
-            diffusers=self.export_diffusers,
-            kohya=self.export_kohya,
-            unet_with_adapter=self.backbone.unet if self._initial_unet_lora is not None else None,
-            tuned_unet=self.backbone.unet if self._full is not None else None,
-            prediction_type=str(self.backbone.scheduler.config.prediction_type),
-            resolution=self.backbone.resolution,
-        )
-        self.exported[concept.name] = self.artifact_path = path
-        rank_zero_info(msg)
-        return path
-
-    @rank_zero_only
-    def export_group(self) -> None:
-        """Exports every concept of the current group."""
-        for j in range(self.slots.size(self.slots.group)):
-            self.export(j)
-
-    def on_fit_end(self) -> None:
-        self.export_group()
-        # Groups the loop never reached (``max_steps: 0``, encoder only): initialise and export them too.
-        for group in range(self.slots.group + 1, self.slots.groups):
-            self.start_group(group)
-            self.export_group()
