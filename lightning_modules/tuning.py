@@ -24,8 +24,10 @@ from lightning_modules.base import PersonalizationModule
 from lightning_modules.checkpoint import load_pretraining_checkpoint
 from lightning_modules.export import concept_views, encoder_prediction
 from lightning_modules.multi_concept import ConceptSlots, check_concepts, multi_concept_step, with_rows
+from lightning_modules.prior import ClassPrior
 from lightning_modules.tuning_export import ConceptExport
 from lightning_modules.tuning_words import check_tuning_options, class_noun, instance_prompts, word_token_id
+from losses.diffusion import check_finite
 from models.attention import LoraDelta
 from models.errors import ConfigurationError
 from models.personalizer import Personalizer, PersonalizerConfig
@@ -80,6 +82,14 @@ class ConceptTuning(ConceptExport, PersonalizationModule):
             and in the artefact for sampling: ``nearest`` (v*'s nearest real token, the paper's) or ``class_noun``
             (the concept's class noun, the semantic word the regulariser is meant to find; needs the datamodule's
             ``class_noun``). Single-path exports (alpha 1) read no hard prompt.
+        prior_class_images: DreamBooth's prior preservation (needs ``unet`` or ``unet_lora`` in ``tune``): this
+            many class images are sampled from the base model before the concept's first step and each step adds
+            a class row per instance row (:mod:`lightning_modules.prior`); 0 = off (the script's default).
+        prior_loss_weight: weight of the class rows' loss (``--prior_loss_weight``).
+        prior_class_prompt: the class images' prompt (``{class_noun}`` is filled in); None = each of the concept's
+            caption templates with its class noun.
+        prior_guidance: classifier-free guidance of the class images (diffusers' pipeline default 7.5).
+        prior_inference_steps: their denoising steps (diffusers' pipeline default 50).
         **kwargs: the arguments shared with pretraining (weights, placeholder, module sizes, alpha, regulariser,
             seed, sample logging): see :class:`~lightning_modules.base.PersonalizationModule`. Here ``alpha`` is
             also written to the artefact for sampling, and with one concept per batch the regulariser is a pull
@@ -106,6 +116,11 @@ class ConceptTuning(ConceptExport, PersonalizationModule):
         method: str = "date",
         unet_lr: float | None = None,
         hard_word: Literal["nearest", "class_noun"] = "nearest",
+        prior_class_images: int = 0,
+        prior_loss_weight: float = 1.0,
+        prior_class_prompt: str | None = None,
+        prior_guidance: float = 7.5,
+        prior_inference_steps: int = 50,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -115,6 +130,20 @@ class ConceptTuning(ConceptExport, PersonalizationModule):
         if hard_word not in ("nearest", "class_noun"):
             raise ValueError(f"hard_word must be 'nearest' or 'class_noun', got {hard_word!r}")
         self.hard_word = hard_word
+        self.prior: ClassPrior | None = None
+        if prior_class_images:
+            if not {"unet", "unet_lora"} & set(self.tune):
+                raise ValueError(
+                    "prior preservation (prior_class_images > 0) needs 'unet' or 'unet_lora' in tune"
+                )
+            self.prior = ClassPrior(
+                prior_class_images,
+                prior_loss_weight,
+                prior_class_prompt,
+                prior_guidance,
+                prior_inference_steps,
+                self.seed,
+            )
         state = None
         if encoder_checkpoint is not None:
             meta, state = load_pretraining_checkpoint(encoder_checkpoint, self.backbone)
@@ -222,6 +251,10 @@ class ConceptTuning(ConceptExport, PersonalizationModule):
     # ----- initial prediction from the one image -----
     def on_fit_start(self) -> None:
         if bool(self.initialised):
+            if self.prior is not None:
+                raise ConfigurationError(
+                    "a tuning run with prior preservation cannot resume: its class images come from the base model"
+                )
             return  # resumed: the tuned values come from the checkpoint
         self.start_group(0)
 
@@ -235,6 +268,8 @@ class ConceptTuning(ConceptExport, PersonalizationModule):
                 self.v_star[j].copy_(v[0])
                 self.cores[j].copy_(cores[0])
             self.initialised.fill_(True)
+        if self.prior is not None:  # one concept per run (the UNet is shared), still the base model here
+            self.prior.prepare(self.backbone, self.concept(0))
 
     def initial_values(self, concept: TuningConcept) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, D) v* and (1, T, r, r) cores a concept's tuning starts from (``init``)."""
@@ -327,6 +362,10 @@ class ConceptTuning(ConceptExport, PersonalizationModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         batch = {**batch, "prompt": self.training_prompts(list(batch["prompt"]), batch.get("slot"))}
         losses, extras = multi_concept_step(self, batch) if "slot" in batch else self.model_step(batch)
+        if self.prior is not None:
+            losses["loss/prior"] = self.prior.loss(self, len(batch["prompt"]))
+            check_finite({"loss/prior": losses["loss/prior"]})
+            losses["loss"] = losses["loss"] + self.prior.weight * losses["loss/prior"]
         self.log_step(losses, extras, batch_size=len(batch["prompt"]))
         prompts = list(batch["prompt"][:1])
         slots = [int(batch["slot"][0])] if "slot" in batch else None

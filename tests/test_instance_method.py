@@ -4,7 +4,7 @@ committed instance encoder and the tuning settings chosen on the validation conc
 
 The paper's central claim on this world, DATE-12 beats the words on identity, holds with the committed encoder
 (pretrained with its target in another context and its own view noised on its own, LoRA rank 16): it is a real
-regression test here, over all 24 test concepts and on the quickstart's held-out instance ``star_test0``. The
+regression test here, over all 24 test concepts and on the quickstart's held-out instance ``cross_test2``. The
 runs go through ``configs/evaluate/instance_quick.yaml`` (the quickstart's evaluation, with its tuning config
 ``configs/tune/instance.yaml``) with more concepts and fewer methods; the same concepts, prompts, seeds and
 sampler as the test run, so the same numbers.
@@ -79,12 +79,13 @@ def test_date_beats_the_plain_words_concept_by_concept(run):
 
 @pytest.mark.slow
 def test_date_beats_the_words_on_the_quickstarts_held_out_instance(run):
-    """``star_test0`` (a red six-pointed star; the words say only "star"): measured DATE
-    0.077 vs the words 0.057 (alpha 0.5; identity from pixels, 4 prompts x 2 samples)."""
+    """``cross_test2`` (a blue dotted cross; the words say only "cross"): measured DATE 0.191 vs the words 0.069
+    (alpha 0.5; identity from pixels, 4 prompts x 2 samples). The quickstart tunes DATE + UNet on it, guarded in
+    :func:`test_date_tuning_the_unet_keeps_its_identity_and_prompt`."""
     rows, _, _ = run
-    date = _mean(rows, "date", "pixel_identity", alpha=0.5, concept="star_test0")
-    words = _mean(rows, "plain_words", "pixel_identity", concept="star_test0")
-    assert date >= words + 0.01, (date, words)
+    date = _mean(rows, "date", "pixel_identity", alpha=0.5, concept="cross_test2")
+    words = _mean(rows, "plain_words", "pixel_identity", concept="cross_test2")
+    assert date >= words + 0.08, (date, words)
 
 
 @pytest.mark.slow
@@ -137,8 +138,9 @@ def test_core_probe_finds_the_instance_in_the_committed_encoders_cores(capsys):
 
 
 def test_the_quickstarts_tuning_config_personalizes_the_held_out_instance(tmp_path):
-    """``python train.py fit --config configs/tune/instance.yaml`` (the quickstart's step 2): 12 steps from the
-    committed instance encoder, one concept file with its diffusers export, v* nearest a category word."""
+    """``python train.py fit --config configs/tune/instance.yaml --config configs/tune/methods/date_unet.yaml`` (the
+    quickstart's step 2): 12 steps from the committed instance encoder, v*, the cores and the UNet's weights; one
+    concept file with its diffusers export (the tuned ``unet/`` too), the class noun as the vanilla path's word."""
     from models.artifact import ConceptArtifact
 
     train.main(
@@ -146,6 +148,8 @@ def test_the_quickstarts_tuning_config_personalizes_the_held_out_instance(tmp_pa
             "fit",
             "--config",
             "configs/tune/instance.yaml",
+            "--config",
+            "configs/tune/methods/date_unet.yaml",
             "--trainer.default_root_dir",
             str(tmp_path / "run"),
             "--trainer.logger.init_args.save_dir",
@@ -154,11 +158,12 @@ def test_the_quickstarts_tuning_config_personalizes_the_held_out_instance(tmp_pa
             str(tmp_path / "concepts"),
         ]
     )
-    art = ConceptArtifact.load(tmp_path / "concepts" / "star_test0.safetensors")
+    art = ConceptArtifact.load(tmp_path / "concepts" / "cross_test2.safetensors")
     assert (
         art.steps == 12 and art.alpha == 0.5 and art.base_model.endswith("assets/toyworld/instance_pipeline")
     )
-    assert (tmp_path / "concepts" / "star_test0_diffusers").is_dir()
+    assert art.hard_token == "cross" and art.unet_offsets and art.lora
+    assert (tmp_path / "concepts" / "cross_test2_diffusers" / "unet").is_dir()
     words = [w for w in REPO_VOCABULARY.read_text().splitlines() if w and not w.startswith("#")]
     assert art.nearest_token.removesuffix("</w>") in words, art.nearest_token  # measured: "star"
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))  # its TensorBoard log
@@ -215,17 +220,22 @@ def test_encoder_checkpoint_option_wins_over_the_configs_tune_overrides(tmp_path
 
 @pytest.mark.slow
 def test_date_tuning_the_unet_keeps_its_identity_and_prompt(tmp_path):
-    """DATE + UNet (configs/tune/methods/date_unet.yaml: unet_lr 3e-4, chosen on validation) on the 8 ``*_test0``
-    concepts, the test run's protocol and seeds (docs/research/instance_weights.md). Measured there on these 8:
-    identity 0.1645 (DATE 0.1394, the words 0.1186), prompt 0.953. Thresholds: the measured values less the
-    run-to-run float noise of a CPU, and above DATE and the words by most of the measured gap."""
+    """DATE + UNet as the quickstart tunes it (configs/tune/methods/date_unet.yaml: unet_lr 3e-4 and the class noun
+    as the vanilla path's word, both chosen on validation) on the 8 ``*_test0`` concepts, the test run's protocol and
+    seeds (docs/research/instance_weights.md, test_levers.yaml). Measured there on these 8: identity 0.1610 (DATE
+    0.1380, the words 0.1186), prompt 0.953. Thresholds: the measured values less the run-to-run float noise of a
+    CPU, and above the words by most of the measured gap."""
     out = tmp_path / "eval"
     names = [
         f"{c}_test0" for c in ("circle", "square", "triangle", "star", "diamond", "cross", "heart", "moon")
     ]
-    overrides = {"model.init_args.tune": ["embedding", "cores", "unet"], "model.init_args.unet_lr": 3.0e-4}
     methods = [
-        {"name": "date_unet", "overrides": overrides, "steps": [12], "alphas": [0.5]},
+        {
+            "name": "date_unet",
+            "overlay": "configs/tune/methods/date_unet.yaml",
+            "steps": [12],
+            "alphas": [0.5],
+        },
         {"name": "plain_words", "plain_words": True},
     ]
     argv = ["run", "--config", "configs/evaluate/instance_quick.yaml", "--out_dir", str(out)]
@@ -238,5 +248,5 @@ def test_date_tuning_the_unet_keeps_its_identity_and_prompt(tmp_path):
     identity = sum(r["pixel_identity"] for r in ours) / len(ours)
     prompt = sum(r["pixel_prompt_acc"] for r in ours) / len(ours)
     baseline = sum(r["pixel_identity"] for r in words) / len(words)
-    assert identity >= 0.160 and identity - baseline >= 0.035, (identity, baseline)
+    assert identity >= 0.157 and identity - baseline >= 0.035, (identity, baseline)
     assert prompt >= 0.93, prompt
