@@ -52,6 +52,7 @@ def plot(
     bootstrap_samples: int = 1000,
     title: str | None = None,
     ceiling: float | None = None,
+    methods: dict[str, str] | None = None,
 ) -> Path:
     """Redraws the trade-off plot from existing results.csv files (no model is loaded).
 
@@ -65,6 +66,10 @@ def plot(
         bootstrap_samples: bootstrap resamples of the 95 % intervals (over concepts).
         title: figure title.
         ceiling: with ``--x tune_seconds``, the best identity the generator can show, drawn as a line.
+        methods: draw only these methods, each under a label: a JSON object ``{"<method>": "<label>"}`` (with
+            several results files a method's name carries its folder, e.g. ``"eval_x/date"``); methods sharing a
+            label become one line through their step budgets (e.g. a baseline at the rate validation chose for
+            each budget). None: every method under its own name.
 
     Returns:
         The PNG path.
@@ -82,6 +87,12 @@ def plot(
         rows.extend(file_rows)
     if not rows:
         raise EvaluationConfigError(f"no rows in {', '.join(paths)}")
+    if methods is not None:
+        unknown = sorted(set(methods) - {row["method"] for row in rows})
+        if unknown:
+            found = sorted({row["method"] for row in rows})
+            raise EvaluationConfigError(f"--methods names {unknown}, not in the results ({', '.join(found)})")
+        rows = [{**row, "method": methods[row["method"]]} for row in rows if row["method"] in methods]
     aggregates = aggregate(rows, n_boot=bootstrap_samples)
     if x == "tune_seconds":
         default = Path(paths[0]).with_name("identity_vs_seconds.png")

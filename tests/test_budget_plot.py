@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 from PIL import Image
 
@@ -53,3 +54,24 @@ def test_identity_vs_seconds_needs_a_tuned_method(tmp_path):
     ]
     with pytest.raises(ValueError, match="tuning seconds"):
         plot_identity_vs_seconds(words_only, tmp_path / "x.png", y="clip_i")
+
+
+def test_methods_are_chosen_and_renamed_across_results_files(tmp_path, capsys):
+    """Two runs' rows, one line per label: the runs' DreamBooth rows under one name, the words once."""
+    import pytest
+
+    first, second = tmp_path / "run_a", tmp_path / "run_b"
+    first.mkdir(), second.mkdir()
+    paths = [str(_rows(first / "results.csv")), str(_rows(second / "results.csv"))]
+    labels = {
+        "run_a/plain_words": "plain_words",
+        "run_a/dreambooth": "DreamBooth",
+        "run_b/dreambooth": "again",
+    }
+    argv = ["plot", "--results", json.dumps(paths), "--x", "tune_seconds", "--y", "clip_i"]
+    evaluate.main([*argv, "--methods", json.dumps(labels), "--out", str(tmp_path / "x.png")])
+    table = capsys.readouterr().out
+    assert "DreamBooth" in table and "again" in table and "run_b/plain_words" not in table
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main([*argv, "--methods", json.dumps({"run_c/date": "DATE"})])
+    assert exc.value.code == 2 and "run_c/date" in capsys.readouterr().err

@@ -1,13 +1,14 @@
 """DATE on the instance world, guarded in CI (seeded; the numbers are those of the test run in
-docs/research/instance_world.md, ``python evaluate.py run --config configs/evaluate/instance.yaml``, with the
-committed instance encoder and the tuning settings chosen on the validation concepts: lr 1e-2, 12 steps).
+docs/research/instance_weights.md, ``python evaluate.py run --config configs/evaluate/instance.yaml --config
+configs/experiments/instance_weights/test_modules.yaml``, with the committed instance encoder, whose offsets reach
+the ResNet convolutions and feed-forward linears, and the tuning settings chosen on the validation concepts: lr 1e-2,
+12 steps, the class noun as the vanilla path's word).
 
-The paper's central claim on this world, DATE-12 beats the words on identity, holds with the committed encoder
-(pretrained with its target in another context and its own view noised on its own, LoRA rank 16): it is a real
-regression test here, over all 24 test concepts and on the quickstart's held-out instance ``cross_test2``. The
-runs go through ``configs/evaluate/instance_quick.yaml`` (the quickstart's evaluation, with its tuning config
-``configs/tune/instance.yaml``) with more concepts and fewer methods; the same concepts, prompts, seeds and
-sampler as the test run, so the same numbers.
+The paper's central claim on this world, DATE-12 beats the words on identity, holds with the committed encoder: it
+is a real regression test here, over all 24 test concepts and on the quickstart's held-out instance
+``cross_test2``. The runs go through ``configs/evaluate/instance_quick.yaml`` (the quickstart's evaluation, with its
+tuning config ``configs/tune/instance.yaml``) with more concepts and fewer methods; the same concepts, prompts,
+seeds and sampler as the test run, so the same numbers.
 """
 
 from __future__ import annotations
@@ -67,36 +68,41 @@ def _mean(rows, method: str, column: str, alpha: float | None = None, concept: s
 
 @pytest.mark.slow
 def test_date_beats_the_plain_words_concept_by_concept(run):
-    """Measured (test run, alpha 0.5): identity - words +0.036 [+0.018, +0.058], 19 of 24 concepts won (DATE 0.149,
-    the words 0.113)."""
-    _, paired, _ = run
+    """Measured (test run, alpha 0.5): DATE 0.223 at prompt 1.000 (the words 0.113; DreamBooth-500, the best
+    500-step baseline, 0.201 at 0.943); identity - words +0.110 [+0.090, +0.133], 24 of 24 concepts won."""
+    rows, paired, _ = run
     entry = next(e for e in paired if e["method"] == "date" and e["alpha"] == 0.5)
     assert (entry["steps"], entry["reference"]) == (12, "plain_words")
     identity = entry["pixel_identity"]
     assert identity["n"] == 24
-    assert identity["mean"] >= 0.02 and identity["ci95"][0] > 0 and identity["wins"] >= 16, identity
+    assert identity["mean"] >= 0.095 and identity["ci95"][0] > 0.07 and identity["wins"] >= 22, identity
+    assert _mean(rows, "date", "pixel_identity", alpha=0.5) >= 0.215
+    assert _mean(rows, "date", "pixel_prompt_acc", alpha=0.5) >= 0.98
 
 
 @pytest.mark.slow
 def test_date_beats_the_words_on_the_quickstarts_held_out_instance(run):
-    """``cross_test2`` (a blue dotted cross; the words say only "cross"): measured DATE 0.191 vs the words 0.069
-    (alpha 0.5; identity from pixels, 4 prompts x 2 samples). The quickstart tunes DATE + UNet on it, guarded in
-    :func:`test_date_tuning_the_unet_keeps_its_identity_and_prompt`."""
+    """``cross_test2`` (a blue dotted cross; the words say only "cross"): measured DATE 0.184 vs the words 0.069
+    (alpha 0.5; identity from pixels, 4 prompts x 2 samples)."""
     rows, _, _ = run
     date = _mean(rows, "date", "pixel_identity", alpha=0.5, concept="cross_test2")
     words = _mean(rows, "plain_words", "pixel_identity", concept="cross_test2")
-    assert date >= words + 0.08, (date, words)
+    assert date >= words + 0.10, (date, words)
 
 
 @pytest.mark.slow
-def test_alpha_trades_prompt_for_identity(run):
-    """Measured (test run): prompt accuracy 0.984 at alpha 0.5 against 0.776 at alpha 1 (identity 0.149 / 0.146:
-    on this world alpha 1 buys no identity, docs/research/instance_world.md)."""
+def test_alpha_one_buys_no_identity(run):
+    """Measured (test run): identity 0.223 at alpha 0.5 and 0.219 at alpha 1, prompt accuracy 1.000 and 0.984: with
+    this encoder alpha is neither an identity nor (any longer) much of a prompt knob; the attention-only encoder lost
+    0.21 prompt accuracy at alpha 1 (docs/research/instance_world.md)."""
     rows, _, _ = run
-    assert _mean(rows, "date", "pixel_prompt_acc", alpha=0.5) >= 0.9
+    assert _mean(rows, "date", "pixel_prompt_acc", alpha=1.0) >= 0.95
+    assert _mean(rows, "date", "pixel_prompt_acc", alpha=0.5) >= _mean(
+        rows, "date", "pixel_prompt_acc", alpha=1.0
+    )
     assert (
-        _mean(rows, "date", "pixel_prompt_acc", alpha=0.5)
-        >= _mean(rows, "date", "pixel_prompt_acc", alpha=1.0) + 0.1
+        _mean(rows, "date", "pixel_identity", alpha=1.0)
+        <= _mean(rows, "date", "pixel_identity", alpha=0.5) + 0.01
     )
 
 
@@ -138,9 +144,9 @@ def test_core_probe_finds_the_instance_in_the_committed_encoders_cores(capsys):
 
 
 def test_the_quickstarts_tuning_config_personalizes_the_held_out_instance(tmp_path):
-    """``python train.py fit --config configs/tune/instance.yaml --config configs/tune/methods/date_unet.yaml`` (the
-    quickstart's step 2): 12 steps from the committed instance encoder, v*, the cores and the UNet's weights; one
-    concept file with its diffusers export (the tuned ``unet/`` too), the class noun as the vanilla path's word."""
+    """``python train.py fit --config configs/tune/instance.yaml`` (the quickstart's step 2): 12 steps from the
+    committed instance encoder, whose offsets reach the ResNet convolutions and feed-forward linears; one concept file
+    (their LoRA in the LoCon layout) with its diffusers export, the class noun as the vanilla path's word."""
     from models.artifact import ConceptArtifact
 
     train.main(
@@ -148,8 +154,6 @@ def test_the_quickstarts_tuning_config_personalizes_the_held_out_instance(tmp_pa
             "fit",
             "--config",
             "configs/tune/instance.yaml",
-            "--config",
-            "configs/tune/methods/date_unet.yaml",
             "--trainer.default_root_dir",
             str(tmp_path / "run"),
             "--trainer.logger.init_args.save_dir",
@@ -162,10 +166,12 @@ def test_the_quickstarts_tuning_config_personalizes_the_held_out_instance(tmp_pa
     assert (
         art.steps == 12 and art.alpha == 0.5 and art.base_model.endswith("assets/toyworld/instance_pipeline")
     )
-    assert art.hard_token == "cross" and art.unet_offsets and art.lora
-    assert (tmp_path / "concepts" / "cross_test2_diffusers" / "unet").is_dir()
+    assert art.hard_token == "cross" and not art.unet_offsets
+    convs = [down for name, (down, _) in art.lora.items() if name.endswith(("conv1", "conv2"))]
+    assert convs and all(d.ndim == 4 for d in convs) and any(".ff.net." in name for name in art.lora)
+    assert (tmp_path / "concepts" / "cross_test2_diffusers").is_dir()
     words = [w for w in REPO_VOCABULARY.read_text().splitlines() if w and not w.startswith("#")]
-    assert art.nearest_token.removesuffix("</w>") in words, art.nearest_token  # measured: "star"
+    assert art.nearest_token.removesuffix("</w>") in words, art.nearest_token  # measured: "cross"
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))  # its TensorBoard log
 
 
@@ -220,11 +226,11 @@ def test_encoder_checkpoint_option_wins_over_the_configs_tune_overrides(tmp_path
 
 @pytest.mark.slow
 def test_date_tuning_the_unet_keeps_its_identity_and_prompt(tmp_path):
-    """DATE + UNet as the quickstart tunes it (configs/tune/methods/date_unet.yaml: unet_lr 3e-4 and the class noun
-    as the vanilla path's word, both chosen on validation) on the 8 ``*_test0`` concepts, the test run's protocol and
-    seeds (docs/research/instance_weights.md, test_levers.yaml). Measured there on these 8: identity 0.1610 (DATE
-    0.1380, the words 0.1186), prompt 0.953. Thresholds: the measured values less the run-to-run float noise of a
-    CPU, and above the words by most of the measured gap."""
+    """DATE + UNet (configs/tune/methods/date_unet.yaml on configs/tune/instance.yaml: unet_lr 3e-4 and the class noun
+    as the vanilla path's word, both chosen on validation, from the committed encoder) on the 8 ``*_test0`` concepts,
+    the test run's protocol and seeds (docs/research/instance_weights.md, test_modules.yaml). Measured there on these
+    8: identity 0.2108 (DATE 0.2193, the words 0.1186), prompt 0.953. Thresholds: the measured values less the
+    run-to-run float noise of a CPU, and above the words by most of the measured gap."""
     out = tmp_path / "eval"
     names = [
         f"{c}_test0" for c in ("circle", "square", "triangle", "star", "diamond", "cross", "heart", "moon")
@@ -248,5 +254,5 @@ def test_date_tuning_the_unet_keeps_its_identity_and_prompt(tmp_path):
     identity = sum(r["pixel_identity"] for r in ours) / len(ours)
     prompt = sum(r["pixel_prompt_acc"] for r in ours) / len(ours)
     baseline = sum(r["pixel_identity"] for r in words) / len(words)
-    assert identity >= 0.157 and identity - baseline >= 0.035, (identity, baseline)
+    assert identity >= 0.205 and identity - baseline >= 0.08, (identity, baseline)
     assert prompt >= 0.93, prompt

@@ -111,31 +111,36 @@ def test_sampling_says_where_the_grid_is(tuning_run, tmp_path):
 
 @pytest.mark.slow
 def test_the_quickstarts_pretraining_step_reports_like_tuning_and_checkpoints(tmp_path):
-    """The quickstart's step 1 (``train.py fit --config configs/pretrain/instance.yaml
-    --trainer.max_steps N``), 2 steps, run from a folder holding links to the repository's assets and configs so
-    that its outputs land there. It says what tuning says: one bar over the steps, the loss start -> end, where
-    its files are; no model-summary table, no epoch bars, no warning. The checkpoint holds the encoder with the
-    committed encoder's shapes."""
+    """The quickstart's step 1 (``train.py fit --config configs/pretrain/instance.yaml --config
+    configs/pretrain/instance_modules.yaml --trainer.max_steps N``), 2 steps, run from a folder holding links to the
+    repository's assets and configs so that its outputs land there. It says what tuning says: one bar over the
+    steps, the loss start -> end, where its files are; no model-summary table, no epoch bars, no warning. The
+    checkpoint holds the encoder with the committed encoder's shapes."""
     import torch
 
     for name in ("assets", "configs"):
         (tmp_path / name).symlink_to(REPO / name)
-    config = "configs/pretrain/instance.yaml"
-    proc = run([str(REPO / "train.py"), "fit", "--config", config, "--trainer.max_steps", "2"], cwd=tmp_path)
+    configs = [
+        "--config",
+        "configs/pretrain/instance.yaml",
+        "--config",
+        "configs/pretrain/instance_modules.yaml",
+    ]
+    proc = run([str(REPO / "train.py"), "fit", *configs, "--trainer.max_steps", "2"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout + proc.stderr
     assert not noisy(text), text
     assert "Total FLOPs" not in text and "Trainable params" not in text and "Epoch" not in text, text
     assert "pretrain" in proc.stderr and "2/2" in proc.stderr, proc.stderr
     assert re.search(r"loss: .*\d\.\d+ -> .*\d\.\d+", text), text
-    out = Path("outputs") / "pretrain_instance_other_rank16_small"
+    out = Path("outputs") / "pretrain_instance_modules"
     assert f"checkpoints: {out / 'checkpoints' / 'last.ckpt'}" in text, text
     assert f"tensorboard --logdir {out}" in text, text
     assert len(lines(proc.stdout) + lines(proc.stderr)) <= 8, text
     state = torch.load(tmp_path / out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 2
     committed = torch.load(
-        REPO / "assets/toyworld/instance_encoder/date.ckpt", map_location="cpu", weights_only=True
+        REPO / "assets/toyworld/instance_encoder/date_modules.ckpt", map_location="cpu", weights_only=True
     )
     shapes = {k: v.shape for k, v in committed["state_dict"].items()}
     assert {k: v.shape for k, v in state["state_dict"].items() if k in shapes} == shapes

@@ -29,23 +29,28 @@ MARGIN = 0.12
 
 def test_assets_are_small_fp16_safetensors():
     files = [p for p in ASSETS.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) < 30 * 2**20
+    # 33 MiB: the two worlds' encoders with ResNet / feed-forward offsets added 2.6 MB (fp16) to the 29.8 MB before.
+    assert sum(p.stat().st_size for p in files) < 33 * 2**20
     weights = [p for p in files if p.suffix == ".safetensors"]
     assert len(weights) >= 6  # unet, vae, text encoder, image encoder, clip, checker
     # Pickles only for the encoders (the format encoder_checkpoint reads): trainable weights, no optimizer; the
-    # instance world's stored in float16.
+    # instance world's and the ResNet / feed-forward ones stored in float16.
     pickles = sorted(p.relative_to(ASSETS).as_posix() for p in files if p.suffix in (".bin", ".pt", ".ckpt"))
     assert pickles == [
         "encoder/date.ckpt",
+        "encoder/date_modules.ckpt",
         "encoder/no_regularizer.ckpt",
         "instance_encoder/date.ckpt",
+        "instance_encoder/date_modules.ckpt",
     ]
     for name in pickles:
         ckpt = torch.load(ASSETS / name, map_location="cpu", weights_only=True)
         assert set(ckpt) == {"state_dict", "tuning_encoder", "hyper_parameters", "global_step"}
         assert all(k.startswith("personalizer.") for k in ckpt["state_dict"])
-        assert (ASSETS / name).stat().st_size < 2**20
-        if name.startswith("instance_encoder/"):
+        # 2 MiB for the instance encoder with 92 offset targets (1.9 MB in fp16); the others stay under 1 MiB.
+        limit = 2 * 2**20 if name == "instance_encoder/date_modules.ckpt" else 2**20
+        assert (ASSETS / name).stat().st_size < limit
+        if name.startswith("instance_encoder/") or name.endswith("_modules.ckpt"):
             assert {v.dtype for v in ckpt["state_dict"].values()} == {torch.float16}, name
     from safetensors import safe_open
 

@@ -72,9 +72,9 @@ def test_samples_are_drawn_after_the_optimizer_step_from_the_values_of_their_ste
         finally:
             inside[0] = False
 
-    def log_samples(prompts, v_star, cores, tag, step=None):
+    def log_samples(prompts, v_star, cores, tag, step=None, slots=None):
         assert torch.equal(v_star, used[step]) and not torch.equal(v_star, module.v_star)  # before the update
-        return real_log(prompts, v_star, cores, tag, step)
+        return real_log(prompts, v_star, cores, tag, step, slots)
 
     monkeypatch.setattr(module, "training_step", training_step)
     monkeypatch.setattr(module, "log_samples", log_samples)

@@ -9,6 +9,7 @@ from pathlib import Path
 NAMED_ENCODERS = {
     "date": "configs/pretrain/toyworld.yaml",
     "no_regularizer": "configs/pretrain/toyworld.yaml + configs/experiments/no_regularizer/pretrain_toyworld.yaml",
+    "date_modules": "configs/pretrain/toyworld.yaml + configs/experiments/toyworld/pretrain_modules.yaml",
 }
 
 
@@ -40,7 +41,10 @@ def encoder_lines(out: Path, folder: str = "encoder", configs: dict[str, str] = 
     return lines
 
 
-INSTANCE_ENCODERS = {"date": "configs/pretrain/instance.yaml"}
+INSTANCE_ENCODERS = {
+    "date": "configs/pretrain/instance.yaml",
+    "date_modules": "configs/pretrain/instance.yaml + configs/pretrain/instance_modules.yaml",
+}
 
 
 def instance_lines(out: Path) -> list[str]:
