@@ -359,15 +359,29 @@ class DiffusionBackbone(nn.Module):
     ) -> torch.Tensor:
         """(B, C, h, w) UNet output under dual-path attention: soft conditioning on the adapted path, hard on the
         vanilla path (required when ``alpha < 1``)."""
+        return self.personalized_call(noisy_latents, timesteps, soft, hard, lora, alpha)
+
+    def personalized_call(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        soft: TextConditioning,
+        hard: TextConditioning | None,
+        lora: dict[str, LoraDelta] | None,
+        alpha: float,
+        **unet_kwargs,
+    ) -> torch.Tensor:
+        """One UNet call carrying the concept: the attention deltas and hard context to the dual-path processors,
+        the ResNet / feed-forward deltas to their hooks (:mod:`models.module_offsets`); ``unet_kwargs`` go to the
+        UNet as they are (SDXL's ``added_cond_kwargs``)."""
         personalization = Personalization(
             lora=lora or {}, hard_context=None if hard is None else hard.context, alpha=alpha
         )
-        with active_offsets(
-            lora
-        ):  # the ResNet / feed-forward offsets of lora, if any (models.module_offsets)
+        with active_offsets(lora):
             return self.unet(
                 noisy_latents.to(self.unet.dtype),
                 timesteps,
                 encoder_hidden_states=soft.context.to(self.unet.dtype),
                 cross_attention_kwargs={PERSONALIZATION_KWARG: personalization},
+                **unet_kwargs,
             ).sample

@@ -40,11 +40,10 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from models.attention import PERSONALIZATION_KWARG, LoraDelta, Personalization
+from models.attention import LoraDelta
 from models.backbone import DEFAULT_IMAGE_ENCODER, DiffusionBackbone, TextConditioning
 from models.clip_tokenizer import load_clip_tokenizer
 from models.hub import resolve_model_path
-from models.module_offsets import active_offsets
 from models.placeholder import (
     DEFAULT_PLACEHOLDER,
     PlaceholderError,
@@ -339,19 +338,10 @@ class SDXLDiffusionBackbone(DiffusionBackbone):
         pooled = soft.pooled
         if hard is not None and alpha < 1.0:
             pooled = alpha * soft.pooled + (1.0 - alpha) * hard.pooled
-        personalization = Personalization(
-            lora=lora or {}, hard_context=None if hard is None else hard.context, alpha=alpha
+        added = self.added_cond_kwargs(noisy_latents, pooled)
+        return self.personalized_call(
+            noisy_latents, timesteps, soft, hard, lora, alpha, added_cond_kwargs=added
         )
-        with active_offsets(
-            lora
-        ):  # the ResNet / feed-forward offsets of lora, if any (models.module_offsets)
-            return self.unet(
-                noisy_latents.to(self.unet.dtype),
-                timesteps,
-                encoder_hidden_states=soft.context.to(self.unet.dtype),
-                added_cond_kwargs=self.added_cond_kwargs(noisy_latents, pooled),
-                cross_attention_kwargs={PERSONALIZATION_KWARG: personalization},
-            ).sample
 
     def unet_time_embedding(
         self, sample: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor
