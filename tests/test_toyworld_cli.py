@@ -12,7 +12,7 @@ COMMANDS = {
     "base-adherence", "instance-render", "instance-concepts", "train", "export", "card", "probe",
     "export-instance", "export-encoder", "figures", "instance-adherence", "instance-ceiling",
     "probe-image-encoder", "instance-probe", "instance-oracle", "instance-calibrate", "core-probe",
-    "instance-score-samples",
+    "instance-score-samples", "peft-reference",
 }  # fmt: skip
 
 

@@ -22,7 +22,8 @@ Rooms (each imports only the rooms above it):
 - ``diagnostics/``, research instruments: ``image_probe`` and ``instance_probe`` (the image-branch gates),
   ``oracle`` (a supervised upper bound of the gate), ``calibration`` (the pixel metric's threshold and
   reference rows), ``core_probe`` (what an encoder's cores carry),
-  ``sample_rows`` (pixel identity per row of an ``evaluate.py sample`` grid).
+  ``sample_rows`` (pixel identity per row of an ``evaluate.py sample`` grid), ``peft_reference`` (a one-image
+  LoRA in plain diffusers + peft, the reference our tuning path is compared with).
 - Each room's ``commands`` holds its commands; ``cli`` generates the command line from their signatures and
   docstrings; ``__main__``: ``python -m toyworld --help`` lists them by room.
 """

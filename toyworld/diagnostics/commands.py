@@ -203,6 +203,125 @@ def instance_score_samples(
     print(format_rows(rows))
 
 
+def peft_reference(
+    names: list[str] = ["star_val0", "arrow_val0"],  # noqa: B006 (never mutated)
+    split: Literal["test", "validation"] = "validation",
+    steps: int = 300,
+    lr: float = 1e-3,
+    rank: int = 16,
+    batch_size: int = 4,
+    seeds: list[int] = [0],  # noqa: B006 (never mutated)
+    latents: Literal["sample", "mean"] = "sample",
+    identifier: Literal["words", "sks"] = "words",
+    guidance: list[float] = [3.0],  # noqa: B006 (never mutated)
+    samples_per_prompt: int = 2,
+    pipeline: str = "assets/toyworld/instance_pipeline",
+    out: str | None = None,
+) -> None:
+    """Instance world: a one-image LoRA trained and sampled in plain diffusers + peft, outside the framework.
+
+    The reference our tuning path is compared with (docs/research/peft_reference.md): train_dreambooth_lora.py's
+    loop on one image and its caption, sampled by a plain StableDiffusionPipeline from the evaluation's initial
+    noise and scored with the evaluation's pixel metric on the evaluation's 4 prompts. A row per concept, seed
+    and guidance.
+
+    Args:
+        names: concepts of the split's concepts.json
+        split: test | validation concept folder (choose settings on validation only)
+        steps: optimizer steps
+        lr: learning rate (constant)
+        rank: LoRA rank and lora_alpha (attention projections to_q, to_k, to_v, to_out.0)
+        batch_size: copies of the image per step
+        seeds: training seeds, one run each
+        latents: sample (the script) | mean (the framework) of the VAE posterior
+        identifier: words (the class noun) | sks ("sks <class noun>", a random row of the toy text encoder)
+        guidance: classifier-free guidance scales to sample at
+        samples_per_prompt: images per prompt
+        pipeline: the base model's diffusers folder
+        out: also write the rows as CSV here
+    """
+    from toyworld.instance.commands import CONCEPT_DIRS
+
+    folder = Path(CONCEPT_DIRS[split])
+    for name in names:
+        check((folder / f"{name}.png").is_file(), f"--names: {name} is not in {folder}")
+    for label, value in (
+        ("steps", steps),
+        ("rank", rank),
+        ("batch-size", batch_size),
+        ("samples-per-prompt", samples_per_prompt),
+    ):
+        check(value >= 1, f"--{label} must be >= 1, got {value}")
+    check(lr > 0, f"--lr must be > 0, got {lr}")
+    check(all(g >= 1.0 for g in guidance), f"--guidance values must be >= 1, got {guidance}")
+    check(out is None or not Path(out).is_dir(), f"--out {out} is a folder; give a CSV file path")
+    check((Path(pipeline) / "model_index.json").is_file(), f"--pipeline {pipeline} is not a diffusers folder")
+    import csv
+
+    import numpy as np
+
+    from toyworld.diagnostics.peft_reference import (
+        ReferenceRecipe,
+        load_pipeline,
+        sample_and_score,
+        train_lora,
+    )
+    from toyworld.instance.concepts import InstanceConcepts
+
+    placeholder = "<s*>"
+    concepts = {c.name: c for c in InstanceConcepts(str(folder), names, 4, 0, 4).load(placeholder)}
+    rows = []
+    for name in names:
+        concept = concepts[name]
+        caption = concept.data_args["templates"][0].format(
+            concept.class_noun if identifier == "words" else f"sks {concept.class_noun}"
+        )
+        for seed in seeds:
+            recipe = ReferenceRecipe(steps, lr, rank, batch_size, seed, latents, identifier)
+            pipe = load_pipeline(pipeline)
+            losses = train_lora(pipe, concept.load_input(), caption, recipe)
+            for g in guidance:
+                scores = sample_and_score(pipe, concept, placeholder, identifier, g, samples_per_prompt)
+                row = {
+                    "concept": name,
+                    "seed": seed,
+                    "guidance": g,
+                    "final_loss": float(np.mean(losses[-20:])),
+                }
+                row.update(
+                    {
+                        k: scores[k]
+                        for k in (
+                            "pixel_identity",
+                            "pixel_colour",
+                            "pixel_iou",
+                            "pixel_pattern",
+                            "pixel_prompt_acc",
+                        )
+                    }
+                )
+                rows.append(row)
+                print(
+                    " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                    flush=True,
+                )
+    for g in guidance:
+        means = {
+            k: np.mean([r[k] for r in rows if r["guidance"] == g]) for k in ("pixel_identity", "pixel_colour")
+        }
+        prompt = np.mean([r["pixel_prompt_acc"] for r in rows if r["guidance"] == g])
+        print(
+            f"mean at guidance {g:g}: identity {means['pixel_identity']:.3f}, "
+            f"colour {means['pixel_colour']:.3f}, prompt {prompt:.3f}"
+        )
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
 COMMANDS = {
     "probe-image-encoder": probe_image_encoder,
     "instance-probe": instance_probe,
@@ -210,4 +329,5 @@ COMMANDS = {
     "instance-calibrate": instance_calibrate,
     "core-probe": core_probe,
     "instance-score-samples": instance_score_samples,
+    "peft-reference": peft_reference,
 }
