@@ -9,7 +9,7 @@ Stages, each importing only earlier ones: config -> concepts -> plan (recipe) ->
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
 
@@ -109,3 +109,53 @@ class SamplingSpec:
     seed: int = 0
     negative_prompt: str = ""
     batch_size: int = 1
+
+
+def check_stacked_methods(argv: list[str]) -> None:
+    """Refuses a method that would silently inherit fields from another method of an earlier ``--config``.
+
+    jsonargparse (4.x, measured) replaces the ``methods`` list when a later config's list has another length, but
+    merges it item by item, by position, when the lengths are equal: a method that does not set ``plain_words``,
+    ``overlay``, ``steps``, ... then takes the value of whichever method sat at its index before (an ablation
+    would run the encoder-only overlay, or be the plain words). Each field such an item leaves out must be the
+    default, or the same in the earlier item. Reads only the YAML files named by ``--config``; anything else is
+    left to the parser.
+
+    Raises:
+        EvaluationConfigError: one line naming the file, the method, the fields and where they would come from.
+    """
+    import yaml
+
+    paths = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    defaults = {
+        f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(MethodSpec)
+    }
+    merged: list[
+        tuple[dict[str, Any], str]
+    ] = []  # per index: the fields set so far, and the file setting them
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            continue  # the parser names a missing or malformed file itself
+        items = data.get("methods") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            continue
+        items = [item if isinstance(item, dict) else {} for item in items]
+        if len(items) != len(merged):  # another length: the list is replaced
+            merged = [(dict(item), path) for item in items]
+            continue
+        for i, item in enumerate(items):
+            earlier, source = merged[i]
+            inherited = sorted(
+                k for k, v in earlier.items() if k not in item and k in defaults and v != defaults[k]
+            )
+            if inherited:
+                raise EvaluationConfigError(
+                    f"{path}: methods[{i}] ({item.get('name')}) would inherit {', '.join(inherited)} from "
+                    f"methods[{i}] ({earlier.get('name')}) of {source} (a methods list of the same length is "
+                    f"merged item by item): set {'them' if len(inherited) > 1 else 'it'} in {path}"
+                )
+            merged[i] = ({**earlier, **item}, path)
