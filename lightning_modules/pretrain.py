@@ -24,15 +24,32 @@ class EncoderPretraining(PersonalizationModule):
     Args:
         optimizer: optimizer factory over the trainable parameters (default AdamW, lr 1e-4).
         probe_size: number of probe images whose nearest tokens and samples are logged.
+        lr_decay_steps: ``[start, end]``: the learning rate falls linearly from its value at optimizer step
+            ``start`` to 0 at step ``end`` (constant before; None: constant throughout). A function of the global
+            step, so a run resumed from a checkpoint of a constant-rate run (e.g. to cool an encoder down from
+            step 4,000 to 6,000) and any resume of this run stay exact.
         **kwargs: the arguments shared with tuning (weights, alpha, regulariser, seed, sample logging): see
             :class:`~lightning_modules.base.PersonalizationModule`.
     """
 
     phase = "pretrain"
 
-    def __init__(self, optimizer: OptimizerCallable | None = None, probe_size: int = 4, **kwargs) -> None:
+    def __init__(
+        self,
+        optimizer: OptimizerCallable | None = None,
+        probe_size: int = 4,
+        lr_decay_steps: tuple[int, int] | None = None,
+        **kwargs,
+    ) -> None:
+        if lr_decay_steps is not None and not 0 <= lr_decay_steps[0] < lr_decay_steps[1]:
+            raise ValueError(
+                f"lr_decay_steps must be [start, end] with 0 <= start < end, got {list(lr_decay_steps)}"
+            )
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["optimizer"])
+        self.lr_decay_steps = (
+            None if lr_decay_steps is None else (int(lr_decay_steps[0]), int(lr_decay_steps[1]))
+        )
         torch.manual_seed(self.seed)  # the personalizer's initial weights are a function of the seed
         self.personalizer = Personalizer(self.backbone, self.personalizer_config)
         self.optimizer_factory = optimizer
@@ -82,8 +99,22 @@ class EncoderPretraining(PersonalizationModule):
             timesteps=self.backbone.scheduler.config.num_train_timesteps // 2,
         )
 
+    def lr_factor(self, step: int | None = None) -> float:
+        """The learning rate's multiplier at optimizer step ``step`` (default: the current global step)."""
+        if self.lr_decay_steps is None:
+            return 1.0
+        start, end = self.lr_decay_steps
+        step = self.global_step if step is None else step
+        return min(1.0, max(0.0, (end - step) / (end - start)))
+
     def configure_optimizers(self):
         params = [p for p in self.personalizer.parameters() if p.requires_grad]
         if self.optimizer_factory is None:
-            return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-        return self.optimizer_factory(params)
+            optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.lr_decay_steps is None:
+            return optimizer
+        # The lambda reads the global step (restored by a resume), not the scheduler's own count.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: self.lr_factor())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

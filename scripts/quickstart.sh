@@ -2,7 +2,8 @@
 # The README's main job on the built-in offline default: the trained toy world's INSTANCE world (assets/toyworld/),
 # where captions name a category and a context but never the instance ("my cross", not "a cross").
 #   1. a short encoder pretraining on the instance world, the committed encoder's recipe (200 steps; the loss falls)
-#                                                         -> outputs/pretrain_instance_modules/
+#      (its own folder: a full run of the recipe in outputs/pretrain_instance_modules/ keeps its checkpoints)
+#                                                         -> outputs/quickstart_pretrain/
 #   2. personalize one held-out instance (cross_test2, a blue dotted cross) from its one image with the committed
 #      instance encoder, DATE: v* and the offsets' cores, 12 steps                    -> outputs/concepts/cross_test2.*
 #   3. sample it in new contexts, each row followed by what the words "cross" give from the same seeds, and score
@@ -16,7 +17,7 @@ PY=${PYTHON:-python}
 start=$(date +%s)
 echo "== 1/4 short encoder pretraining on the instance world (the committed encoder had 4,000 steps)"
 $PY train.py fit --config configs/pretrain/instance.yaml --config configs/pretrain/instance_modules.yaml \
-    --trainer.max_steps 200
+    --trainer.max_steps 200 --trainer.default_root_dir outputs/quickstart_pretrain
 echo "== 2/4 tune a held-out instance (cross_test2: its hue, outline and pattern are in no caption) for 12 steps"
 $PY train.py fit --config configs/tune/instance.yaml
 echo "== 3/4 sample it in new contexts, next to what the words give, and score each row from pixels"

@@ -10,6 +10,7 @@ overlays are not ``train.py`` configs and are tested in ``test_evaluate.py``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,20 @@ def test_a_method_has_one_name_everywhere():
             assert seen[name][1] == recipe, f"{path} and {seen[name][0]} both record method {name!r}"
         seen.setdefault(name, (path, recipe))
     assert {"lora", "factored_lora", "textual_inversion", "textual_inversion_zero_init"} <= set(seen)
+
+
+def test_the_quickstart_pretrains_into_its_own_folder():
+    """Its 200-step pretraining must not overwrite the checkpoints of a full run of the same recipe (the recipe's
+    resume line points at ``<default_root_dir>/checkpoints/last.ckpt``)."""
+    script = Path("scripts/quickstart.sh").read_text().replace("\\\n", " ")
+    runs = [line for line in script.splitlines() if "train.py fit" in line and "configs/pretrain/" in line]
+    assert runs, "the quickstart runs no pretraining"
+    for line in runs:
+        configs = re.findall(r"--config (\S+)", line)
+        recipe_dirs = {
+            str(d)
+            for c in configs
+            if (d := (yaml.safe_load(Path(c).read_text()).get("trainer") or {}).get("default_root_dir"))
+        }
+        own = re.search(r"--trainer\.default_root_dir (\S+)", line)
+        assert own and own.group(1) not in recipe_dirs, line

@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 import lightning_modules.base as base
 import lightning_modules.samples as samples
 import train
+from lightning_modules import EncoderPretraining
 from losses import NearestNeighbourContrastiveLoss
 from tests.cli_runs import REPO, fit, load_ckpt, pretrain_args, tune_args
 from tests.gloo_workers import nan_on_rank_one
@@ -207,3 +208,33 @@ def test_the_batch_one_sdxl_preset_keeps_the_contrastive_term():
     preset = yaml.safe_load((REPO / "configs" / "pretrain" / "sdxl_24gb.yaml").read_text())
     assert preset["data"]["init_args"]["batch_size"] == 1
     assert preset["model"]["init_args"]["nn_queue"] >= preset["trainer"]["accumulate_grad_batches"] - 1
+
+
+def test_the_rate_decays_by_global_step_also_when_a_constant_run_is_resumed_with_it(
+    tiny_sd_dir, index_dir, tmp_path
+):
+    """``lr_decay_steps``: a constant-rate run's checkpoint resumed with a decay from its last step (the cool-down
+    of a pretrained encoder): every step's rate is the base rate times (end - step) / (end - start)."""
+    rates = []
+
+    class Rates(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            rates.append((trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]))
+
+    fit(pretrain_args(tmp_path, tiny_sd_dir, index_dir, 2, 2), Rates())
+    base_rate = rates[0][1]
+    assert [s for s, _ in rates] == [0, 1] and all(r == base_rate for _, r in rates)
+    rates.clear()
+    cli = train.main(
+        pretrain_args(tmp_path, tiny_sd_dir, index_dir, 5, model={"lr_decay_steps": [2, 5]}), run=False
+    )
+    cli.trainer.callbacks.append(Rates())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert [s for s, _ in rates] == [2, 3, 4]
+    for (step, rate), factor in zip(rates, [1.0, 2 / 3, 1 / 3]):
+        assert rate == pytest.approx(base_rate * factor), step
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0)
+    with pytest.raises(
+        ValueError, match=r"lr_decay_steps must be \[start, end\] with 0 <= start < end, got \[3, 3\]"
+    ):
+        EncoderPretraining(lr_decay_steps=(3, 3))  # refused before any model is loaded
