@@ -69,7 +69,9 @@ def plot(
         methods: draw only these methods, each under a label: a JSON object ``{"<method>": "<label>"}`` (with
             several results files a method's name carries its folder, e.g. ``"eval_x/date"``); methods sharing a
             label become one line through their step budgets (e.g. a baseline at the rate validation chose for
-            each budget). None: every method under its own name.
+            each budget). A key may end in ``@`` and ``guidance=G``, ``alpha=A``, ``steps=S`` (comma-separated,
+            e.g. ``"eval_x/date@guidance=2,alpha=0.5"``) to take only those rows, so each budget of a method can be
+            drawn at the setting its validation chose (one line per label). None: every method under its own name.
 
     Returns:
         The PNG path.
@@ -88,15 +90,13 @@ def plot(
     if not rows:
         raise EvaluationConfigError(f"no rows in {', '.join(paths)}")
     if methods is not None:
-        unknown = sorted(set(methods) - {row["method"] for row in rows})
-        if unknown:
-            found = sorted({row["method"] for row in rows})
-            raise EvaluationConfigError(f"--methods names {unknown}, not in the results ({', '.join(found)})")
-        rows = [{**row, "method": methods[row["method"]]} for row in rows if row["method"] in methods]
+        rows = select_rows(rows, methods)
     aggregates = aggregate(rows, n_boot=bootstrap_samples)
     if x == "tune_seconds":
         default = Path(paths[0]).with_name("identity_vs_seconds.png")
-        target = plot_identity_vs_seconds(aggregates, out or default, y=y, ceiling=ceiling, title=title)
+        target = plot_identity_vs_seconds(
+            aggregates, out or default, y=y, ceiling=ceiling, title=title, line_per_method=methods is not None
+        )
     else:
         target = plot_tradeoff(
             aggregates,
@@ -109,6 +109,42 @@ def plot(
     print(format_table(aggregates))
     print(f"wrote {target}")
     return target
+
+
+def select_rows(rows: list[dict[str, Any]], methods: dict[str, str]) -> list[dict[str, Any]]:
+    """The rows ``plot --methods`` names, each under its label; a key ``<method>@guidance=G,alpha=A,steps=S`` takes
+    only that method's rows at those settings (any may be left out; one method may have several keys).
+
+    Raises:
+        EvaluationConfigError: a key names a method, setting or value that no row has.
+    """
+    found = sorted({row["method"] for row in rows})
+    chosen: dict[str, list[tuple[dict[str, float], str]]] = {}
+    for key, label in methods.items():
+        name, _, spec = key.partition("@")
+        where: dict[str, float] = {}
+        for part in filter(None, spec.split(",")):
+            field, _, value = part.partition("=")
+            try:
+                if field.strip() not in ("guidance", "alpha", "steps"):
+                    raise ValueError
+                where[field.strip()] = float(value)
+            except ValueError:
+                raise EvaluationConfigError(
+                    f"--methods key {key!r}: after '@' write guidance=, alpha= and / or steps=<number>"
+                ) from None
+        if name not in found:
+            raise EvaluationConfigError(f"--methods names {[name]}, not in the results ({', '.join(found)})")
+        if not any(r["method"] == name and all(abs(r[k] - v) < 1e-9 for k, v in where.items()) for r in rows):
+            raise EvaluationConfigError(f"--methods key {key!r}: {name} has no rows at {spec}")
+        chosen.setdefault(name, []).append((where, label))
+    out = []
+    for row in rows:
+        for where, label in chosen.get(row["method"], []):
+            if all(abs(row[k] - v) < 1e-9 for k, v in where.items()):
+                out.append({**row, "method": label})
+                break
+    return out
 
 
 @functools.wraps(sample_concept)

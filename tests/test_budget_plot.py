@@ -75,3 +75,56 @@ def test_methods_are_chosen_and_renamed_across_results_files(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         evaluate.main([*argv, "--methods", json.dumps({"run_c/date": "DATE"})])
     assert exc.value.code == 2 and "run_c/date" in capsys.readouterr().err
+
+
+def test_a_method_is_drawn_at_the_setting_chosen_for_each_budget(tmp_path, capsys, monkeypatch):
+    """``<method>@guidance=G,alpha=A`` keys take only those rows; rows chosen per budget make one line."""
+    import pytest
+
+    import evaluation.report.budget as budget
+
+    results = tmp_path / "results.csv"
+    _rows(results)
+    rows = list(csv.DictReader(results.open()))
+    for row in list(rows):  # the same run at guidance 2 with higher identity
+        rows.append(
+            {**row, "guidance": "2.0", "setting": row["setting"].replace("g3", "g2"), "clip_i": "0.9"}
+        )
+    with results.open("w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    drawn = []
+    real = budget.plot_identity_vs_seconds
+    monkeypatch.setattr(
+        evaluate, "plot_identity_vs_seconds", lambda a, *x, **k: drawn.append((a, k)) or real(a, *x, **k)
+    )
+    argv = [
+        "plot",
+        "--results",
+        str(results),
+        "--x",
+        "tune_seconds",
+        "--y",
+        "clip_i",
+        "--out",
+        str(tmp_path / "x.png"),
+    ]
+    evaluate.main(
+        [
+            *argv,
+            "--methods",
+            json.dumps({"dreambooth@guidance=2,alpha=1": "DB", "plain_words@guidance=3": "plain_words"}),
+        ]
+    )
+    aggregates, kwargs = drawn[-1]
+    assert kwargs["line_per_method"] is True
+    assert {(a["method"], a["guidance"]) for a in aggregates} == {("DB", 2.0), ("plain_words", 3.0)}
+    assert all(a["clip_i"]["mean"] == pytest.approx(0.9) for a in aggregates if a["method"] == "DB")
+    for key, message in [
+        ("dreambooth@guidance=7", "dreambooth has no rows at guidance=7"),
+        ("dreambooth@seed=0", "after '@' write guidance=, alpha= and / or steps=<number>"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            evaluate.main([*argv, "--methods", json.dumps({key: "DB"})])
+        assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -208,3 +208,31 @@ def test_evaluation_identifies_an_encoder_folder_by_its_weights(tmp_path):
     identity = file_identity(folder)
     assert identity["size"] == (folder / "model.safetensors").stat().st_size
     assert file_identity("someone/date-encoder") == {"path": "someone/date-encoder"}
+
+
+def test_the_exported_curves_span_a_resumed_run(tmp_path):
+    """A resume writes a new TensorBoard event file: each curve is all files' values by step (the resumed file's
+    value wins at a step both hold), so a run cooled down from an earlier checkpoint reports its whole curve."""
+    import json
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from toyworld.release import assets
+
+    for run, (start, offset) in enumerate([(0, 0.0), (5, 100.0)]):
+        writer = SummaryWriter(str(tmp_path / "tb" / f"version_{run}"))
+        for step in range(start, start + 10):
+            writer.add_scalar("train/loss", offset + step, step)
+        writer.close()
+        rows = [{"step": step, "identity_a1": offset + step} for step in (start + 4, start + 9)]
+        (tmp_path / "tb" / f"version_{run}" / "validation.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows)
+        )
+    path = assets.export_encoder(
+        "assets/toyworld/encoder/date.ckpt", "x", log_dir=str(tmp_path / "tb"), out=tmp_path / "assets"
+    )
+    curve = json.loads(path.with_suffix(".json").read_text())["curves"]["train/loss"]
+    assert curve["step"] == 14 and curve["first"] == 0.0
+    assert curve["mean_last_20"] == pytest.approx((sum(range(5)) + sum(100.0 + s for s in range(5, 15))) / 15)
+    validation = json.loads(path.with_suffix(".json").read_text())["validation"]
+    assert [(r["step"], r["identity_a1"]) for r in validation] == [(4, 4.0), (9, 109.0), (14, 114.0)]

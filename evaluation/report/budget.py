@@ -26,6 +26,7 @@ def plot_identity_vs_seconds(
     y: str = "clip_i",
     ceiling: float | None = None,
     title: str | None = None,
+    line_per_method: bool = False,
 ) -> Path:
     """Draws mean identity (``y``) against mean tuning seconds per concept, every method at every budget.
 
@@ -36,6 +37,8 @@ def plot_identity_vs_seconds(
         ceiling: the best identity the generator can show (e.g. the input through the autoencoder), drawn as a
             line; None: not drawn.
         title: figure title.
+        line_per_method: one line per method through all its rows, whatever their alpha and guidance (rows chosen
+            per budget, e.g. each at the guidance validation chose); False: one line per method, alpha and guidance.
 
     Returns:
         ``path``.
@@ -52,7 +55,9 @@ def plot_identity_vs_seconds(
     ax = fig.add_subplot(1, 1, 1)
     series: dict[tuple[str, float, float], list[dict[str, Any]]] = defaultdict(list)
     for a in tuned:
-        series[(a["method"], a["alpha"], a["guidance"])].append(a)
+        series[
+            (a["method"], 0.0, 0.0) if line_per_method else (a["method"], a["alpha"], a["guidance"])
+        ].append(a)
     several = {m for m, _, _ in series if sum(1 for k in series if k[0] == m) > 1}
     for i, ((method, alpha, guidance), points) in enumerate(sorted(series.items())):
         points.sort(key=lambda a: a["steps"])

@@ -321,24 +321,35 @@ def export_encoder(
     if log_dir:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-        curves = {}
+        # A resumed run writes a new event file (or folder) per resume: a curve is every file's values by step,
+        # a later file's value replacing an earlier one's at the same step, not the last file's part alone.
+        by_tag: dict[str, dict[int, float]] = {}
         for events in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
             acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
             acc.Reload()
             for tag in acc.Tags().get("scalars", []):
-                # the run may have gone on past the exported step: its curve ends at that step
-                values = [v for v in acc.Scalars(tag) if v.step <= (full.get("global_step") or v.step)]
-                if values:
-                    last = [v.value for v in values[-20:]]
-                    curves[tag] = {
-                        "step": values[-1].step,
-                        "mean_last_20": sum(last) / len(last),
-                        "first": values[0].value,
-                    }
+                by_tag.setdefault(tag, {}).update({v.step: v.value for v in acc.Scalars(tag)})
+        curves = {}
+        for tag, points in by_tag.items():
+            # the run may have gone on past the exported step: its curve ends at that step
+            steps = [k for k in sorted(points) if k <= (full.get("global_step") or k)]
+            if steps:
+                last = [points[k] for k in steps[-20:]]
+                curves[tag] = {
+                    "step": steps[-1],
+                    "mean_last_20": sum(last) / len(last),
+                    "first": points[steps[0]],
+                }
         info["curves"] = curves
-        # identity on the validation concepts (toyworld.named.validation.ValidationIdentity), whole run
-        val = Path(log_dir) / "validation.jsonl"
-        if val.is_file():
-            info["validation"] = [json.loads(line) for line in val.read_text().splitlines() if line.strip()]
+        # identity on the validation concepts (toyworld.named.validation.ValidationIdentity, one validation.jsonl
+        # per log folder): the whole run, resumes included, by step
+        rows: dict[int, dict] = {}
+        for val in sorted(Path(log_dir).rglob("validation.jsonl")):
+            for line in val.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    rows[row["step"]] = row
+        if rows:
+            info["validation"] = [rows[k] for k in sorted(rows) if k <= (full.get("global_step") or k)]
     path.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
     return path
