@@ -1,8 +1,8 @@
 """DATE on the instance world, guarded in CI (seeded; the numbers are those of the test run in
 docs/research/instance_weights.md, ``python evaluate.py run --config configs/evaluate/instance.yaml --config
-configs/experiments/instance_weights/test_modules.yaml``, with the committed instance encoder, whose offsets reach
-the ResNet convolutions and feed-forward linears, and the tuning settings chosen on the validation concepts: lr 1e-2,
-12 steps, the class noun as the vanilla path's word).
+configs/experiments/instance_weights/test_cooldown.yaml``, with the committed instance encoder, whose offsets reach
+the ResNet convolutions and feed-forward linears, and the settings chosen on the validation concepts: lr 1e-2,
+12 steps, a batch of 8, the class noun as the vanilla path's word, guidance 2 at sampling).
 
 The paper's central claim on this world, DATE-12 beats the words on identity, holds with the committed encoder: it
 is a real regression test here, over all 24 test concepts and on the quickstart's held-out instance
@@ -68,22 +68,23 @@ def _mean(rows, method: str, column: str, alpha: float | None = None, concept: s
 
 @pytest.mark.slow
 def test_date_beats_the_plain_words_concept_by_concept(run):
-    """Measured (test run, alpha 0.5): DATE 0.223 at prompt 1.000 (the words 0.113; DreamBooth-500, the best
-    500-step baseline, 0.201 at 0.943); identity - words +0.110 [+0.090, +0.133], 24 of 24 concepts won."""
+    """Measured (test run, alpha 0.5, guidance 2): DATE 0.247 at prompt 0.995 (the words 0.113; DreamBooth-500 at its
+    chosen guidance, the best 500-step baseline, 0.205 at 0.938); identity - words +0.134 [+0.111, +0.157], 23 of
+    24 concepts won."""
     rows, paired, _ = run
     entry = next(e for e in paired if e["method"] == "date" and e["alpha"] == 0.5)
     assert (entry["steps"], entry["reference"]) == (12, "plain_words")
     identity = entry["pixel_identity"]
     assert identity["n"] == 24
-    assert identity["mean"] >= 0.095 and identity["ci95"][0] > 0.07 and identity["wins"] >= 22, identity
-    assert _mean(rows, "date", "pixel_identity", alpha=0.5) >= 0.215
+    assert identity["mean"] >= 0.125 and identity["ci95"][0] > 0.10 and identity["wins"] >= 22, identity
+    assert _mean(rows, "date", "pixel_identity", alpha=0.5) >= 0.24
     assert _mean(rows, "date", "pixel_prompt_acc", alpha=0.5) >= 0.98
 
 
 @pytest.mark.slow
 def test_date_beats_the_words_on_the_quickstarts_held_out_instance(run):
-    """``cross_test2`` (a blue dotted cross; the words say only "cross"): measured DATE 0.184 vs the words 0.069
-    (alpha 0.5; identity from pixels, 4 prompts x 2 samples)."""
+    """``cross_test2`` (a blue dotted cross; the words say only "cross"): measured DATE 0.190 vs the words 0.058
+    (alpha 0.5, guidance 2; identity from pixels, 4 prompts x 2 samples)."""
     rows, _, _ = run
     date = _mean(rows, "date", "pixel_identity", alpha=0.5, concept="cross_test2")
     words = _mean(rows, "plain_words", "pixel_identity", concept="cross_test2")
@@ -92,9 +93,9 @@ def test_date_beats_the_words_on_the_quickstarts_held_out_instance(run):
 
 @pytest.mark.slow
 def test_alpha_one_buys_no_identity(run):
-    """Measured (test run): identity 0.223 at alpha 0.5 and 0.219 at alpha 1, prompt accuracy 1.000 and 0.984: with
-    this encoder alpha is neither an identity nor (any longer) much of a prompt knob; the attention-only encoder lost
-    0.21 prompt accuracy at alpha 1 (docs/research/instance_world.md)."""
+    """Measured (test run, guidance 2): identity 0.247 at alpha 0.5 and 0.242 at alpha 1, prompt accuracy 0.995 and
+    0.974: with this encoder alpha is neither an identity nor (any longer) much of a prompt knob; the attention-only
+    encoder lost 0.21 prompt accuracy at alpha 1 (docs/research/instance_world.md)."""
     rows, _, _ = run
     assert _mean(rows, "date", "pixel_prompt_acc", alpha=1.0) >= 0.95
     assert _mean(rows, "date", "pixel_prompt_acc", alpha=0.5) >= _mean(
@@ -227,10 +228,10 @@ def test_encoder_checkpoint_option_wins_over_the_configs_tune_overrides(tmp_path
 @pytest.mark.slow
 def test_date_tuning_the_unet_keeps_its_identity_and_prompt(tmp_path):
     """DATE + UNet (configs/tune/methods/date_unet.yaml on configs/tune/instance.yaml: unet_lr 3e-4 and the class noun
-    as the vanilla path's word, both chosen on validation, from the committed encoder) on the 8 ``*_test0`` concepts,
-    the test run's protocol and seeds (docs/research/instance_weights.md, test_modules.yaml). Measured there on these
-    8: identity 0.2108 (DATE 0.2193, the words 0.1186), prompt 0.953. Thresholds: the measured values less the
-    run-to-run float noise of a CPU, and above the words by most of the measured gap."""
+    as the vanilla path's word, chosen on validation, from the committed encoder, a batch of 8, guidance 2) on the 8
+    ``*_test0`` concepts, the test run's protocol and seeds (configs/evaluate/instance_quick.yaml with these concepts
+    and methods, as below). Measured: identity 0.253 (the words 0.122), prompt 0.969. Thresholds: the measured values
+    less the run-to-run float noise of a CPU, and above the words by most of the measured gap."""
     out = tmp_path / "eval"
     names = [
         f"{c}_test0" for c in ("circle", "square", "triangle", "star", "diamond", "cross", "heart", "moon")
@@ -254,5 +255,5 @@ def test_date_tuning_the_unet_keeps_its_identity_and_prompt(tmp_path):
     identity = sum(r["pixel_identity"] for r in ours) / len(ours)
     prompt = sum(r["pixel_prompt_acc"] for r in ours) / len(ours)
     baseline = sum(r["pixel_identity"] for r in words) / len(words)
-    assert identity >= 0.205 and identity - baseline >= 0.08, (identity, baseline)
-    assert prompt >= 0.93, prompt
+    assert identity >= 0.24 and identity - baseline >= 0.11, (identity, baseline)
+    assert prompt >= 0.95, prompt
