@@ -83,6 +83,19 @@ def _trainer(root: Path, steps: int, checkpoint_every: int | None, **extra) -> d
     }
 
 
+#: ``model`` overrides of a short DreamBooth run on the tiny backbone (``tune: [unet]``, a rate that moves it in
+#: a few steps): tests/test_dreambooth.py and tests/test_prior_preservation.py.
+DREAMBOOTH = {
+    "encoder_checkpoint": None,
+    "tune": ["unet"],
+    "init": "class_noun",
+    "alpha": 1.0,
+    "nn_weight": 0.0,
+    "method": "dreambooth",
+    "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.02, "weight_decay": 0.0}},
+}
+
+
 def pretrain_args(
     root: Path,
     sd: Path,

@@ -81,18 +81,9 @@ def test_dreambooth_tunes_every_unet_weight_and_its_exports_reproduce_the_tuned_
     (``unet/`` for ``from_pretrained``) give the tuned UNet; ``reset_concept`` restores the base weights."""
     from diffusers import UNet2DConditionModel
 
-    from tests.cli_runs import fit, tune_args
+    from tests.cli_runs import DREAMBOOTH, fit, tune_args
 
-    model = {
-        "encoder_checkpoint": None,
-        "tune": ["unet"],
-        "init": "class_noun",
-        "alpha": 1.0,
-        "nn_weight": 0.0,
-        "method": "dreambooth",
-        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.02, "weight_decay": 0.0}},
-    }
-    cli = fit(tune_args(tmp_path, tiny_sd_dir, index_dir, None, steps=3, model=model))
+    cli = fit(tune_args(tmp_path, tiny_sd_dir, index_dir, None, steps=3, model=DREAMBOOTH))
     module = cli.model
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {f"backbone.unet.{n}" for n, _ in module.backbone.unet.named_parameters()}

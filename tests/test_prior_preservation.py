@@ -10,17 +10,7 @@ from PIL import Image
 import train
 from datamodules.concept import TuningConcept
 from lightning_modules.prior import class_prompts
-from tests.cli_runs import tune_args
-
-DREAMBOOTH = {
-    "encoder_checkpoint": None,
-    "tune": ["unet"],
-    "init": "class_noun",
-    "alpha": 1.0,
-    "nn_weight": 0.0,
-    "method": "dreambooth",
-    "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.02, "weight_decay": 0.0}},
-}
+from tests.cli_runs import DREAMBOOTH, tune_args
 
 
 def test_class_prompts_fill_the_class_noun():
