@@ -118,32 +118,35 @@ def select_rows(rows: list[dict[str, Any]], methods: dict[str, str]) -> list[dic
     Raises:
         EvaluationConfigError: a key names a method, setting or value that no row has.
     """
+
+    def matches(row: dict[str, Any], where: dict[str, float]) -> bool:
+        return all(abs(row[k] - v) < 1e-9 for k, v in where.items())
+
     found = sorted({row["method"] for row in rows})
     chosen: dict[str, list[tuple[dict[str, float], str]]] = {}
     for key, label in methods.items():
         name, _, spec = key.partition("@")
         where: dict[str, float] = {}
         for part in filter(None, spec.split(",")):
-            field, _, value = part.partition("=")
+            field, _, value = (x.strip() for x in part.partition("="))
             try:
-                if field.strip() not in ("guidance", "alpha", "steps"):
-                    raise ValueError
-                where[field.strip()] = float(value)
+                if field not in ("guidance", "alpha", "steps"):
+                    raise ValueError(field)
+                where[field] = float(value)
             except ValueError:
                 raise EvaluationConfigError(
                     f"--methods key {key!r}: after '@' write guidance=, alpha= and / or steps=<number>"
                 ) from None
         if name not in found:
             raise EvaluationConfigError(f"--methods names {[name]}, not in the results ({', '.join(found)})")
-        if not any(r["method"] == name and all(abs(r[k] - v) < 1e-9 for k, v in where.items()) for r in rows):
+        if not any(r["method"] == name and matches(r, where) for r in rows):
             raise EvaluationConfigError(f"--methods key {key!r}: {name} has no rows at {spec}")
         chosen.setdefault(name, []).append((where, label))
     out = []
     for row in rows:
-        for where, label in chosen.get(row["method"], []):
-            if all(abs(row[k] - v) < 1e-9 for k, v in where.items()):
-                out.append({**row, "method": label})
-                break
+        label = next((lab for where, lab in chosen.get(row["method"], []) if matches(row, where)), None)
+        if label is not None:
+            out.append({**row, "method": label})
     return out
 
 

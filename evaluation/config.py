@@ -131,9 +131,8 @@ def check_stacked_methods(argv: list[str]) -> None:
     defaults = {
         f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(MethodSpec)
     }
-    merged: list[
-        tuple[dict[str, Any], str]
-    ] = []  # per index: the fields set so far, and the file setting them
+    # per index: the fields set so far, and the file that set them
+    merged: list[tuple[dict[str, Any], str]] = []
     for path in paths:
         try:
             with open(path, encoding="utf-8") as f:

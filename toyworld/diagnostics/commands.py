@@ -264,6 +264,7 @@ def peft_reference(
         ReferenceRecipe,
         load_pipeline,
         sample_and_score,
+        say,
         train_lora,
     )
     from toyworld.instance.concepts import InstanceConcepts
@@ -273,8 +274,8 @@ def peft_reference(
     rows = []
     for name in names:
         concept = concepts[name]
-        caption = concept.data_args["templates"][0].format(
-            concept.class_noun if identifier == "words" else f"sks {concept.class_noun}"
+        caption = say(
+            concept.data_args["templates"][0].format(placeholder), concept.class_noun, placeholder, identifier
         )
         for seed in seeds:
             recipe = ReferenceRecipe(steps, lr, rank, batch_size, seed, latents, identifier)

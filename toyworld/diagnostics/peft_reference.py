@@ -135,23 +135,14 @@ def sample_and_score(
 ) -> dict[str, float]:
     """Samples every prompt of ``concept`` (an :class:`~evaluation.concepts.base.EvalConcept` of the instance world)
     from the evaluation's initial noise and returns the mean of each pixel-metric column."""
-    from evaluation.generate.images import image_seed
+    from evaluation.generate.images import image_seed, initial_latents, to_uint8
     from toyworld.instance.pixels import score_images
 
-    cfg = pipe.unet.config
     reference = np.asarray(concept.load_input().convert("RGB").resize((32, 32)))
     columns: dict[str, list[float]] = {}
     for i, prompt in enumerate(concept.prompts):
         seeds = [image_seed(seed, concept.name, i, j) for j in range(samples_per_prompt)]
-        latents = torch.cat(
-            [
-                torch.randn(
-                    (1, cfg.in_channels, cfg.sample_size, cfg.sample_size),
-                    generator=torch.Generator().manual_seed(s),
-                )
-                for s in seeds
-            ]
-        )
+        latents = initial_latents(pipe, seeds)  # reads only pipe.unet.config, as for a backbone
         text = say(prompt, concept.class_noun, placeholder, identifier)
         images = pipe(
             [text] * samples_per_prompt,
@@ -163,8 +154,9 @@ def sample_and_score(
         ).images.float()
         if images.shape[-2:] != (32, 32):
             images = F.interpolate(images, size=(32, 32), mode="bilinear", antialias=True)
-        uint8 = [(im.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8) for im in images]
-        scores = score_images(uint8, reference, [concept.attributes[i]] * samples_per_prompt)
+        scores = score_images(
+            [to_uint8(im) for im in images], reference, [concept.attributes[i]] * samples_per_prompt
+        )
         for key, values in scores.items():
             columns.setdefault(key, []).extend(values)
     return {key: float(np.mean(values)) for key, values in columns.items()}
