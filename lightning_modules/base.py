@@ -78,6 +78,9 @@ class PersonalizationModule(SampleLogging, LightningModule):
             storing them (less memory at 512 px, about one more UNet forward per step; same loss and
             gradients). The frozen text encoder is not checkpointed (transformers only checkpoints modules in
             training mode, and it is small next to the UNet).
+        vae_latents: the diffusion targets' latents: ``mean`` (the VAE posterior's mean, deterministic) or
+            ``sample`` (a new draw from the posterior every step, from the step's own generator, as diffusers'
+            training scripts do; docs/research/peft_reference.md measures the difference).
     """
 
     strict_loading = False
@@ -108,8 +111,12 @@ class PersonalizationModule(SampleLogging, LightningModule):
         torch_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         variant: str | None = None,
         gradient_checkpointing: bool = False,
+        vae_latents: Literal["mean", "sample"] = "mean",
     ) -> None:
         super().__init__()
+        if vae_latents not in ("mean", "sample"):
+            raise ValueError(f"vae_latents must be 'mean' or 'sample', got {vae_latents!r}")
+        self.vae_latents = vae_latents
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
         if alpha_range is not None:
@@ -203,6 +210,12 @@ class PersonalizationModule(SampleLogging, LightningModule):
             draw = draw * a + trainer.fit_loop.epoch_loop.batch_idx % a
         return step_generator(self.seed, draw, self.global_rank)
 
+    def target_latents(self, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Float latents of the diffusion targets: the VAE posterior's mean, or with ``vae_latents: sample`` a
+        draw from it on ``generator`` (the step's own, so a resume stays exact), as diffusers' scripts train."""
+        draw = generator if self.vae_latents == "sample" else None
+        return self.backbone.encode_images(pixel_values, generator=draw).float()
+
     def step_alpha(self) -> float:
         """The dual-path blend of this training step: ``alpha``, or a draw from ``alpha_range``."""
         if self.alpha_range is None or not self.training:
@@ -233,9 +246,9 @@ class PersonalizationModule(SampleLogging, LightningModule):
                 f"the data's clip_pixel_values are {clip.shape[-1]} px but the image encoder reads "
                 f"{bb.clip_image_size} px: set data.init_args.clip_size: {bb.clip_image_size}"
             )
-        with torch.no_grad():
-            latents = bb.encode_images(batch["pixel_values"]).float()
         generator = self.step_generator()
+        with torch.no_grad():
+            latents = self.target_latents(batch["pixel_values"], generator)
         noised = encoder_view = add_noise(bb.scheduler, latents, generator=generator)
         if "encoder_pixel_values" in batch:  # own view, noise and timestep: it cannot read the target's noise
             views = bb.encode_images(batch["encoder_pixel_values"]).detach().float()

@@ -129,12 +129,12 @@ def multi_concept_step(module, batch: dict) -> tuple[dict[str, torch.Tensor], di
     runs = slot_rows(torch.as_tensor(batch["slot"]))
     step = int(torch.as_tensor(batch["step"])[0])
     rank = module.global_rank
-    with torch.no_grad():
-        latents = bb.encode_images(batch["pixel_values"]).float()
-    parts = [
-        add_noise(bb.scheduler, latents[rows], generator=step_generator(module.seed, step, rank))
-        for _, rows in runs
-    ]
+    parts = []
+    for _, rows in runs:  # each concept's rows draw from the generator its own run would use, in its order
+        generator = step_generator(module.seed, step, rank)
+        with torch.no_grad():
+            latents = module.target_latents(batch["pixel_values"][rows], generator)
+        parts.append(add_noise(bb.scheduler, latents, generator=generator))
     noisy = torch.cat([p.noisy for p in parts])
     timesteps = torch.cat([p.timesteps for p in parts])
     target = torch.cat([p.target for p in parts])

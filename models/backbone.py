@@ -213,17 +213,26 @@ class DiffusionBackbone(nn.Module):
         return encode_with_placeholder(self.text_encoder, input_ids, self.placeholder_id, placeholder_embeds)
 
     # ----- images -----
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """VAE latents (mean of the posterior, deterministic), scaled by the VAE's scaling factor.
+    def encode_images(
+        self, pixel_values: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """VAE latents scaled by the VAE's scaling factor: the posterior's mean (deterministic), or with
+        ``generator`` one draw from the posterior, ``mean + std * eps`` with ``eps`` drawn on ``generator``'s
+        device, as diffusers' training scripts do (``latent_dist.sample()``).
 
         Args:
             pixel_values: (B, 3, H, W) in [-1, 1].
+            generator: source of the posterior draw; None for the mean.
 
         Returns:
             (B, C, H / f, W / f) latents.
         """
         dist = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
-        return dist.mean * self.vae.config.scaling_factor
+        latents = dist.mean
+        if generator is not None:
+            eps = torch.randn(latents.shape, generator=generator, device=generator.device, dtype=torch.float32)
+            latents = latents + dist.std * eps.to(latents.device, latents.dtype)
+        return latents * self.vae.config.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [0, 1] from scaled latents."""

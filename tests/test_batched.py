@@ -56,13 +56,23 @@ def toy(tmp_path_factory):
     return cfg, module, root
 
 
-def test_batched_equals_sequential_per_concept(toy):
+@pytest.mark.parametrize("vae_latents", ["mean", "sample"])
+def test_batched_equals_sequential_per_concept(toy, vae_latents):
     cfg, module, root = toy
+    module.vae_latents = vae_latents  # with "sample" each concept draws its targets as its single run does
+    try:
+        _batched_equals_sequential(cfg, module, root / vae_latents)
+    finally:
+        module.vae_latents = "mean"
+
+
+def _batched_equals_sequential(cfg, module, root: Path) -> None:
     entries = _entries()
     single = {}
     for name in NAMES:
         e = entries[name]
         module.reset_concept()
+        module.export_dir = str(root / "single")
         data = cfg.build_data(
             image=str(CONCEPTS / e["image"]),
             templates=[e["template"]],
@@ -80,6 +90,7 @@ def test_batched_equals_sequential_per_concept(toy):
         for k, v in cfg.data_kwargs.items()
         if k in ("resolution", "clip_size", "scale", "flip_p", "seed")
     }
+    root.mkdir(parents=True, exist_ok=True)
     data = ConceptSetDataModule(
         images=str(_list_file(root / "three.txt", NAMES)), concepts_per_batch=3, steps=STEPS, **kwargs
     )
@@ -114,7 +125,7 @@ def test_groups_of_k_restart_each_concept(toy):
     assert trainer.global_step == 2 * STEPS
     for name in NAMES:
         a = ConceptArtifact.load(root / "groups" / f"{name}.safetensors")
-        b = ConceptArtifact.load(root / "batched" / f"{name}.safetensors")
+        b = ConceptArtifact.load(root / "mean" / "batched" / f"{name}.safetensors")
         assert a.steps == STEPS
         torch.testing.assert_close(a.v_star, b.v_star, atol=1e-5, rtol=0)
 
