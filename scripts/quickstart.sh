@@ -15,13 +15,13 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python}
 start=$(date +%s)
-echo "== 1/4 short encoder pretraining on the instance world (the committed encoder had 4,000 steps)"
+echo "== 1/4 short encoder pretraining on the instance world (the committed encoder had 6,000 steps)"
 $PY train.py fit --config configs/pretrain/instance.yaml --config configs/pretrain/instance_modules.yaml \
     --trainer.max_steps 200 --trainer.default_root_dir outputs/quickstart_pretrain
 echo "== 2/4 tune a held-out instance (cross_test2: its hue, outline and pattern are in no caption) for 12 steps"
 $PY train.py fit --config configs/tune/instance.yaml
 echo "== 3/4 sample it in new contexts, next to what the words give, and score each row from pixels"
-$PY evaluate.py sample --concept outputs/concepts/cross_test2.safetensors --words cross --guidance 2 \
+$PY evaluate.py sample --concept outputs/concepts/cross_test2.safetensors --words cross --guidance 1.5 \
     --out outputs/samples_cross_test2.png --prompts '["a large <s*> on the right on a pink background",
     "a large <s*> at the top on a green background", "a large <s*> on the left on a white background",
     "a large <s*> at the bottom on a purple background"]'

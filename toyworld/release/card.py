@@ -43,7 +43,9 @@ def encoder_lines(out: Path, folder: str = "encoder", configs: dict[str, str] = 
 
 INSTANCE_ENCODERS = {
     "date": "configs/pretrain/instance.yaml",
-    "date_modules": "configs/pretrain/instance.yaml + configs/pretrain/instance_modules.yaml",
+    "date_modules": "configs/pretrain/instance.yaml + configs/pretrain/instance_modules.yaml"
+    " --model.init_args.personalizer.hyper_hidden_dim 16",
+    "date_modules_trunk64": "configs/pretrain/instance.yaml + configs/pretrain/instance_modules.yaml",
 }
 
 
