@@ -1,8 +1,9 @@
 """DATE on the instance world, guarded in CI (seeded; the numbers are those of the test run in
 docs/research/instance_weights.md, ``python evaluate.py run --config configs/evaluate/instance.yaml --config
-configs/experiments/instance_weights/test_cooldown.yaml``, with the committed instance encoder, whose offsets reach
-the ResNet convolutions and feed-forward linears, and the settings chosen on the validation concepts: lr 1e-2,
-12 steps, a batch of 8, the class noun as the vanilla path's word, guidance 2 at sampling).
+configs/experiments/instance_weights/test_trunk64.yaml``, with the committed instance encoder, whose offsets reach
+the ResNet convolutions and feed-forward linears from a 64-wide hypernetwork trunk, and the settings chosen on the
+validation concepts: lr 1e-2, 12 steps, a batch of 8, the class noun as the vanilla path's word, guidance 1.5 at
+sampling).
 
 The paper's central claim on this world, DATE-12 beats the words on identity, holds with the committed encoder: it
 is a real regression test here, over all 24 test concepts and on the quickstart's held-out instance
@@ -68,33 +69,34 @@ def _mean(rows, method: str, column: str, alpha: float | None = None, concept: s
 
 @pytest.mark.slow
 def test_date_beats_the_plain_words_concept_by_concept(run):
-    """Measured (test run, alpha 0.5, guidance 2): DATE 0.247 at prompt 0.995 (the words 0.113; DreamBooth-500 at its
-    chosen guidance, the best 500-step baseline, 0.205 at 0.938); identity - words +0.134 [+0.111, +0.157], 23 of
-    24 concepts won."""
+    """Measured (test run, alpha 0.5, guidance 1.5): DATE 0.278 at prompt 0.984 (the words at this guidance 0.111;
+    the best 500-step baseline, DreamBooth on posterior draws, in docs/research/instance_weights.md); identity - words
+    +0.168 [+0.148, +0.189], 24 of 24 concepts won. Thresholds: the measured values less the run-to-run float noise
+    of a CPU (the last seeded rerun reproduced them to three decimals)."""
     rows, paired, _ = run
     entry = next(e for e in paired if e["method"] == "date" and e["alpha"] == 0.5)
     assert (entry["steps"], entry["reference"]) == (12, "plain_words")
     identity = entry["pixel_identity"]
     assert identity["n"] == 24
-    assert identity["mean"] >= 0.125 and identity["ci95"][0] > 0.10 and identity["wins"] >= 22, identity
-    assert _mean(rows, "date", "pixel_identity", alpha=0.5) >= 0.24
+    assert identity["mean"] >= 0.16 and identity["ci95"][0] > 0.14 and identity["wins"] >= 23, identity
+    assert _mean(rows, "date", "pixel_identity", alpha=0.5) >= 0.27
     assert _mean(rows, "date", "pixel_prompt_acc", alpha=0.5) >= 0.98
 
 
 @pytest.mark.slow
 def test_date_beats_the_words_on_the_quickstarts_held_out_instance(run):
-    """``cross_test2`` (a blue dotted cross; the words say only "cross"): measured DATE 0.190 vs the words 0.058
-    (alpha 0.5, guidance 2; identity from pixels, 4 prompts x 2 samples)."""
+    """``cross_test2`` (a blue dotted cross; the words say only "cross"): measured DATE 0.270 vs the words 0.050
+    (alpha 0.5, guidance 1.5; identity from pixels, 4 prompts x 2 samples)."""
     rows, _, _ = run
     date = _mean(rows, "date", "pixel_identity", alpha=0.5, concept="cross_test2")
     words = _mean(rows, "plain_words", "pixel_identity", concept="cross_test2")
-    assert date >= words + 0.10, (date, words)
+    assert date >= words + 0.18, (date, words)
 
 
 @pytest.mark.slow
 def test_alpha_one_buys_no_identity(run):
-    """Measured (test run, guidance 2): identity 0.247 at alpha 0.5 and 0.242 at alpha 1, prompt accuracy 0.995 and
-    0.974: with this encoder alpha is neither an identity nor (any longer) much of a prompt knob; the attention-only
+    """Measured (test run, guidance 1.5): identity 0.278 at alpha 0.5 and 0.273 at alpha 1, prompt accuracy 0.984 at
+    both: with this encoder alpha is neither an identity nor (any longer) much of a prompt knob; the attention-only
     encoder lost 0.21 prompt accuracy at alpha 1 (docs/research/instance_world.md)."""
     rows, _, _ = run
     assert _mean(rows, "date", "pixel_prompt_acc", alpha=1.0) >= 0.95
@@ -228,9 +230,9 @@ def test_encoder_checkpoint_option_wins_over_the_configs_tune_overrides(tmp_path
 @pytest.mark.slow
 def test_date_tuning_the_unet_keeps_its_identity_and_prompt(tmp_path):
     """DATE + UNet (configs/tune/methods/date_unet.yaml on configs/tune/instance.yaml: unet_lr 3e-4 and the class noun
-    as the vanilla path's word, chosen on validation, from the committed encoder, a batch of 8, guidance 2) on the 8
+    as the vanilla path's word, from the committed encoder, a batch of 8, guidance 1.5) on the 8
     ``*_test0`` concepts, the test run's protocol and seeds (configs/evaluate/instance_quick.yaml with these concepts
-    and methods, as below). Measured: identity 0.253 (the words 0.122), prompt 0.969. Thresholds: the measured values
+    and methods, as below). Measured: identity 0.281 (the words 0.120), prompt 0.891. Thresholds: the measured values
     less the run-to-run float noise of a CPU, and above the words by most of the measured gap."""
     out = tmp_path / "eval"
     names = [
@@ -255,5 +257,5 @@ def test_date_tuning_the_unet_keeps_its_identity_and_prompt(tmp_path):
     identity = sum(r["pixel_identity"] for r in ours) / len(ours)
     prompt = sum(r["pixel_prompt_acc"] for r in ours) / len(ours)
     baseline = sum(r["pixel_identity"] for r in words) / len(words)
-    assert identity >= 0.24 and identity - baseline >= 0.11, (identity, baseline)
-    assert prompt >= 0.95, prompt
+    assert identity >= 0.27 and identity - baseline >= 0.15, (identity, baseline)
+    assert prompt >= 0.87, prompt
