@@ -230,7 +230,9 @@ class DiffusionBackbone(nn.Module):
         dist = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
         latents = dist.mean
         if generator is not None:
-            eps = torch.randn(latents.shape, generator=generator, device=generator.device, dtype=torch.float32)
+            eps = torch.randn(
+                latents.shape, generator=generator, device=generator.device, dtype=torch.float32
+            )
             latents = latents + dist.std * eps.to(latents.device, latents.dtype)
         return latents * self.vae.config.scaling_factor
 

@@ -140,7 +140,9 @@ def test_the_quickstarts_pretraining_step_reports_like_tuning_and_checkpoints(tm
     state = torch.load(tmp_path / out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 2
     committed = torch.load(
-        REPO / "assets/toyworld/instance_encoder/date_modules_trunk64.ckpt", map_location="cpu", weights_only=True
+        REPO / "assets/toyworld/instance_encoder/date_modules_trunk64.ckpt",
+        map_location="cpu",
+        weights_only=True,
     )
     shapes = {k: v.shape for k, v in committed["state_dict"].items()}
     assert {k: v.shape for k, v in state["state_dict"].items() if k in shapes} == shapes

@@ -48,7 +48,9 @@ def test_tuning_on_posterior_draws_targets_a_new_draw_each_step(
     runs = {}
     for mode in ("mean", "sample"):
         start = len(seen)
-        args = tune_args(tmp_path / mode, tiny_sd_dir, index_dir, pretrain_ckpt, steps=2, model={"vae_latents": mode})
+        args = tune_args(
+            tmp_path / mode, tiny_sd_dir, index_dir, pretrain_ckpt, steps=2, model={"vae_latents": mode}
+        )
         cli = fit(args)
         assert cli.model.vae_latents == mode
         runs[mode] = seen[start:]
@@ -56,12 +58,20 @@ def test_tuning_on_posterior_draws_targets_a_new_draw_each_step(
     assert len(mean) == len(sample) == 2  # one target batch per step; both runs see the same augmented images
     draws = [drawn - centre for drawn, centre in zip(sample, mean)]
     for d in draws:
-        assert d.abs().max() > 0 and d.abs().max() < 1.0  # around the posterior's mean: a draw, not other noise
+        assert (
+            d.abs().max() > 0 and d.abs().max() < 1.0
+        )  # around the posterior's mean: a draw, not other noise
     assert not torch.equal(draws[0], draws[1])  # a new posterior draw every step
 
 
-def test_an_unknown_vae_latents_value_is_refused_before_any_work(tiny_sd_dir, index_dir, pretrain_ckpt, tmp_path):
-    args = tune_args(tmp_path, tiny_sd_dir, index_dir, pretrain_ckpt, steps=1, model={"vae_latents": "median"})
+def test_an_unknown_vae_latents_value_is_refused_before_any_work(
+    tiny_sd_dir, index_dir, pretrain_ckpt, tmp_path, capsys
+):
+    args = tune_args(
+        tmp_path, tiny_sd_dir, index_dir, pretrain_ckpt, steps=1, model={"vae_latents": "median"}
+    )
     with pytest.raises(SystemExit) as exit_info:
         train.main(args, run=False)
-    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "vae_latents" in err and "median" in err, err
+    assert not (tmp_path / "concepts").exists()
