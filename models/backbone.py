@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPVisionModelWithProjection
 
+from models import vae_latents
 from models.attention import PERSONALIZATION_KWARG, LoraDelta, Personalization, install_dual_path
 from models.fingerprint import backbone_fingerprint, matches_fingerprint
 from models.hub import load_sd_components
@@ -216,30 +217,13 @@ class DiffusionBackbone(nn.Module):
     def encode_images(
         self, pixel_values: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """VAE latents scaled by the VAE's scaling factor: the posterior's mean (deterministic), or with
-        ``generator`` one draw from the posterior, ``mean + std * eps`` with ``eps`` drawn on ``generator``'s
-        device, as diffusers' training scripts do (``latent_dist.sample()``).
-
-        Args:
-            pixel_values: (B, 3, H, W) in [-1, 1].
-            generator: source of the posterior draw; None for the mean.
-
-        Returns:
-            (B, C, H / f, W / f) latents.
-        """
-        dist = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
-        latents = dist.mean
-        if generator is not None:
-            eps = torch.randn(
-                latents.shape, generator=generator, device=generator.device, dtype=torch.float32
-            )
-            latents = latents + dist.std * eps.to(latents.device, latents.dtype)
-        return latents * self.vae.config.scaling_factor
+        """Scaled VAE latents of (B, 3, H, W) images in [-1, 1]: the posterior's mean, or with ``generator`` a
+        draw from it (:func:`models.vae_latents.encode_latents`)."""
+        return vae_latents.encode_latents(self.vae, pixel_values, generator)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [0, 1] from scaled latents."""
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return vae_latents.decode_latents(self.vae, latents)
 
     def clip_hidden_states(self, clip_pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Hidden states of every CLIP vision layer: a tuple of L + 1 tensors (B, N, C), embeddings first."""
