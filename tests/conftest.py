@@ -45,6 +45,23 @@ def backbone(tiny_sd_dir):
 
 
 @pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory):
+    """Path of a tiny Stable Diffusion XL pipeline folder (``models.tiny_sdxl``), built once per session: read by
+    test_sdxl.py and test_sdxl_training.py."""
+    from models.tiny_sdxl import write_tiny_sdxl_backbone
+
+    return write_tiny_sdxl_backbone(tmp_path_factory.mktemp("tiny_sdxl") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def sdxl(sdxl_dir):
+    """The tiny SDXL backbone loaded through ``models.loading.load_backbone`` (frozen, shared: do not mutate)."""
+    from models.loading import load_backbone
+
+    return load_backbone(str(sdxl_dir), str(sdxl_dir))
+
+
+@pytest.fixture(scope="session")
 def tiny_personalizer_config():
     """Small trainable modules matching the tiny backbone's scale."""
     from models.personalizer import PersonalizerConfig
