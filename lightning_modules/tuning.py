@@ -26,6 +26,7 @@ from lightning_modules.export import concept_views, encoder_prediction
 from lightning_modules.multi_concept import ConceptSlots, check_concepts, multi_concept_step, with_rows
 from lightning_modules.prior import ClassPrior
 from lightning_modules.tuning_export import ConceptExport
+from lightning_modules.tuning_rates import rate_groups
 from lightning_modules.tuning_words import check_tuning_options, class_noun, instance_prompts, word_token_id
 from losses.diffusion import check_finite
 from models.attention import LoraDelta
@@ -78,6 +79,8 @@ class ConceptTuning(ConceptExport, PersonalizationModule):
         method: name recorded in the artefact (e.g. ``date``, ``textual_inversion``).
         unet_lr: with ``unet`` in ``tune``, the UNet weights' own learning rate (None: the optimizer's, as
             DreamBooth has it); lets DATE's v* and cores keep their rate while the UNet is tuned too.
+        embedding_lr: with ``embedding`` in ``tune``, v*'s own learning rate (None: the optimizer's); the cores
+            and the rest keep the optimizer's (:mod:`lightning_modules.tuning_rates`).
         hard_word: the word the dual path's vanilla branch reads in place of S* (the "hard prompt"), in tuning
             and in the artefact for sampling: ``nearest`` (v*'s nearest real token, the paper's) or ``class_noun``
             (the concept's class noun, the semantic word the regulariser is meant to find; needs the datamodule's
@@ -115,6 +118,7 @@ class ConceptTuning(ConceptExport, PersonalizationModule):
         export_kohya: bool = False,
         method: str = "date",
         unet_lr: float | None = None,
+        embedding_lr: float | None = None,
         hard_word: Literal["nearest", "class_noun"] = "nearest",
         prior_class_images: int = 0,
         prior_loss_weight: float = 1.0,
@@ -382,9 +386,9 @@ class ConceptTuning(ConceptExport, PersonalizationModule):
         return state
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        if self._full is not None and self.hparams.get("unet_lr") is not None:
-            params = self._full.param_groups(params, self.hparams["unet_lr"])
+        unet = self._full.unet.parameters() if self._full is not None else ()
+        own = [([self.v_star], self.hparams.get("embedding_lr")), (unet, self.hparams.get("unet_lr"))]
+        params = rate_groups([p for p in self.parameters() if p.requires_grad], own)
         if self.optimizer_factory is None:
             return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
         return self.optimizer_factory(params)

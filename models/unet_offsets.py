@@ -85,11 +85,3 @@ class FullFineTuning:
     def offsets(self) -> dict[str, torch.Tensor]:
         """What tuning changed so far (:func:`unet_offsets`)."""
         return unet_offsets(self.unet, self.base)
-
-    def param_groups(self, params: list[nn.Parameter], lr: float) -> list[dict]:
-        """Optimizer groups: ``params`` outside the UNet at the optimizer's rate, the UNet's at ``lr``."""
-        unet = {id(p) for p in self.unet.parameters()}
-        return [
-            {"params": [p for p in params if id(p) not in unet]},
-            {"params": [p for p in params if id(p) in unet], "lr": lr},
-        ]
