@@ -212,10 +212,14 @@ class ConceptTuning(ConceptExport, PersonalizationModule):
                 they are checked again when the backbone's differs.
 
         Raises:
-            ConfigurationError: no concepts, or several with a method that trains weights every concept shares.
+            ConfigurationError: no concepts, several with a method that trains weights every concept shares, or
+                one without a class noun under ``hard_word: class_noun``.
             ImageTooSmallError: an image is smaller than the backbone's resolution allows.
         """
         self.concepts = check_concepts(concepts, per_batch, self.tune)
+        if self.hard_word == "class_noun":  # one line before any step, naming the concept
+            for c in self.concepts:
+                class_noun(c, f"hard_word='class_noun' (concept {c.name!r})")
         if checked_resolution != self.backbone.resolution:
             for c in self.concepts:
                 check_image_size(c.image.size, self.backbone.resolution, repr(c.name))

@@ -101,7 +101,9 @@ def _batched_equals_sequential(cfg, module, root: Path) -> None:
         v, cores = single[name]
         assert not torch.allclose(v[0], module.v_star[(j + 1) % 3])  # the concepts differ
         torch.testing.assert_close(module.v_star[j], v[0], atol=1e-5, rtol=0)
-        torch.testing.assert_close(module.cores[j], cores[0], atol=1e-5, rtol=0)
+        # The ResNet / feed-forward offsets of the default encoder sum in another order for K concepts than for one:
+        # measured up to 4.5e-5 on 1 of 1,472 core entries after 3 Adam steps (v* within 1e-5).
+        torch.testing.assert_close(module.cores[j], cores[0], atol=1e-4, rtol=0)
         artifact = ConceptArtifact.load(root / "batched" / f"{name}.safetensors")
         assert artifact.steps == STEPS and artifact.extra["class_noun"] == entries[name]["class_noun"]
         torch.testing.assert_close(artifact.v_star, v[0], atol=1e-5, rtol=0)
@@ -147,7 +149,7 @@ def test_bad_image_is_skipped_and_named_the_others_are_written(tmp_path, index_d
         ["--config", str(TOY), "--config", str(BATCH), "--data.init_args.images", str(folder),
          "--data.init_args.concepts_per_batch", "2", "--data.init_args.steps", "1",
          "--model.init_args.export_dir", str(out), "--model.init_args.token_index_cache", str(index_dir),
-         "--trainer.logger", "false", "--trainer.callbacks", "[]"],
+         "--trainer.logger", "false", "--trainer.callbacks", "[]", "--model.init_args.hard_word", "nearest"],
         run=False,
     )  # fmt: skip
     assert [Path(p).name for p, _ in cli.datamodule.skipped] == ["broken.png"]
@@ -156,6 +158,22 @@ def test_bad_image_is_skipped_and_named_the_others_are_written(tmp_path, index_d
     assert any("skipping" in str(w.message) and "broken.png" in str(w.message) for w in recwarn)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(f"{n}.safetensors" for n in NAMES[:2])
+
+
+def test_a_folder_without_class_nouns_under_the_class_noun_word_is_one_line_error(tmp_path, index_dir, capsys):
+    folder = _bad_folder(tmp_path)  # no concepts.json: no class nouns
+    code = train.cli(
+        ["fit", "--config", str(TOY), "--config", str(BATCH), "--data.init_args.images", str(folder),
+         "--data.init_args.concepts_per_batch", "2", "--model.init_args.token_index_cache", str(index_dir),
+         "--model.init_args.export_dir", str(tmp_path / "out")]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1] == (
+        "train.py: error: hard_word='class_noun' (concept 'blue_checkered_diamond') needs the concept's class noun:"
+        " set data.init_args.class_noun"
+    )
+    assert not (tmp_path / "out").exists()  # refused before any step
 
 
 def test_more_concepts_per_batch_than_images_is_one_line_error(tmp_path, capsys):

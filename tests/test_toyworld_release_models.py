@@ -31,8 +31,9 @@ def test_assets_are_small_fp16_safetensors():
     files = [p for p in ASSETS.rglob("*") if p.is_file()]
     # 37 MiB: the two worlds' encoders with ResNet / feed-forward offsets added 2.6 MB (fp16) to the 29.8 MB before,
     # the instance world's 64-wide-trunk encoder (the default, 4.2 MB) 4 MiB more; the 16-wide one stays beside it,
-    # so the research configs that measured it still load what they measured.
-    assert sum(p.stat().st_size for p in files) < 37 * 2**20
+    # so the research configs that measured it still load what they measured; 38 MiB: the named world's
+    # no-regulariser ablation of its default (ResNet / feed-forward) encoder, 0.7 MB, beside the attention-only one.
+    assert sum(p.stat().st_size for p in files) < 38 * 2**20
     weights = [p for p in files if p.suffix == ".safetensors"]
     assert len(weights) >= 6  # unet, vae, text encoder, image encoder, clip, checker
     # Pickles only for the encoders (the format encoder_checkpoint reads): trainable weights, no optimizer; the
@@ -42,6 +43,7 @@ def test_assets_are_small_fp16_safetensors():
         "encoder/date.ckpt",
         "encoder/date_modules.ckpt",
         "encoder/no_regularizer.ckpt",
+        "encoder/no_regularizer_modules.ckpt",
         "instance_encoder/date.ckpt",
         "instance_encoder/date_modules.ckpt",
         "instance_encoder/date_modules_trunk64.ckpt",

@@ -10,6 +10,8 @@ NAMED_ENCODERS = {
     "date": "configs/pretrain/toyworld.yaml",
     "no_regularizer": "configs/pretrain/toyworld.yaml + configs/experiments/no_regularizer/pretrain_toyworld.yaml",
     "date_modules": "configs/pretrain/toyworld.yaml + configs/experiments/toyworld/pretrain_modules.yaml",
+    "no_regularizer_modules": "configs/pretrain/toyworld.yaml + configs/experiments/toyworld/pretrain_modules.yaml"
+    " + configs/experiments/no_regularizer/pretrain_toyworld_modules.yaml",
 }
 
 
