@@ -160,7 +160,7 @@ def test_bad_image_is_skipped_and_named_the_others_are_written(tmp_path, index_d
     assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(f"{n}.safetensors" for n in NAMES[:2])
 
 
-def test_a_folder_without_class_nouns_under_the_class_noun_word_is_one_line_error(tmp_path, index_dir, capsys):
+def test_class_noun_word_without_class_nouns_is_one_line_error(tmp_path, index_dir, capsys):
     folder = _bad_folder(tmp_path)  # no concepts.json: no class nouns
     code = train.cli(
         ["fit", "--config", str(TOY), "--config", str(BATCH), "--data.init_args.images", str(folder),
