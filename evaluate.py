@@ -30,7 +30,7 @@ if __name__ == "__main__" and not pop_verbose(sys.argv):
 
 from jsonargparse import CLI  # noqa: E402
 
-from evaluation.config import EvaluationConfigError, check_stacked_methods  # noqa: E402
+from evaluation.config import EvaluationConfigError, check_stacked_methods, replaced_tune_overrides  # noqa: E402
 from evaluation.harness import run_evaluation  # noqa: E402
 from evaluation.report.aggregate import aggregate, format_table  # noqa: E402
 from evaluation.report.budget import plot_identity_vs_seconds  # noqa: E402
@@ -183,7 +183,10 @@ def main(args: list[str] | None = None) -> Any:
 
     transformers_logging.disable_progress_bar()  # per-file loading bars would break the evaluation's own bar
     try:
-        check_stacked_methods(sys.argv[1:] if args is None else list(args))
+        argv = sys.argv[1:] if args is None else list(args)
+        check_stacked_methods(argv)
+        for note in replaced_tune_overrides(argv):
+            print(f"evaluate.py: note: {note}", file=sys.stderr)
         return CLI(
             {"run": run_evaluation, "plot": plot, "sample": sample},
             args=args,

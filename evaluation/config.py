@@ -158,3 +158,40 @@ def check_stacked_methods(argv: list[str]) -> None:
                     f"merged item by item): set {'them' if len(inherited) > 1 else 'it'} in {path}"
                 )
             merged[i] = ({**earlier, **item}, path)
+
+
+def replaced_tune_overrides(argv: list[str]) -> list[str]:
+    """Notes for each ``--config`` whose ``tune_overrides`` drops keys an earlier one set.
+
+    jsonargparse (4.x, measured) replaces a mapping option given again by a later config instead of merging it: the
+    keys the earlier ``tune_overrides`` set and the later one leaves out fall back to the tune config's own values
+    (the attention-only encoder for the SD recipe's, the named world's vocabulary for the instance world's, ...).
+    Reads only the YAML files named by ``--config``.
+
+    Returns:
+        one line per such config, naming it, the earlier config and the keys that fall back.
+    """
+    import yaml
+
+    paths = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    notes: list[str] = []
+    earlier: tuple[dict[str, Any], str] | None = None
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            continue  # the parser names a missing or malformed file itself
+        overrides = data.get("tune_overrides") if isinstance(data, dict) else None
+        if not isinstance(overrides, dict):
+            continue
+        if earlier is not None:
+            dropped = sorted(k for k in earlier[0] if k not in overrides)
+            if dropped:
+                notes.append(
+                    f"{path}: its tune_overrides replace those of {earlier[1]} (a mapping given again is not "
+                    f"merged): {', '.join(dropped)} fall back to the tune config's values"
+                )
+        earlier = (overrides, path)
+    return notes

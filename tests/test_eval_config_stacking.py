@@ -51,3 +51,52 @@ def test_a_method_inheriting_fields_from_an_earlier_config_is_refused(tmp_path):
     with pytest.raises(SystemExit) as exit_info:  # the command line refuses it before any work, in one line
         evaluate.main(_stack(tmp_path, [{"name": "a"}, {"name": "b", "steps": [1]}]))
     assert exit_info.value.code == 2
+
+
+def _overrides_stack(tmp_path, base: dict, later: dict) -> list[str]:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"tune_overrides": base}))
+    (tmp_path / "later.yaml").write_text(yaml.safe_dump({"tune_overrides": later}))
+    return ["run", "--config", str(tmp_path / "base.yaml"), "--config", str(tmp_path / "later.yaml")]
+
+
+def test_a_stacked_tune_overrides_mapping_replaces_the_earlier_one(tmp_path, capsys):
+    """The premise of the note below, measured on jsonargparse: a mapping given again is replaced, not merged."""
+    from typing import Any
+
+    from jsonargparse import CLI
+
+    def run(out_dir: str = "x", tune_overrides: dict[str, Any] | None = None) -> None:
+        print(yaml.safe_dump(tune_overrides))
+
+    CLI({"run": run}, args=_overrides_stack(tmp_path, {"a": 1, "b": 2}, {"b": 5, "c": 3}))
+    assert yaml.safe_load(capsys.readouterr().out) == {"b": 5, "c": 3}
+
+
+def test_keys_a_stacked_tune_overrides_drops_are_named(tmp_path):
+    from evaluation.config import replaced_tune_overrides
+
+    argv = _overrides_stack(
+        tmp_path, {"x.encoder": "e", "x.dtype": "f32", "x.lr": 1}, {"x.dtype": "f32", "x.b": 2}
+    )
+    assert replaced_tune_overrides(argv) == [
+        f"{tmp_path / 'later.yaml'}: its tune_overrides replace those of {tmp_path / 'base.yaml'} (a mapping given "
+        "again is not merged): x.encoder, x.lr fall back to the tune config's values"
+    ]
+    repeated = _overrides_stack(tmp_path, {"x.encoder": "e"}, {"x.encoder": "e", "x.b": 2})
+    assert replaced_tune_overrides(repeated) == []  # every earlier key repeated: nothing falls back
+
+
+def test_evaluate_names_the_dropped_keys_before_any_work(tmp_path, capsys):
+    argv = _overrides_stack(
+        tmp_path, {"model.init_args.encoder_checkpoint": "e.ckpt"}, {"model.init_args.alpha": 1}
+    )
+    with pytest.raises(SystemExit):
+        evaluate.main(
+            [*argv, "--out_dir", str(tmp_path / "out"), "--tune_config", str(tmp_path / "missing.yaml")]
+        )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith(
+        f"evaluate.py: note: {tmp_path / 'later.yaml'}: its tune_overrides replace those of"
+    )
+    assert err[0].endswith("model.init_args.encoder_checkpoint fall back to the tune config's values")
+    assert not (tmp_path / "out").exists()
