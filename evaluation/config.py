@@ -9,6 +9,7 @@ Stages, each importing only earlier ones: config -> concepts -> plan (recipe) ->
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
@@ -111,6 +112,23 @@ class SamplingSpec:
     batch_size: int = 1
 
 
+def _config_files(argv: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(path, mapping)`` of each YAML file named by ``--config`` in ``argv``, in order; a missing or malformed file,
+    or one that is not a mapping, is skipped (the parser names it itself)."""
+    import yaml
+
+    paths = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict):
+            yield path, data
+
+
 def check_stacked_methods(argv: list[str]) -> None:
     """Refuses a method that would silently inherit fields from another method of an earlier ``--config``.
 
@@ -124,22 +142,13 @@ def check_stacked_methods(argv: list[str]) -> None:
     Raises:
         EvaluationConfigError: one line naming the file, the method, the fields and where they would come from.
     """
-    import yaml
-
-    paths = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
-    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     defaults = {
         f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(MethodSpec)
     }
     # per index: the fields set so far, and the file that set them
     merged: list[tuple[dict[str, Any], str]] = []
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except (OSError, yaml.YAMLError):
-            continue  # the parser names a missing or malformed file itself
-        items = data.get("methods") if isinstance(data, dict) else None
+    for path, data in _config_files(argv):
+        items = data.get("methods")
         if not isinstance(items, list):
             continue
         items = [item if isinstance(item, dict) else {} for item in items]
@@ -171,19 +180,10 @@ def replaced_tune_overrides(argv: list[str]) -> list[str]:
     Returns:
         one line per such config, naming it, the earlier config and the keys that fall back.
     """
-    import yaml
-
-    paths = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
-    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     notes: list[str] = []
     earlier: tuple[dict[str, Any], str] | None = None
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except (OSError, yaml.YAMLError):
-            continue  # the parser names a missing or malformed file itself
-        overrides = data.get("tune_overrides") if isinstance(data, dict) else None
+    for path, data in _config_files(argv):
+        overrides = data.get("tune_overrides")
         if not isinstance(overrides, dict):
             continue
         if earlier is not None:

@@ -27,7 +27,7 @@ from lightning_modules.multi_concept import ConceptSlots, check_concepts, multi_
 from lightning_modules.prior import ClassPrior
 from lightning_modules.tuning_export import ConceptExport
 from lightning_modules.tuning_rates import rate_groups
-from lightning_modules.tuning_words import check_tuning_options, class_noun, instance_prompts, word_token_id
+from lightning_modules.tuning_words import TuningWords, check_tuning_options
 from losses.diffusion import check_finite
 from models.attention import LoraDelta
 from models.errors import ConfigurationError
@@ -38,7 +38,7 @@ from models.unet_offsets import FullFineTuning
 Tunable = Literal["embedding", "cores", "factors", "encoder", "unet_lora", "unet"]
 
 
-class ConceptTuning(ConceptExport, PersonalizationModule):
+class ConceptTuning(ConceptExport, TuningWords, PersonalizationModule):
     """Predicts v* and the LoRA cores from one image, tunes them for a few steps, and exports the concept.
 
     Concepts (:class:`~datamodules.concept.TuningConcept`) come in through :meth:`set_concepts`, or else from the
@@ -217,9 +217,7 @@ class ConceptTuning(ConceptExport, PersonalizationModule):
             ImageTooSmallError: an image is smaller than the backbone's resolution allows.
         """
         self.concepts = check_concepts(concepts, per_batch, self.tune)
-        if self.hard_word == "class_noun":  # one line before any step, naming the concept
-            for c in self.concepts:
-                class_noun(c, f"hard_word='class_noun' (concept {c.name!r})")
+        self.check_hard_words(self.concepts)
         if checked_resolution != self.backbone.resolution:
             for c in self.concepts:
                 check_image_size(c.image.size, self.backbone.resolution, repr(c.name))
@@ -287,36 +285,6 @@ class ConceptTuning(ConceptExport, PersonalizationModule):
             v = self.backbone.token_embedding_table()[self.init_token_id(concept)].float().unsqueeze(0)
             return v, torch.zeros_like(self.cores[:1])
         return torch.zeros_like(self.v_star[:1]), torch.zeros_like(self.cores[:1])
-
-    def init_token_id(self, concept: TuningConcept | None = None) -> int:
-        """Id of the word v* starts from: ``init_token``, or the class noun's (last) token for ``class_noun``."""
-        if self.init == "class_noun":
-            word = class_noun(concept or self.concept(), f"init={self.init!r}")
-        else:
-            word = self.init_token
-        return word_token_id(self.backbone.tokenizer, word, one_token=self.init == "token")
-
-    def class_noun_token_id(self, concept: TuningConcept) -> int:
-        """Id of a concept's class noun (its last token, the head noun): the hard prompt's word with
-        ``hard_word: class_noun``."""
-        word = class_noun(concept, "hard_word='class_noun'")
-        return word_token_id(self.backbone.tokenizer, word, one_token=False)
-
-    def hard_prompt_ids(self, batch: dict, neighbour_ids: torch.Tensor) -> torch.Tensor:
-        """(B,) each row's hard-prompt word: the nearest token, or its concept's class noun (``hard_word``)."""
-        if self.hard_word == "nearest":
-            return neighbour_ids[:, 0]
-        rows = batch["slot"] if "slot" in batch else [0] * neighbour_ids.shape[0]
-        ids = [self.class_noun_token_id(self.concept(int(j))) for j in rows]
-        return torch.tensor(ids, device=neighbour_ids.device, dtype=neighbour_ids.dtype)
-
-    def training_prompts(self, prompts: list[str], slots: Sequence[int] | None = None) -> list[str]:
-        """The batch's prompts, or the fixed instance prompt (one-shot LoRA) for each of them."""
-        if self.instance_prompt is None:
-            return prompts
-        rows = slots if slots is not None else [0] * len(prompts)
-        nouns = [class_noun(self.concept(int(j)), "instance_prompt") for j in rows]
-        return instance_prompts(self.instance_prompt, prompts, nouns, self.backbone.placeholder)
 
     def encoder_prediction(self, concept: TuningConcept | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The encoder's (1, D) v* and (1, T, r, r) cores for a concept, averaged over ``init_noise_draws``."""
