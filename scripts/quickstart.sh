@@ -21,7 +21,7 @@ $PY train.py fit --config configs/pretrain/instance.yaml --config configs/pretra
 echo "== 2/4 tune a held-out instance (cross_test2: its hue, outline and pattern are in no caption) for 12 steps"
 $PY train.py fit --config configs/tune/instance.yaml
 echo "== 3/4 sample it in new contexts, next to what the words give, and score each row from pixels"
-$PY evaluate.py sample --concept outputs/concepts/cross_test2.safetensors --words cross --guidance 1.5 \
+$PY evaluate.py sample --concept outputs/concepts/cross_test2.safetensors --words cross --guidance 2 \
     --out outputs/samples_cross_test2.png --prompts '["a large <s*> on the right on a pink background",
     "a large <s*> at the top on a green background", "a large <s*> on the left on a white background",
     "a large <s*> at the bottom on a purple background"]'

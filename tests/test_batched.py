@@ -51,7 +51,13 @@ def _trainer(max_steps: int) -> Trainer:
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("batched")
-    cfg = resolve_config([TOY], {"model.init_args.token_index_cache": str(root / "index")})
+    # v* and the cores, the set batched tuning tunes (BATCH pins it: the LoRA factors configs/tune/toyworld.yaml
+    # tunes too would be shared by the batch's concepts)
+    overrides = {
+        "model.init_args.token_index_cache": str(root / "index"),
+        "model.init_args.tune": ["embedding", "cores"],
+    }
+    cfg = resolve_config([TOY], overrides)
     module = cfg.build_model(export_dir=str(root / "single"), export_diffusers=False)
     return cfg, module, root
 

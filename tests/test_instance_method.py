@@ -2,8 +2,9 @@
 docs/research/instance_weights.md, ``python evaluate.py run --config configs/evaluate/instance.yaml --config
 configs/experiments/instance_weights/test_trunk64.yaml``, with the committed instance encoder, whose offsets reach
 the ResNet convolutions and feed-forward linears from a 64-wide hypernetwork trunk, and the settings chosen on the
-validation concepts: lr 1e-2, 12 steps, a batch of 8, the class noun as the vanilla path's word, guidance 1.5 at
-sampling).
+validation concepts: 12 steps, the cores at 2e-2 and v* at 1e-2, a batch of 8, the class noun as the vanilla path's
+word, guidance 2 at sampling; the test run of those rates:
+configs/experiments/instance_weights/test_embedding_lr.yaml).
 
 The paper's central claim on this world, DATE-12 beats the words on identity, holds with the committed encoder: it
 is a real regression test here, over all 24 test concepts and on the quickstart's held-out instance
@@ -69,9 +70,9 @@ def _mean(rows, method: str, column: str, alpha: float | None = None, concept: s
 
 @pytest.mark.slow
 def test_date_beats_the_plain_words_concept_by_concept(run):
-    """Measured (test run, alpha 0.5, guidance 1.5): DATE 0.278 at prompt 0.984 (the words at this guidance 0.111;
-    the best 500-step baseline, DreamBooth on posterior draws, in docs/research/instance_weights.md); identity - words
-    +0.168 [+0.148, +0.189], 24 of 24 concepts won. Thresholds: the measured values less the run-to-run float noise
+    """Measured (test run, alpha 0.5, guidance 2): DATE 0.276 at prompt 0.974 (the words 0.113; the best 500-step
+    baseline, DreamBooth on posterior draws, in docs/research/instance_weights.md); identity - words +0.164 [+0.144,
+    +0.187], 24 of 24 concepts won. Thresholds: the measured values less the run-to-run float noise
     of a CPU (the last seeded rerun reproduced them to three decimals)."""
     rows, paired, _ = run
     entry = next(e for e in paired if e["method"] == "date" and e["alpha"] == 0.5)
@@ -80,13 +81,13 @@ def test_date_beats_the_plain_words_concept_by_concept(run):
     assert identity["n"] == 24
     assert identity["mean"] >= 0.16 and identity["ci95"][0] > 0.14 and identity["wins"] >= 23, identity
     assert _mean(rows, "date", "pixel_identity", alpha=0.5) >= 0.27
-    assert _mean(rows, "date", "pixel_prompt_acc", alpha=0.5) >= 0.98
+    assert _mean(rows, "date", "pixel_prompt_acc", alpha=0.5) >= 0.97
 
 
 @pytest.mark.slow
 def test_date_beats_the_words_on_the_quickstarts_held_out_instance(run):
-    """``cross_test2`` (a blue dotted cross; the words say only "cross"): measured DATE 0.270 vs the words 0.050
-    (alpha 0.5, guidance 1.5; identity from pixels, 4 prompts x 2 samples)."""
+    """``cross_test2`` (a blue dotted cross; the words say only "cross"): measured DATE 0.248 vs the words 0.058
+    (alpha 0.5, guidance 2; identity from pixels, 4 prompts x 2 samples)."""
     rows, _, _ = run
     date = _mean(rows, "date", "pixel_identity", alpha=0.5, concept="cross_test2")
     words = _mean(rows, "plain_words", "pixel_identity", concept="cross_test2")
@@ -95,8 +96,8 @@ def test_date_beats_the_words_on_the_quickstarts_held_out_instance(run):
 
 @pytest.mark.slow
 def test_alpha_one_buys_no_identity(run):
-    """Measured (test run, guidance 1.5): identity 0.278 at alpha 0.5 and 0.273 at alpha 1, prompt accuracy 0.984 at
-    both: with this encoder alpha is neither an identity nor (any longer) much of a prompt knob; the attention-only
+    """Measured (test run, guidance 2): identity 0.276 at alpha 0.5 and 0.268 at alpha 1, prompt accuracy 0.974 and
+    0.969: with this encoder alpha is neither an identity nor (any longer) much of a prompt knob; the attention-only
     encoder lost 0.21 prompt accuracy at alpha 1 (docs/research/instance_world.md)."""
     rows, _, _ = run
     assert _mean(rows, "date", "pixel_prompt_acc", alpha=1.0) >= 0.95
@@ -230,10 +231,10 @@ def test_encoder_checkpoint_option_wins_over_the_configs_tune_overrides(tmp_path
 @pytest.mark.slow
 def test_date_tuning_the_unet_keeps_its_identity_and_prompt(tmp_path):
     """DATE + UNet (configs/tune/methods/date_unet.yaml on configs/tune/instance.yaml: unet_lr 3e-4 and the class noun
-    as the vanilla path's word, from the committed encoder, a batch of 8, guidance 1.5) on the 8
-    ``*_test0`` concepts, the test run's protocol and seeds (configs/evaluate/instance_quick.yaml with these concepts
-    and methods, as below). Measured: identity 0.281 (the words 0.120), prompt 0.891. Thresholds: the measured values
-    less the run-to-run float noise of a CPU, and above the words by most of the measured gap."""
+    as the vanilla path's word, v* and the cores at 1e-2, from the committed encoder, a batch of 8, guidance 1.5) on
+    the 8 ``*_test0`` concepts, the test run's protocol and seeds (configs/evaluate/instance_quick.yaml with these
+    concepts and methods, as below). Measured: identity 0.281 (the words 0.120), prompt 0.891. Thresholds: the
+    measured values less the run-to-run float noise of a CPU, and above the words by most of the measured gap."""
     out = tmp_path / "eval"
     names = [
         f"{c}_test0" for c in ("circle", "square", "triangle", "star", "diamond", "cross", "heart", "moon")
@@ -244,8 +245,9 @@ def test_date_tuning_the_unet_keeps_its_identity_and_prompt(tmp_path):
             "overlay": "configs/tune/methods/date_unet.yaml",
             "steps": [12],
             "alphas": [0.5],
+            "guidance_scales": [1.5],  # its own, chosen on validation (plain DATE's is 2)
         },
-        {"name": "plain_words", "plain_words": True},
+        {"name": "plain_words", "plain_words": True, "guidance_scales": [1.5]},
     ]
     argv = ["run", "--config", "configs/evaluate/instance_quick.yaml", "--out_dir", str(out)]
     argv += ["--concepts.names", json.dumps(names), "--methods", json.dumps(methods)]

@@ -58,15 +58,17 @@ def write_concepts(out: str = "assets/toyworld/concepts") -> None:
     print(world.write_concepts(out))
 
 
-def write_validation_concepts(out: str = "assets/toyworld/validation_concepts") -> None:
+def write_validation_concepts(out: str = "assets/toyworld/validation_concepts", novel: int = 0) -> None:
     """Write the validation concepts' images and concepts.json.
 
     Args:
         out: output folder
+        novel: novel-shape validation concepts to add after the 8 base-distribution ones (hearts and moons in
+            looks no test concept has; assets/toyworld/validation_concepts_novel holds 4)
     """
     from toyworld.named.validation import write_validation_concepts as write
 
-    print(write(out))
+    print(write(out, novel=novel))
 
 
 def validate_encoder(

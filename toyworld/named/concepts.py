@@ -26,6 +26,7 @@ from toyworld.named.world import (
     ATTRIBUTES,
     COLOUR_NAMES,
     HELD_OUT_COMBOS,
+    HELD_OUT_CONCEPTS,
     HELD_OUT_SHAPES,
     POSITIONS,
     SIZES,
@@ -78,13 +79,22 @@ def _check_entry(entry: dict[str, Any], where: str) -> Scene:
         raise EvaluationConfigError(f"{where}: concept {entry['name']!r} has unknown values of {bad}")
     scene = Scene(**{a: attrs[a] for a in ATTRIBUTES})
     # Validation concepts (kind "validation", toyworld.named.validation) are objects of the base distribution on
-    # purpose: settings are chosen on them, never on the held-out test concepts.
+    # purpose: settings are chosen on them, never on the held-out test concepts. Novel-shape validation concepts
+    # (kind "validation_novel_shape") have a held-out shape in a look no test concept has.
     held_out = scene.shape in HELD_OUT_SHAPES or scene.identity in HELD_OUT_COMBOS
-    if entry.get("kind") == "validation" and held_out:
+    kind = entry.get("kind")
+    if kind == "validation" and held_out:
         raise EvaluationConfigError(
             f"{where}: validation concept {entry['name']!r} is a held-out test object"
         )
-    if entry.get("kind") != "validation" and not held_out:
+    if kind == "validation_novel_shape" and (
+        scene.shape not in HELD_OUT_SHAPES or scene.identity in HELD_OUT_CONCEPTS
+    ):
+        raise EvaluationConfigError(
+            f"{where}: novel-shape validation concept {entry['name']!r} must be a held-out shape in a look no "
+            "test concept has"
+        )
+    if kind not in ("validation", "validation_novel_shape") and not held_out:
         raise EvaluationConfigError(
             f"{where}: concept {entry['name']!r} ({entry['words']}) is in the base training distribution"
         )

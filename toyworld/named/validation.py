@@ -21,6 +21,7 @@ from lightning import Callback
 from toyworld.common.pipeline import ASSETS
 from toyworld.named.world import (
     HELD_OUT_CONCEPTS,
+    HELD_OUT_SHAPES,
     TRAIN_SHAPES,
     VALUES,
     caption,
@@ -46,6 +47,22 @@ def validation_concepts(n: int = 8, seed: int = 1234) -> list[tuple[str, str, st
         obj = (shape, str(rng.choice(VALUES["colour"])), str(rng.choice(VALUES["pattern"])))
         scene = concept_scene(*obj)
         if obj in out or obj in HELD_OUT_CONCEPTS or is_held_out(scene):
+            continue
+        out.append(obj)
+    return out
+
+
+def novel_validation_concepts(n: int = 4, seed: int = 1234) -> list[tuple[str, str, str]]:
+    """``n`` distinct novel-shape objects for validation: the held-out shapes (which the base model never saw, so no
+    word names them) in looks no test concept has (``HELD_OUT_CONCEPTS``). The world has only two shapes the base
+    never saw and the test's 4 novel concepts use both, so these share the test's shapes in other colours and
+    patterns, as the instance world's validation instances share the test's categories."""
+    rng = seeded_rng(seed, 0x6E6F76)
+    out: list[tuple[str, str, str]] = []
+    while len(out) < n:
+        shape = HELD_OUT_SHAPES[len(out) % len(HELD_OUT_SHAPES)]
+        obj = (shape, str(rng.choice(VALUES["colour"])), str(rng.choice(VALUES["pattern"])))
+        if obj in out or obj in HELD_OUT_CONCEPTS:
             continue
         out.append(obj)
     return out
@@ -185,9 +202,11 @@ class ValidationIdentity(Callback):
             f.write(json.dumps({"step": step, **{k: round(v, 4) for k, v in values.items()}}) + "\n")
 
 
-def write_validation_concepts(out: str, n: int = 8, seed: int = 1234) -> str:
+def write_validation_concepts(out: str, n: int = 8, seed: int = 1234, novel: int = 0) -> str:
     """Writes the validation concepts like the test concepts (``<name>.png`` + ``concepts.json``), so the
-    evaluation harness runs on them with ``concepts.toyworld.concepts_dir: <out>``."""
+    evaluation harness runs on them with ``concepts.toyworld.concepts_dir: <out>``: the ``n`` base-distribution
+    objects (kind ``validation``), then ``novel`` novel-shape objects (kind ``validation_novel_shape``,
+    :func:`novel_validation_concepts`), whose vanilla-path word is "object" as the test's novel shapes' is."""
     from dataclasses import asdict
 
     from PIL import Image
@@ -197,7 +216,9 @@ def write_validation_concepts(out: str, n: int = 8, seed: int = 1234) -> str:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
-    for shape, colour, pattern in validation_concepts(n, seed):
+    objects = [(o, "validation") for o in validation_concepts(n, seed)]
+    objects += [(o, "validation_novel_shape") for o in novel_validation_concepts(novel, seed)]
+    for (shape, colour, pattern), kind in objects:
         name = concept_name(shape, colour, pattern)
         scene = concept_scene(shape, colour, pattern)
         Image.fromarray(render(scene)).save(folder / f"{name}.png")
@@ -205,8 +226,8 @@ def write_validation_concepts(out: str, n: int = 8, seed: int = 1234) -> str:
             {
                 "name": name,
                 "image": f"{name}.png",
-                "kind": "validation",
-                "class_noun": shape,
+                "kind": kind,
+                "class_noun": "object" if kind == "validation_novel_shape" else shape,
                 "words": identity_phrase(colour, pattern, shape),
                 "template": concept_template(shape, colour, pattern),
                 "attributes": asdict(scene),

@@ -25,6 +25,7 @@ MAIN = {  # method -> (steps, alpha) drawn in the concept figure
     "date_lr3e-2": (12, 0.5),  # the instance world's rank-16 encoder, tuned as chosen on validation
     "date_lr1e-2": (4, 0.5),
     "date_factors": (12, 1.0),
+    "date_cores": (12, 0.5),  # the named world's DATE with the factors frozen
     "no_regularizer": (12, 0.5),
     "textual_inversion": (500, 1.0),
     "lora": (500, 1.0),
