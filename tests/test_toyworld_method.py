@@ -2,10 +2,11 @@
 
 Measured (docs/research/named_world.md), with the default encoder (offsets on attention, ResNet and feed-forward
 layers: assets/toyworld/encoder/date_modules.ckpt; image branch: the toy world's ResNet image encoder) and the
-tuning defaults chosen on validation concepts (configs/tune/toyworld.yaml: v*, the cores and the LoRA factors):
+tuning defaults chosen on validation concepts (configs/tune/toyworld.yaml: v*, the cores and the LoRA factors tuned,
+no pull to the nearest word while tuning):
 - a held-out combination (a red striped star, never seen in base training): 12 steps of DATE draw its shape in
-  every new context (shape 1.00, prompt 1.00) and move identity above the encoder's own prediction (0.58 vs
-  0.25 at alpha 0.5); v* is nearest to "star", the concept's category word.
+  every new context (shape 1.00, prompt 1.00) and move identity far above the encoder's own prediction (0.92 vs
+  0.25 at alpha 0.5); v* is nearest to "star", the concept's category word, without the pull too.
 - a novel shape (a red heart, a shape no word of the base model draws): DATE transfers colour (0.92) and pattern
   (1.00), keeps the prompt (1.00) and draws the heart in 5 of 12 images (identity 0.42; the plain words and the
   encoder alone 0.00). The factors make the difference: with v* and the cores alone the heart came in 1 of 12.
@@ -78,11 +79,11 @@ def test_date_transfers_colour_and_pattern_from_one_image_and_keeps_the_prompt(r
 
 @pytest.mark.slow
 def test_date_draws_a_held_out_combination_in_new_contexts(rows):
-    # Measured: shape 1.00, prompt 1.00, identity 0.58 (encoder only 0.25), nearest word "star".
+    # Measured: shape 1.00, prompt 1.00, identity 0.92 (encoder only 0.25), nearest word "star".
     assert _mean(rows, "date", "shape_acc", COMBO) >= 0.9
     assert _mean(rows, "date", "prompt_acc", COMBO) >= 0.9
     assert (
-        _mean(rows, "date", "identity_acc", COMBO) >= _mean(rows, "encoder_only", "identity_acc", COMBO) + 0.2
+        _mean(rows, "date", "identity_acc", COMBO) >= _mean(rows, "encoder_only", "identity_acc", COMBO) + 0.5
     )
     nearest = {r["nearest_word"] for r in rows if r["method"] == "date" and r["concept"] == COMBO}
     assert nearest == {"star"}, nearest
