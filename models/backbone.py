@@ -15,6 +15,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPVisionModelWithP
 
 from models import vae_latents
 from models.attention import PERSONALIZATION_KWARG, LoraDelta, Personalization, install_dual_path
+from models.backbone_words import BackboneWords
 from models.fingerprint import backbone_fingerprint, matches_fingerprint
 from models.hub import load_sd_components
 from models.image_encoder import tower_dtype
@@ -26,9 +27,7 @@ from models.placeholder import (
     encode_with_placeholder,
     replace_placeholder_ids,
 )
-from models.token_index import TokenIndex
 from models.unet_features import pooled_unet_features, unet_feature_dim
-from models.vocabulary import vocabulary_ids
 
 DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
 
@@ -51,7 +50,7 @@ class TextConditioning:
         return TextConditioning(torch.cat([self.context, other.context]), pooled)
 
 
-class DiffusionBackbone(nn.Module):
+class DiffusionBackbone(BackboneWords, nn.Module):
     """Frozen components of a Stable Diffusion model plus a CLIP image encoder for the concept encoder.
 
     All parameters are frozen (``requires_grad=False``) and the modules are kept in eval mode; the placeholder
@@ -157,14 +156,6 @@ class DiffusionBackbone(nn.Module):
     def prediction_type(self) -> str:
         return str(self.scheduler.config.prediction_type)
 
-    def token_embedding_table(self) -> torch.Tensor:
-        """(V, D) the text encoder's input-embedding table (without the placeholder)."""
-        return self.text_encoder.get_input_embeddings().weight
-
-    def token_rows(self) -> torch.Tensor:
-        """The table the training step indexes (``rows[ids]``); SDXL's gathers rows without concatenating."""
-        return self.token_embedding_table()
-
     def fingerprint(self, load_path: str | None = None) -> str:
         """A short hash identifying the base model (:func:`models.fingerprint.backbone_fingerprint`)."""
         return backbone_fingerprint(self, load_path)
@@ -172,26 +163,6 @@ class DiffusionBackbone(nn.Module):
     def matches_fingerprint(self, recorded: str | None, recorded_base_model: str | None = None) -> bool:
         """Whether a recorded fingerprint is this model's (:func:`models.fingerprint.matches_fingerprint`)."""
         return matches_fingerprint(self, recorded, recorded_base_model)
-
-    def special_token_ids(self) -> list[int]:
-        return sorted(set(self.tokenizer.all_special_ids) | {self.placeholder_id})
-
-    def restrict_vocabulary(self, vocabulary) -> list[int]:
-        """Counts only the tokens of ``vocabulary``'s words (a list or a one-word-per-line file) as real words:
-        the token norm v* is rescaled to and the nearest-token search use these rows only. Returns their ids."""
-        self.vocabulary_ids = vocabulary_ids(self.tokenizer, vocabulary)
-        return self.vocabulary_ids
-
-    def mean_token_norm(self) -> float:
-        """Mean L2 norm of the real token embeddings (special tokens excluded; only ``vocabulary_ids`` when a
-        vocabulary filter is set): the scale of real words."""
-        table = self.token_embedding_table().detach().float()
-        if self.vocabulary_ids is not None:
-            return float(table[torch.tensor(self.vocabulary_ids)].norm(dim=-1).mean())
-        keep = torch.ones(table.shape[0], dtype=torch.bool)
-        ids = [i for i in self.special_token_ids() if i < table.shape[0]]
-        keep[ids] = False
-        return float(table[keep].norm(dim=-1).mean())
 
     # ----- text -----
     def tokenize(self, prompts: list[str], require_placeholder: bool = False) -> torch.Tensor:
@@ -287,43 +258,6 @@ class DiffusionBackbone(nn.Module):
             # S*'s row set to the token's own: the hard prompt's embeddings, with no device read of the ids.
             hard = self.conditioning(input_ids, self.token_rows()[hard_token_ids])
         return self.denoise(noisy_latents, timesteps, soft, hard, lora, alpha)
-
-    # ----- hooks a backbone with another text conditioning overrides (models.backbone_sdxl) -----
-    @property
-    def token_dims(self) -> tuple[int, ...]:
-        """Width of v* per text encoder; v* is their concatenation (one encoder here: ``(token_dim,)``)."""
-        return (self.token_dim,)
-
-    def mean_token_norms(self) -> tuple[float, ...]:
-        """:meth:`mean_token_norm` per text encoder, in :attr:`token_dims` order."""
-        return (self.mean_token_norm(),)
-
-    def embedding_parts(self) -> dict[str, int]:
-        """Names and widths of v*'s parts for the exports; empty when v* is one text encoder's word."""
-        return {}
-
-    def similarity_space(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(..., D) embeddings mapped where cosine is the nearest-word similarity; identity with one encoder."""
-        return embeddings
-
-    def index_exclude_ids(self) -> list[int]:
-        """Token ids the nearest-word search never returns: special tokens, the placeholder and, under a
-        vocabulary filter (``restrict_vocabulary``), every token outside it."""
-        excluded = set(self.special_token_ids())
-        if self.vocabulary_ids is not None:
-            excluded |= set(range(self.token_embedding_table().shape[0])) - set(self.vocabulary_ids)
-        return sorted(excluded)
-
-    def build_token_index(self, mode: str = "exact", cache_dir: str | None = None) -> TokenIndex:
-        """Nearest-word index over the real tokens (special tokens and the placeholder excluded; only the
-        vocabulary filter's tokens when one is set)."""
-        return TokenIndex.from_text_encoder(
-            self.text_encoder,
-            self.tokenizer,
-            exclude_ids=self.index_exclude_ids(),
-            mode=mode,
-            cache_dir=cache_dir,
-        )
 
     def empty_context(self) -> torch.Tensor:
         """(1, L, D) text states of the empty prompt: the context of the UNet feature branch (E4T)."""

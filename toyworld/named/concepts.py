@@ -25,7 +25,6 @@ from evaluation.config import EvaluationConfigError
 from toyworld.named.world import (
     ATTRIBUTES,
     COLOUR_NAMES,
-    HELD_OUT_COMBOS,
     HELD_OUT_CONCEPTS,
     HELD_OUT_SHAPES,
     POSITIONS,
@@ -33,6 +32,7 @@ from toyworld.named.world import (
     VALUES,
     Scene,
     caption,
+    is_held_out,
     render,
 )
 
@@ -81,7 +81,7 @@ def _check_entry(entry: dict[str, Any], where: str) -> Scene:
     # Validation concepts (kind "validation", toyworld.named.validation) are objects of the base distribution on
     # purpose: settings are chosen on them, never on the held-out test concepts. Novel-shape validation concepts
     # (kind "validation_novel_shape") have a held-out shape in a look no test concept has.
-    held_out = scene.shape in HELD_OUT_SHAPES or scene.identity in HELD_OUT_COMBOS
+    held_out = is_held_out(scene)
     kind = entry.get("kind")
     if kind == "validation" and held_out:
         raise EvaluationConfigError(

@@ -37,19 +37,30 @@ IDENTITY = ("shape", "colour", "pattern")
 CONTEXT = ("background", "position", "size")
 
 
-def validation_concepts(n: int = 8, seed: int = 1234) -> list[tuple[str, str, str]]:
-    """``n`` distinct (shape, colour, pattern) objects of the base distribution, disjoint from the test concepts.
-    Shapes cycle through the training shapes so every one is represented."""
-    rng = seeded_rng(seed, 0x76616C)
+def _draw_objects(
+    shapes: tuple[str, ...], n: int, rng: np.random.Generator, excluded
+) -> list[tuple[str, str, str]]:
+    """``n`` distinct (shape, colour, pattern) objects, shapes cycling through ``shapes``, colour and pattern drawn
+    from ``rng``; an object for which ``excluded(obj)`` is true is drawn again."""
     out: list[tuple[str, str, str]] = []
     while len(out) < n:
-        shape = TRAIN_SHAPES[len(out) % len(TRAIN_SHAPES)]
+        shape = shapes[len(out) % len(shapes)]
         obj = (shape, str(rng.choice(VALUES["colour"])), str(rng.choice(VALUES["pattern"])))
-        scene = concept_scene(*obj)
-        if obj in out or obj in HELD_OUT_CONCEPTS or is_held_out(scene):
+        if obj in out or excluded(obj):
             continue
         out.append(obj)
     return out
+
+
+def validation_concepts(n: int = 8, seed: int = 1234) -> list[tuple[str, str, str]]:
+    """``n`` distinct (shape, colour, pattern) objects of the base distribution, disjoint from the test concepts.
+    Shapes cycle through the training shapes so every one is represented."""
+    return _draw_objects(
+        TRAIN_SHAPES,
+        n,
+        seeded_rng(seed, 0x76616C),
+        lambda obj: obj in HELD_OUT_CONCEPTS or is_held_out(concept_scene(*obj)),
+    )
 
 
 def novel_validation_concepts(n: int = 4, seed: int = 1234) -> list[tuple[str, str, str]]:
@@ -57,15 +68,7 @@ def novel_validation_concepts(n: int = 4, seed: int = 1234) -> list[tuple[str, s
     word names them) in looks no test concept has (``HELD_OUT_CONCEPTS``). The world has only two shapes the base
     never saw and the test's 4 novel concepts use both, so these share the test's shapes in other colours and
     patterns, as the instance world's validation instances share the test's categories."""
-    rng = seeded_rng(seed, 0x6E6F76)
-    out: list[tuple[str, str, str]] = []
-    while len(out) < n:
-        shape = HELD_OUT_SHAPES[len(out) % len(HELD_OUT_SHAPES)]
-        obj = (shape, str(rng.choice(VALUES["colour"])), str(rng.choice(VALUES["pattern"])))
-        if obj in out or obj in HELD_OUT_CONCEPTS:
-            continue
-        out.append(obj)
-    return out
+    return _draw_objects(HELD_OUT_SHAPES, n, seeded_rng(seed, 0x6E6F76), lambda obj: obj in HELD_OUT_CONCEPTS)
 
 
 def context_prompts(obj: tuple[str, str, str], n: int, seed: int, placeholder: str = "<s*>") -> list[dict]:
