@@ -8,16 +8,20 @@ cannot be read or is too small is skipped with a one-line reason (``skipped``); 
 Batch ``(g, s)`` (group ``g``, step ``s``) holds, for each concept ``j`` of group ``g`` in turn, the rows
 ``s * B .. s * B + B - 1`` of that concept's :class:`~datamodules.concept.SingleConceptDataset` (epoch 0): exactly
 the batch ``s`` a :class:`~datamodules.concept.ConceptDataModule` of that one image with the same seed gives.
+The loader is resumable: Lightning checkpoints how many batches it gave, and a run resumed from a mid-run
+checkpoint goes on from the next batch (``ConceptTuning`` keeps the group being tuned in its checkpoint).
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.concept import SingleConceptDataset, TuningConcept
 from datamodules.image_folder import scan_images
@@ -112,9 +116,46 @@ class ConceptSetDataset(Dataset):
         item = self.datasets[c][(0, s * self.batch_size + b)]
         return {**item, "slot": j, "group": g, "step": s}
 
-    def loader(self, num_workers: int = 0) -> DataLoader:
-        """The batches in order (``groups * steps`` of them)."""
-        return DataLoader(self, batch_sampler=self.batches, num_workers=num_workers)
+    def loader(self, num_workers: int = 0) -> ConceptSetLoader:
+        """The batches in order (``groups * steps`` of them), resumable."""
+        return ConceptSetLoader(self, num_workers)
+
+
+class _BatchList(Sampler[list[int]]):
+    """Fixed batches in order; ``start`` skips that many on the next iteration only (set by a resume)."""
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        self.batches, self.start = batches, 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start, self.start = self.start, 0
+        return iter(self.batches[start:])
+
+
+class ConceptSetLoader(DataLoader):
+    """The batches of a :class:`ConceptSetDataset` in order, with the position Lightning checkpoints
+    (``state_dict``: batches given so far); ``len()`` stays the full count while resuming, as Lightning expects."""
+
+    def __init__(self, dataset: ConceptSetDataset, num_workers: int = 0) -> None:
+        super().__init__(dataset, batch_sampler=_BatchList(dataset.batches), num_workers=num_workers)
+        self._given = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self._given = self.batch_sampler.start
+        for batch in super().__iter__():
+            self._given += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": int(self._given)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """The next iteration starts after ``state_dict["batches"]`` batches (none left: a fresh pass)."""
+        given = int(state_dict["batches"])
+        self.batch_sampler.start = self._given = given if given < len(self.batch_sampler) else 0
 
 
 class ConceptSetDataModule(LightningDataModule):
@@ -211,7 +252,7 @@ class ConceptSetDataModule(LightningDataModule):
         ]
         return ConceptSetDataset(views, self.concepts_per_batch, self.steps, self.batch_size)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ConceptSetLoader:
         """``groups * steps`` batches of ``K * B`` rows (the last group may hold fewer concepts)."""
         if world_info(self)[0] > 1:
             raise ConfigurationError("ConceptSetDataModule runs on one device (devices: 1)")

@@ -8,8 +8,9 @@ the backbone per concept; the module lives on its device across runs
 inside the timed interval). A single concept is read from the trainer's datamodule (``ConceptDataModule``); a
 group of K goes in through ``ConceptTuning.set_concepts`` with the rows of ``ConceptSetDataset`` (each concept's
 batches those of its own ``ConceptDataModule``), so each concept is tuned as it would be alone
-(``lightning_modules.multi_concept``). Methods that tune weights all concepts share (``shared_tunables``: the
-LoRA factors, the encoder, a UNet LoRA) run one concept at a time whatever K is.
+(``lightning_modules.multi_concept``; with the LoRA factors tuned, each concept its own copy). Methods that tune
+weights all concepts share (``shared_tunables``: the encoder, a UNet LoRA, the UNet) run one concept at a time
+whatever K is.
 """
 
 from __future__ import annotations

@@ -229,7 +229,8 @@ class PersonalizationModule(SampleLogging, LightningModule):
         """Returns (v* (B, D), cores (B, T, r, r)) for the batch. Implemented by each phase."""
         raise NotImplementedError
 
-    def lora_deltas(self, cores: torch.Tensor) -> dict[str, LoraDelta]:
+    def lora_deltas(self, cores: torch.Tensor, slots: torch.Tensor | None = None) -> dict[str, LoraDelta]:
+        """The LoRA deltas of (B, T, r, r) cores; ``slots`` (B,): each row's concept, when a batch holds several."""
         raise NotImplementedError
 
     def hard_prompt_ids(self, batch: dict, neighbour_ids: torch.Tensor) -> torch.Tensor:

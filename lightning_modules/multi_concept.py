@@ -3,9 +3,10 @@
 Each batch row belongs to one concept (its ``slot``). The step gives every concept what it would get tuned alone
 with the same seeds: its rows' noise and timesteps from the generator of ``(seed, its step, rank)``, the mean
 diffusion loss over its own rows, its own nearest-token pull, and penalties; the total is the SUM over concepts,
-so the gradient reaching a concept's v* and cores is exactly its single-concept gradient. The optimizer is
-elementwise (AdamW), so the rows of its state are per concept too; methods that train weights every concept
-shares (``SHARED_TUNABLES``) cannot be batched and are refused by ``ConceptTuning.set_concepts``.
+so the gradient reaching a concept's v*, cores and (with ``factors`` tuned) its own copy of the LoRA factors
+(:mod:`models.slot_factors`) is exactly its single-concept gradient. The optimizer is elementwise (AdamW), so the
+rows of its state are per concept too; methods that train weights every concept shares (``SHARED_TUNABLES``)
+cannot be batched and are refused by ``ConceptTuning.set_concepts``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from datamodules.concept import TuningConcept
 from losses import add_noise, check_finite, gather_neighbours, nearest_pull
 from models.errors import ConfigurationError
 
-# Tuned weights shared by all concepts of a batch (the LoRA factors, the encoder, a static UNet LoRA).
-SHARED_TUNABLES = frozenset({"factors", "encoder", "unet_lora", "unet"})
+# Tuned weights shared by all concepts of a batch (the encoder, a static UNet LoRA, the UNet). The LoRA factors
+# are not among them: each concept tunes its own copy (models/slot_factors.py).
+SHARED_TUNABLES = frozenset({"encoder", "unet_lora", "unet"})
 
 
 @dataclass
@@ -126,7 +128,8 @@ def multi_concept_step(module, batch: dict) -> tuple[dict[str, torch.Tensor], di
         terms are means over concepts, comparable with a single-concept run's.
     """
     bb = module.backbone
-    runs = slot_rows(torch.as_tensor(batch["slot"]))
+    slots = torch.as_tensor(batch["slot"])
+    runs = slot_rows(slots)
     step = int(torch.as_tensor(batch["step"])[0])
     rank = module.global_rank
     parts = []
@@ -147,7 +150,7 @@ def multi_concept_step(module, batch: dict) -> tuple[dict[str, torch.Tensor], di
         nn_v_star, neighbours = bb.similarity_space(v_star), bb.similarity_space(neighbours)
     ids = bb.tokenize(list(batch["prompt"]), require_placeholder=True)
     pred = bb.personalized_unet(
-        noisy, timesteps, ids, v_star, module.lora_deltas(cores), module.alpha, hard_ids
+        noisy, timesteps, ids, v_star, module.lora_deltas(cores, slots), module.alpha, hard_ids
     ).float()
     terms: dict[str, list[torch.Tensor]] = {}
     for _, rows in runs:

@@ -62,7 +62,7 @@ class EncoderPretraining(PersonalizationModule):
         )
         return pred.v_star, pred.cores
 
-    def lora_deltas(self, cores: torch.Tensor) -> dict[str, LoraDelta]:
+    def lora_deltas(self, cores: torch.Tensor, slots: torch.Tensor | None = None) -> dict[str, LoraDelta]:
         return self.personalizer.deltas(cores)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

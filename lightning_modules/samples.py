@@ -64,7 +64,7 @@ class SampleLogging:
             self.backbone,
             prompts,
             v_star.detach(),
-            self.lora_deltas(cores.detach()),
+            self.lora_deltas(cores.detach(), torch.as_tensor(slots) if slots is not None else None),
             self.hard_prompt_ids({"slot": slots} if slots is not None else {}, result.ids),
             alpha=self.alpha,
             num_inference_steps=self.sample_inference_steps,

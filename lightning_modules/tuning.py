@@ -32,6 +32,7 @@ from losses.diffusion import check_finite
 from models.attention import LoraDelta
 from models.errors import ConfigurationError
 from models.personalizer import Personalizer, PersonalizerConfig
+from models.slot_factors import SlotFactors
 from models.unet_lora import add_unet_lora, lora_parameters, lora_snapshot, restore_lora
 from models.unet_offsets import FullFineTuning
 
@@ -194,6 +195,8 @@ class ConceptTuning(ConceptExport, TuningWords, PersonalizationModule):
         self.artifact_path: Path | None = None
         self.concepts: list[TuningConcept] | None = None
         self.slots = ConceptSlots(1, 1)
+        # The LoRA factors of a run of several concepts that tune them: a copy per slot (models/slot_factors.py).
+        self.slot_factors: SlotFactors | None = None
         self.exported: dict[str, Path] = {}
 
     # ----- the concepts, given explicitly -----
@@ -207,7 +210,8 @@ class ConceptTuning(ConceptExport, TuningWords, PersonalizationModule):
 
         Args:
             concepts: in the order of the data's groups (concept ``g * K + j`` is slot ``j`` of group ``g``).
-            per_batch: K, the concepts sharing one batch; v* and the cores get K rows.
+            per_batch: K, the concepts sharing one batch; v* and the cores get K rows, and with ``factors`` in
+                ``tune`` and several concepts each slot tunes its own copy of the LoRA factors (:class:`SlotFactors`).
             checked_resolution: the resolution the images were already size-checked at (by the datamodule);
                 they are checked again when the backbone's differs.
 
@@ -225,7 +229,19 @@ class ConceptTuning(ConceptExport, TuningWords, PersonalizationModule):
         # Before configure_optimizers: the optimizer sees the K-row tensors.
         self.v_star = with_rows(self.v_star, self.slots.per_batch)
         self.cores = with_rows(self.cores, self.slots.per_batch)
+        self.set_slot_factors()
         self.exported = {}
+
+    def set_slot_factors(self) -> None:
+        """With ``factors`` in ``tune``: one concept tunes the hypernetwork's factors themselves (as always); several
+        tune a copy per slot and leave the hypernetwork's as the pretrained values every concept starts from."""
+        several = "factors" in self.tune and self.slots.total > 1
+        self.slot_factors = (
+            SlotFactors(self.personalizer.hypernetwork, self.slots.per_batch) if several else None
+        )
+        if "factors" in self.tune:
+            self.personalizer.hypernetwork.down.requires_grad_(not several)
+            self.personalizer.hypernetwork.up.requires_grad_(not several)
 
     def reset_concept(self, concept_name: str | None = None) -> None:
         """Forgets the concepts and restores the initial personalizer: the module can tune others (no reload)."""
@@ -237,6 +253,8 @@ class ConceptTuning(ConceptExport, TuningWords, PersonalizationModule):
         self.initialised.fill_(False)
         self.concept_name = concept_name
         self.concepts = None
+        self.slots = ConceptSlots(1, 1)
+        self.set_slot_factors()
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -247,6 +265,17 @@ class ConceptTuning(ConceptExport, TuningWords, PersonalizationModule):
                     "no concepts: call set_concepts() or fit on a Concept(Set)DataModule"
                 )
             self.set_concepts(dm.concepts, getattr(dm, "concepts_per_batch", 1), dm.resolution)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["concept_slots"] = {"group": self.slots.group, "started_at": self.slots.started_at}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resumed run goes on with the group it was tuning (its concepts' values come with the weights)."""
+        super().on_load_checkpoint(checkpoint)
+        slots = checkpoint.get("concept_slots")
+        if slots is not None:
+            self.slots.group, self.slots.started_at = int(slots["group"]), int(slots["started_at"])
 
     def concept(self, slot: int = 0) -> TuningConcept:
         """The concept in ``slot`` of the current group."""
@@ -273,6 +302,8 @@ class ConceptTuning(ConceptExport, TuningWords, PersonalizationModule):
                 v, cores = self.initial_values(self.concept(j))
                 self.v_star[j].copy_(v[0])
                 self.cores[j].copy_(cores[0])
+                if self.slot_factors is not None:
+                    self.slot_factors.reset(j)
             self.initialised.fill_(True)
         if self.prior is not None:  # one concept per run (the UNet is shared), still the base model here
             self.prior.prepare(self.backbone, self.concept(0))
@@ -312,9 +343,15 @@ class ConceptTuning(ConceptExport, TuningWords, PersonalizationModule):
             return self.v_star[slots], self.cores[slots]
         return self.v_star.expand(b, -1), self.cores.expand(b, -1, -1, -1)
 
-    def lora_deltas(self, cores: torch.Tensor) -> dict[str, LoraDelta]:
+    def lora_deltas(self, cores: torch.Tensor, slots: torch.Tensor | None = None) -> dict[str, LoraDelta]:
         if not self.lora_active:
             return {}  # cores stay exactly zero (e.g. textual inversion): skip the zero LoRA work
+        if (
+            self.slot_factors is not None
+        ):  # several concepts with their own factors: each row reads its slot's
+            if slots is None:
+                raise ValueError("each concept tunes its own LoRA factors: the rows' slots are needed")
+            return self.slot_factors.deltas(cores, slots)
         return self.personalizer.deltas(cores)
 
     @property
@@ -332,7 +369,8 @@ class ConceptTuning(ConceptExport, TuningWords, PersonalizationModule):
         if group != self.slots.group:  # the previous group's concepts are done: write them, start the next
             self.export_group()
             self.start_group(group)
-            for p in (self.v_star, self.cores):  # each concept starts with a fresh optimizer state
+            own = [self.v_star, self.cores, *(self.slot_factors.parameters() if self.slot_factors else ())]
+            for p in own:  # each concept starts with a fresh optimizer state
                 self.optimizers().optimizer.state.pop(p, None)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

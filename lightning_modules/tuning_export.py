@@ -38,7 +38,10 @@ class ConceptExport:
         if self._initial_unet_lora is not None:
             lora = unet_lora_factors(self.backbone.unet)
         else:
-            static = self.personalizer.hypernetwork.static_lora(cores[0].float())
+            if self.slot_factors is not None:  # several concepts, each with its own tuned factors
+                static = self.slot_factors.static_lora(cores[0].float(), slot)
+            else:
+                static = self.personalizer.hypernetwork.static_lora(cores[0].float())
             # Convolutions' factors in the layout LoRA files hold them (models.module_offsets).
             static = shaped_factors(self.backbone.unet, static)
             lora = {k: (d.cpu(), u.cpu()) for k, (d, u) in static.items()}

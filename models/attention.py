@@ -26,23 +26,41 @@ DEFAULT_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 class LoraDelta(NamedTuple):
-    """A per-sample low-rank offset ``dW_b = up · core_b · down`` of one linear layer.
+    """A per-sample low-rank offset ``dW_b = up_b · core_b · down_b`` of one linear layer.
+
+    The factors are one pair for the whole batch (the encoder's learned A_l, B_l), or one pair per sample when
+    several concepts that each tune their own factors share a batch (:meth:`per_sample`).
 
     Attributes:
-        down: (r, in_features) learned factor A.
+        down: (r, in_features) learned factor A, or (B, r, in_features) per sample.
         core: (B, r, r) per-sample core M(f), predicted by the hypernetwork.
-        up: (out_features, r) learned factor B.
+        up: (out_features, r) learned factor B, or (B, out_features, r) per sample.
     """
 
     down: torch.Tensor
     core: torch.Tensor
     up: torch.Tensor
 
+    @property
+    def per_sample(self) -> bool:
+        """Whether every sample has its own factors (``down`` is (B, r, in))."""
+        return self.down.dim() == 3
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``x · dW_b^T`` for x of shape (B, N, in_features) -> (B, N, out_features)."""
+        if self.per_sample:
+            h = torch.bmm(x, self.down.to(x.dtype).transpose(1, 2))
+            h = torch.bmm(h, self.core.to(x.dtype).transpose(1, 2))
+            return torch.bmm(h, self.up.to(x.dtype).transpose(1, 2))
         h = F.linear(x, self.down.to(x.dtype))
         h = torch.bmm(h, self.core.to(x.dtype).transpose(1, 2))
         return F.linear(h, self.up.to(x.dtype))
+
+    def repeat(self, n: int) -> LoraDelta:
+        """The delta of a batch repeated ``n`` times along the batch (classifier-free guidance's halves)."""
+        if self.per_sample:
+            return LoraDelta(self.down.repeat(n, 1, 1), self.core.repeat(n, 1, 1), self.up.repeat(n, 1, 1))
+        return LoraDelta(self.down, self.core.repeat(n, 1, 1), self.up)
 
 
 @dataclass

@@ -68,9 +68,18 @@ def module_targets(unet: nn.Module, kinds: tuple[str, ...]) -> dict[str, tuple[i
 
 def conv_offset(module: nn.Conv2d, x: torch.Tensor, delta: LoraDelta) -> torch.Tensor:
     """Per-sample ``conv(x, dW_b)`` for x (B, C, H, W): ``A`` as a convolution into r channels with the layer's
-    kernel, stride, padding and dilation, the (B, r, r) core per sample, ``B`` as a 1 x 1 convolution."""
-    r = delta.down.shape[0]
+    kernel, stride, padding and dilation, the (B, r, r) core per sample, ``B`` as a 1 x 1 convolution. Per-sample
+    factors (``delta.per_sample``) run as one grouped convolution, a group per sample."""
     kh, kw = module.kernel_size
+    if delta.per_sample:
+        b, r = delta.down.shape[:2]
+        down = delta.down.to(x.dtype).reshape(b * r, module.in_channels, kh, kw)
+        h = F.conv2d(
+            x.reshape(1, -1, *x.shape[2:]), down, None, module.stride, module.padding, module.dilation, b
+        )
+        h = torch.einsum("bij,bjhw->bihw", delta.core.to(x.dtype), h.reshape(b, r, *h.shape[2:]))
+        return torch.einsum("boj,bjhw->bohw", delta.up.to(x.dtype), h)
+    r = delta.down.shape[0]
     down = delta.down.to(x.dtype).reshape(r, module.in_channels, kh, kw)
     h = F.conv2d(x, down, None, module.stride, module.padding, module.dilation)
     h = torch.einsum("bij,bjhw->bihw", delta.core.to(x.dtype), h)

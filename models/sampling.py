@@ -19,7 +19,7 @@ def make_sampler(backbone: DiffusionBackbone, name: str = "ddim"):
 
 
 def _repeat_lora(lora: dict[str, LoraDelta], n: int) -> dict[str, LoraDelta]:
-    return {k: LoraDelta(d.down, d.core.repeat(n, 1, 1), d.up) for k, d in lora.items()}
+    return {k: d.repeat(n) for k, d in lora.items()}
 
 
 @torch.no_grad()
