@@ -25,6 +25,7 @@ from toyworld.instance.concepts import InstanceConcepts
 REPO = Path(__file__).resolve().parents[1]
 TEST_DIR = REPO / "assets" / "toyworld" / "instance_concepts"
 VAL_DIR = REPO / "assets" / "toyworld" / "instance_validation_concepts"
+VAL24_DIR = REPO / "assets" / "toyworld" / "instance_validation_concepts_24"
 # Every word a caption may hold: articles, sizes, categories, position phrases, background colour names.
 CAPTION_WORDS = {
     "a", "an", "on", "the", "at", "in", "background", "object", "<s*>",
@@ -48,13 +49,29 @@ def test_sampling_rendering_and_stream_are_deterministic():
 def test_committed_concept_folders_are_what_the_writer_writes(tmp_path):
     from PIL import Image
 
-    for split, folder in (("test", TEST_DIR), ("validation", VAL_DIR)):
-        out = Path(C.write_instance_concepts(tmp_path / split, split))
+    for split, folder, times in (
+        ("test", TEST_DIR, 1),
+        ("validation", VAL_DIR, 1),
+        ("validation", VAL24_DIR, 3),
+    ):
+        out = Path(C.write_instance_concepts(tmp_path / f"{split}{times}", split, times))
         assert (out / "concepts.json").read_text() == (folder / "concepts.json").read_text()
         for row in json.loads((folder / "concepts.json").read_text()):
             assert np.array_equal(
                 np.asarray(Image.open(out / row["image"])), np.asarray(Image.open(folder / row["image"]))
             )
+
+
+def test_the_larger_validation_set_holds_the_smaller_one_and_no_test_instance():
+    """--times 3: every entry of the plan draws 3 times its count from its own generator, so the 8 come first."""
+    small = {name: (kind, inst) for name, kind, inst in C.concept_instances("validation")}
+    large = {name: (kind, inst) for name, kind, inst in C.concept_instances("validation", 3)}
+    assert len(small) == 8 and len(large) == 24 and all(large[n] == small[n] for n in small)
+    test = [inst for _, _, inst in C.concept_instances("test")]
+    assert all(inst not in test for _, inst in large.values())
+    assert len({inst for _, inst in large.values()}) == 24  # 24 distinct instances
+    with pytest.raises(ValueError, match="times must be 1"):
+        C.concept_instances("test", 3)
 
 
 def test_captions_name_category_and_context_never_a_detail():
@@ -65,7 +82,7 @@ def test_captions_name_category_and_context_never_a_detail():
         words = set(text.split())
         assert words <= CAPTION_WORDS, text
         assert not words & detail_words and not re.search(r"\d", text), text
-    for folder in (TEST_DIR, VAL_DIR):
+    for folder in (TEST_DIR, VAL_DIR, VAL24_DIR):
         for c in InstanceConcepts(str(folder), num_prompts=6).load("<s*>"):
             for text in [*c.prompts, c.data_args["templates"][0].format("<s*>")]:
                 assert set(text.split()) <= CAPTION_WORDS, text
@@ -281,3 +298,19 @@ def test_unknown_world_is_refused():
 
     with pytest.raises(ValueError, match="world must be"):
         world_stream({"world": "other", "resolution": 32}, 2, 0, "base")
+
+
+@pytest.mark.parametrize(
+    "argv", [["--split", "test", "--times", "3"], ["--split", "validation", "--times", "0"]]
+)
+def test_bad_times_is_one_line_error_before_any_file(argv, tmp_path, capsys):
+    from toyworld.__main__ import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["instance-concepts", *argv, "--out", str(tmp_path / "out")])
+    assert err.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"python -m toyworld: error: --times {argv[-1]}: must be >= 1, and more than 1 only with --split validation"
+        " (the test set is fixed)"
+    )
+    assert not (tmp_path / "out").exists()

@@ -32,16 +32,25 @@ def instance_render(n: int = 16, seed: int = 0, out: str = "instance_grid.png") 
     print(f"wrote {out}", file=sys.stderr)
 
 
-def instance_concepts(split: Literal["test", "validation"] = "test", out: str | None = None) -> None:
+def instance_concepts(
+    split: Literal["test", "validation"] = "test", out: str | None = None, times: int = 1
+) -> None:
     """Instance world: write a split's concept images and concepts.json.
 
     Args:
         split: which concept set
         out: output folder (default assets/toyworld/instance_concepts or .../instance_validation_concepts)
+        times: validation only: this many instances per entry of the split's plan (3: the 24 concepts of
+            assets/toyworld/instance_validation_concepts_24, whose first of each entry are the 8 of times 1)
     """
     from toyworld.instance.concepts import write_instance_concepts
 
-    print(write_instance_concepts(out or CONCEPT_DIRS[split], split))
+    ok = times == 1 or (times > 1 and split == "validation")
+    check(
+        ok,
+        f"--times {times}: must be >= 1, and more than 1 only with --split validation (the test set is fixed)",
+    )
+    print(write_instance_concepts(out or CONCEPT_DIRS[split], split, times))
 
 
 COMMANDS = {"instance-render": instance_render, "instance-concepts": instance_concepts}

@@ -177,20 +177,30 @@ VALIDATION_PLAN: tuple[tuple[str, str, int], ...] = (
 CONCEPT_SEED = {"test": 0x7465, "validation": 0x7661}
 
 
-def concept_instances(split: str) -> list[tuple[str, str, Instance]]:
-    """The concepts of ``split`` (``test`` or ``validation``): (name, kind, instance), seeded."""
+def concept_instances(split: str, times: int = 1) -> list[tuple[str, str, Instance]]:
+    """The concepts of ``split`` (``test`` or ``validation``): (name, kind, instance), seeded.
+
+    ``times`` (validation only) draws that many times the plan's count per entry from the entry's same generator, so
+    the concepts of ``times=1`` come first in each entry and are unchanged (a larger validation set that contains
+    the smaller one). The test set is fixed.
+
+    Raises:
+        ValueError: ``times < 1``, or ``times > 1`` for the test split.
+    """
     plan = {"test": TEST_PLAN, "validation": VALIDATION_PLAN}[split]
+    if times < 1 or (times > 1 and split != "validation"):
+        raise ValueError(f"times must be 1, or >= 1 for the validation split; got {times} for {split!r}")
     out = []
     for ci, (kind, category, count) in enumerate(plan):
         rng = seeded_rng(CONCEPT_SEED[split], ci)
-        for j in range(count):
+        for j in range(count * times):
             # Rounded as concepts.json holds it, so the folder's renders are the instance's.
             inst = Instance.from_json(sample_instance(rng, split, category).to_json())
             out.append((f"{category}_{'val' if split == 'validation' else split}{j}", kind, inst))
     return out
 
 
-def write_instance_concepts(out: str | Path, split: str = "test") -> str:
+def write_instance_concepts(out: str | Path, split: str = "test", times: int = 1) -> str:
     """Writes ``<name>.png`` (32 px, no jitter, :func:`input_context`) for every concept of ``split`` and
     ``concepts.json`` (the world's keys; ``attributes`` is the input's category and context, ``instance`` its
     details)."""
@@ -199,7 +209,7 @@ def write_instance_concepts(out: str | Path, split: str = "test") -> str:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name, kind, inst in concept_instances(split):
+    for name, kind, inst in concept_instances(split, times):
         ctx = input_context(inst)
         Image.fromarray(render(inst, ctx)).save(folder / f"{name}.png")
         held_cat = inst.category in HELD_OUT_CATEGORIES

@@ -101,7 +101,8 @@ def instance_lines(out: Path) -> list[str]:
     lines += [
         f"- `instance_calibration.json`: the pixel identity threshold {cal.get('threshold', float('nan')):.3f}"
         f" and the reference rows (identity on the test concepts): {refs}.",
-        "- `instance_concepts/` (24 test concepts) and `instance_validation_concepts/` (8): input images;"
+        "- `instance_concepts/` (24 test concepts), `instance_validation_concepts/` (8) and"
+        " `instance_validation_concepts_24/` (those 8 and 16 more, `instance-concepts --times 3`): input images;"
         " `instance_vocabulary.txt`: the category words (the regulariser's vocabulary); `instance_results/`:"
         " the grids and trade-off plots of docs/research/instance_world.md.",
     ]
