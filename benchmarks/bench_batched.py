@@ -6,7 +6,9 @@ Usage::
                                        [--repeats 2] [--device cpu|cuda] [--out results.json]
 
 For every config and every K, the same total work (K concepts x ``--steps`` steps x ``--batch-size`` views,
-DATE: dual path, alpha 0.5, v* and cores tuned, nearest-token pull) is done twice per round, in alternating order:
+DATE: dual path, alpha 0.5, tuning what the config's tuning YAML tunes or ``--tune`` says: ``tiny`` and
+``small25m`` v* and the cores, the toy world v*, the cores and the LoRA factors, a copy per concept when batched)
+is done twice per round, in alternating order:
 
 * **batched**: one ``trainer.fit`` of ``ConceptTuning`` on a ``ConceptSetDataModule`` holding the K images with
   ``concepts_per_batch = K`` (one batch = K x B rows);
@@ -93,6 +95,8 @@ def _setup(name: str, args: argparse.Namespace, work: Path):
             path.parent.mkdir(parents=True, exist_ok=True)
             render_concept(args.seed, i, size=128).save(path)
             sources.append((path, None, None))
+    if args.tune:
+        model["tune"] = list(args.tune)
     model |= {"token_index_cache": str(CACHE_DIR / "token_index"), "export_diffusers": False,
               "export_dir": str(work / "concepts"), "seed": args.seed}  # fmt: skip
     lines = []
@@ -150,7 +154,7 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
     for _ in range(args.warmup):
         batched(1)
         sequential(1)
-    out: dict = {"load_s": load_s, "machine": machine_notes(device), "ks": {}}
+    out: dict = {"load_s": load_s, "machine": machine_notes(device), "tune": list(module.tune), "ks": {}}
     for k in args.ks:
         runs: dict[str, list[float]] = {"batched": [], "sequential": []}
         walls: dict[str, list[float]] = {"batched": [], "sequential": []}
@@ -186,7 +190,8 @@ def render(results: dict) -> str:
     for name, res in results["configs"].items():
         m = res["machine"]
         lines.append(
-            f"#### {name}: {a['steps']} steps x batch {a['batch_size']} per concept, {a['device']} "
+            f"#### {name}: {a['steps']} steps x batch {a['batch_size']} per concept, tuning "
+            f"{'+'.join(res.get('tune', ['(not recorded)']))}, {a['device']} "
             f"({m['torch_threads']} torch threads), {a['precision']}, {a['repeats']} paired rounds, "
             f"model load {res['load_s']:.1f} s (not counted)\n"
         )
@@ -207,6 +212,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--configs", nargs="+", default=["tiny", "small25m", "toyworld"])
     p.add_argument("--ks", nargs="+", type=int, default=[1, 4, 16])
     p.add_argument("--steps", type=int, default=12, help="tuning steps per concept")
+    p.add_argument(
+        "--tune", nargs="+", default=None, metavar="PART",
+        help="what the steps tune (embedding, cores, factors); default: each config's tuning YAML",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4, help="views per concept and step")
     p.add_argument("--repeats", type=int, default=2, help="timed paired rounds per K")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds of K = 1 first")

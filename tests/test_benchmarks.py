@@ -55,6 +55,7 @@ def test_bench_batched_runs_and_writes_json(tmp_path, capsys):
     for k, r in res["ks"].items():
         assert len(r["batched_s"]) == len(r["sequential_s"]) == 1
         assert r["batched_concepts_per_hour"] == 3600 * int(k) / r["batched_s"][0]
+    assert json.loads(out.read_text())["configs"]["tiny"]["tune"] == ["embedding", "cores"]
     assert "| 2 |" in capsys.readouterr().out
 
 
