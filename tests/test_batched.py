@@ -45,6 +45,26 @@ def _list_file(path: Path, names: list[str]) -> Path:
     return path
 
 
+def _view_kwargs(cfg) -> dict:
+    """The data options a ConceptSetDataModule shares with the tuning config's ConceptDataModule."""
+    return {
+        k: v
+        for k, v in cfg.data_kwargs.items()
+        if k in ("resolution", "clip_size", "scale", "flip_p", "seed")
+    }
+
+
+def _tune_alone(cfg, module, export_dir: Path, name: str) -> None:
+    """One concept's own run (its artefact in ``export_dir``), the reference a batched concept must equal."""
+    e = _entries()[name]
+    module.reset_concept()
+    module.export_dir = str(export_dir)
+    data = cfg.build_data(
+        image=str(CONCEPTS / e["image"]), templates=[e["template"]], class_noun=e["class_noun"], steps=STEPS
+    )
+    _trainer(STEPS).fit(module, data)
+
+
 def _trainer(max_steps: int) -> Trainer:
     return Trainer(
         accelerator="cpu", max_steps=max_steps, max_epochs=1, logger=False, enable_checkpointing=False,
@@ -89,26 +109,13 @@ def _batched_equals_sequential(cfg, module, root: Path) -> None:
     entries = _entries()
     single = {}
     for name in NAMES:
-        e = entries[name]
-        module.reset_concept()
-        module.export_dir = str(root / "single")
-        data = cfg.build_data(
-            image=str(CONCEPTS / e["image"]),
-            templates=[e["template"]],
-            class_noun=e["class_noun"],
-            steps=STEPS,
-        )
-        _trainer(STEPS).fit(module, data)
+        _tune_alone(cfg, module, root / "single", name)
         single[name] = (module.v_star.detach().clone(), module.cores.detach().clone())
         assert ConceptArtifact.load(root / "single" / f"{name}.safetensors").steps == STEPS
 
     module.reset_concept()
     module.export_dir = str(root / "batched")
-    kwargs = {
-        k: v
-        for k, v in cfg.data_kwargs.items()
-        if k in ("resolution", "clip_size", "scale", "flip_p", "seed")
-    }
+    kwargs = _view_kwargs(cfg)
     root.mkdir(parents=True, exist_ok=True)
     data = ConceptSetDataModule(
         images=str(_list_file(root / "three.txt", NAMES)), concepts_per_batch=3, steps=STEPS, **kwargs
@@ -138,29 +145,16 @@ def test_batched_factors_equal_sequential_per_concept(toy_factors):
     """With the LoRA factors tuned (the named world's default), each concept of a batch tunes its own copy and
     ends where its single run ends: v*, cores, every factor and the written LoRA."""
     cfg, module, root = toy_factors
-    entries, single = _entries(), {}
+    single = {}
     pretrained = _factors(module.personalizer.hypernetwork)
     for name in NAMES:
-        e = entries[name]
-        module.reset_concept()
-        module.export_dir = str(root / "single")
-        data = cfg.build_data(
-            image=str(CONCEPTS / e["image"]),
-            templates=[e["template"]],
-            class_noun=e["class_noun"],
-            steps=STEPS,
-        )
-        _trainer(STEPS).fit(module, data)
+        _tune_alone(cfg, module, root / "single", name)
         assert module.slot_factors is None  # one concept tunes the hypernetwork's factors themselves
         single[name] = (module.v_star.detach().clone(), module.cores.detach().clone())
         single[name] += (_factors(module.personalizer.hypernetwork),)
     module.reset_concept()
     module.export_dir = str(root / "batched")
-    kwargs = {
-        k: v
-        for k, v in cfg.data_kwargs.items()
-        if k in ("resolution", "clip_size", "scale", "flip_p", "seed")
-    }
+    kwargs = _view_kwargs(cfg)
     data = ConceptSetDataModule(
         images=str(_list_file(root / "three.txt", NAMES)), concepts_per_batch=3, steps=STEPS, **kwargs
     )
@@ -195,11 +189,7 @@ def test_resumed_run_goes_on_with_its_group_and_ends_where_an_uninterrupted_one_
     tuned value, the factor copies included, equals the uninterrupted run's."""
     cfg, _, root = toy_factors
     root = root / "resume"
-    kwargs = {
-        k: v
-        for k, v in cfg.data_kwargs.items()
-        if k in ("resolution", "clip_size", "scale", "flip_p", "seed")
-    }
+    kwargs = _view_kwargs(cfg)
     names = _list_file(root.parent / "three.txt", NAMES)
 
     def run(out: str, max_steps: int = -1, ckpt: Path | None = None, save: bool = False):
@@ -233,11 +223,7 @@ def test_groups_of_k_restart_each_concept(toy):
     cfg, module, root = toy
     module.reset_concept()
     module.export_dir = str(root / "groups")
-    kwargs = {
-        k: v
-        for k, v in cfg.data_kwargs.items()
-        if k in ("resolution", "clip_size", "scale", "flip_p", "seed")
-    }
+    kwargs = _view_kwargs(cfg)
     data = ConceptSetDataModule(
         images=str(_list_file(root / "three.txt", NAMES)), concepts_per_batch=2, steps=STEPS, **kwargs
     )
