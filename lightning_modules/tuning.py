@@ -30,7 +30,7 @@ from lightning_modules.tuning_rates import rate_groups
 from lightning_modules.tuning_words import TuningWords, check_tuning_options
 from losses.diffusion import check_finite
 from models.attention import LoraDelta
-from models.errors import ConfigurationError
+from models.errors import CheckpointMismatchError, ConfigurationError
 from models.personalizer import Personalizer, PersonalizerConfig
 from models.slot_factors import SlotFactors
 from models.unet_lora import add_unet_lora, lora_parameters, lora_snapshot, restore_lora
@@ -268,13 +268,35 @@ class ConceptTuning(ConceptExport, TuningWords, PersonalizationModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["concept_slots"] = {"group": self.slots.group, "started_at": self.slots.started_at}
+        checkpoint["concept_slots"] = {
+            "group": self.slots.group,
+            "started_at": self.slots.started_at,
+            "concepts": [c.name for c in self.concepts or ()],
+            "per_batch": self.slots.per_batch,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """A resumed run goes on with the group it was tuning (its concepts' values come with the weights)."""
+        """A resumed run goes on with the group it was tuning (its concepts' values come with the weights).
+
+        Raises:
+            CheckpointMismatchError: the checkpoint was tuning other concepts (or the same in another order or
+                another number per batch).
+        """
         super().on_load_checkpoint(checkpoint)
         slots = checkpoint.get("concept_slots")
         if slots is not None:
+            theirs, ours = list(slots.get("concepts", [])), [c.name for c in self.concepts or ()]
+            if theirs != ours:
+                raise CheckpointMismatchError(
+                    f"--ckpt_path tuned {len(theirs)} other concepts ({', '.join(theirs[:3])}"
+                    f"{', ...' if len(theirs) > 3 else ''}), not the {len(ours)} of this run"
+                )
+            k = int(slots.get("per_batch", self.slots.per_batch))
+            if k != self.slots.per_batch:
+                raise CheckpointMismatchError(
+                    f"--ckpt_path tuned these concepts {k} per batch, this run {self.slots.per_batch}"
+                    " (data.init_args.concepts_per_batch)"
+                )
             self.slots.group, self.slots.started_at = int(slots["group"]), int(slots["started_at"])
 
     def concept(self, slot: int = 0) -> TuningConcept:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -312,3 +313,44 @@ def test_export_is_a_public_step_without_a_trainer(toy, tmp_path):
     assert path == tmp_path / "alone.safetensors" and artifact.steps == 0
     v_star, _ = module.encoder_prediction(concept)
     assert torch.equal(artifact.v_star, v_star[0]) and artifact.extra["class_noun"] == e["class_noun"]
+
+
+def test_the_sd15_batch_configs_checkpoint_resumes_a_folder_run_through_the_cli(tmp_path, index_dir, capsys):
+    """configs/tune/sd15_batch.yaml's trainer section (a checkpoint after every group) on the toy world: a run stopped
+    in its second group and resumed with --ckpt_path writes what an uninterrupted run writes; a checkpoint of other
+    concepts, or of the same concepts at another K, is refused in one line before any step."""
+    trainer = yaml.safe_load((REPO / "configs" / "tune" / "sd15_batch.yaml").read_text())["trainer"]
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+
+    def fit(
+        out: str, *extra: str, images: list[str] = NAMES, k: int = 2, checkpoints: Path = ckpt.parent
+    ) -> int:
+        trainer["callbacks"][1]["init_args"]["dirpath"] = str(checkpoints)
+        overlay = tmp_path / "checkpointing.yaml"
+        overlay.write_text(yaml.safe_dump({"trainer": trainer}))
+        return train.cli(
+            ["fit", "--config", str(TOY), "--config", str(BATCH), "--config", str(overlay),
+             "--data.init_args.images", str(_list_file(tmp_path / "list.txt", images)),
+             "--data.init_args.concepts_per_batch", str(k), "--data.init_args.steps", str(STEPS),
+             "--model.init_args.export_dir", str(tmp_path / out), "--model.init_args.export_diffusers", "false",
+             "--model.init_args.token_index_cache", str(index_dir), "--trainer.logger", "false", *extra]
+        )  # fmt: skip
+
+    assert fit("whole", checkpoints=tmp_path / "other") == 0
+    assert fit("resumed", "--trainer.max_steps", str(STEPS + 1)) == 0  # into the second group
+    assert ckpt.is_file()
+    saved = ckpt.read_bytes()
+    assert fit("refused", "--ckpt_path", str(ckpt), images=NAMES[:2]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"train.py: error: --ckpt_path tuned 3 other concepts ({', '.join(NAMES)}), not the 2 of this run"
+    )
+    assert fit("refused", "--ckpt_path", str(ckpt), k=3) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "train.py: error: --ckpt_path tuned these concepts 2 per batch, this run 3 (data.init_args.concepts_per_batch)"
+    )
+    assert ckpt.read_bytes() == saved and not (tmp_path / "refused").exists()  # nothing written
+    assert fit("resumed", "--ckpt_path", str(ckpt)) == 0
+    for name in NAMES:
+        ours, ref = (ConceptArtifact.load(tmp_path / d / f"{name}.safetensors") for d in ("resumed", "whole"))
+        assert ours.steps == ref.steps == STEPS
+        torch.testing.assert_close(ours.v_star, ref.v_star, rtol=0, atol=0)
