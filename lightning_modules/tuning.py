@@ -285,8 +285,8 @@ class ConceptTuning(ConceptExport, TuningWords, PersonalizationModule):
         super().on_load_checkpoint(checkpoint)
         slots = checkpoint.get("concept_slots")
         if slots is not None:
-            theirs, ours = list(slots.get("concepts", [])), [c.name for c in self.concepts or ()]
-            if theirs != ours:
+            theirs, ours = slots.get("concepts"), [c.name for c in self.concepts or ()]
+            if theirs is not None and list(theirs) != ours:
                 raise CheckpointMismatchError(
                     f"--ckpt_path tuned {len(theirs)} other concepts ({', '.join(theirs[:3])}"
                     f"{', ...' if len(theirs) > 3 else ''}), not the {len(ours)} of this run"
