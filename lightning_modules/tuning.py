@@ -368,9 +368,8 @@ class ConceptTuning(ConceptExport, TuningWords, PersonalizationModule):
     def lora_deltas(self, cores: torch.Tensor, slots: torch.Tensor | None = None) -> dict[str, LoraDelta]:
         if not self.lora_active:
             return {}  # cores stay exactly zero (e.g. textual inversion): skip the zero LoRA work
-        if (
-            self.slot_factors is not None
-        ):  # several concepts with their own factors: each row reads its slot's
+        # Several concepts with their own factors: each row reads its slot's copy.
+        if self.slot_factors is not None:
             if slots is None:
                 raise ValueError("each concept tunes its own LoRA factors: the rows' slots are needed")
             return self.slot_factors.deltas(cores, slots)
