@@ -27,19 +27,19 @@ from lightning_modules.multi_concept import ConceptSlots, check_concepts, multi_
 from lightning_modules.prior import ClassPrior
 from lightning_modules.tuning_export import ConceptExport
 from lightning_modules.tuning_rates import rate_groups
+from lightning_modules.tuning_slots import ConceptSlotState
 from lightning_modules.tuning_words import TuningWords, check_tuning_options
 from losses.diffusion import check_finite
 from models.attention import LoraDelta
-from models.errors import CheckpointMismatchError, ConfigurationError
+from models.errors import ConfigurationError
 from models.personalizer import Personalizer, PersonalizerConfig
-from models.slot_factors import SlotFactors
 from models.unet_lora import add_unet_lora, lora_parameters, lora_snapshot, restore_lora
 from models.unet_offsets import FullFineTuning
 
 Tunable = Literal["embedding", "cores", "factors", "encoder", "unet_lora", "unet"]
 
 
-class ConceptTuning(ConceptExport, TuningWords, PersonalizationModule):
+class ConceptTuning(ConceptSlotState, ConceptExport, TuningWords, PersonalizationModule):
     """Predicts v* and the LoRA cores from one image, tunes them for a few steps, and exports the concept.
 
     Concepts (:class:`~datamodules.concept.TuningConcept`) come in through :meth:`set_concepts`, or else from the
@@ -196,7 +196,7 @@ class ConceptTuning(ConceptExport, TuningWords, PersonalizationModule):
         self.concepts: list[TuningConcept] | None = None
         self.slots = ConceptSlots(1, 1)
         # The LoRA factors of a run of several concepts that tune them: a copy per slot (models/slot_factors.py).
-        self.slot_factors: SlotFactors | None = None
+        self.slot_factors = None
         self.exported: dict[str, Path] = {}
 
     # ----- the concepts, given explicitly -----
@@ -211,7 +211,8 @@ class ConceptTuning(ConceptExport, TuningWords, PersonalizationModule):
         Args:
             concepts: in the order of the data's groups (concept ``g * K + j`` is slot ``j`` of group ``g``).
             per_batch: K, the concepts sharing one batch; v* and the cores get K rows, and with ``factors`` in
-                ``tune`` and several concepts each slot tunes its own copy of the LoRA factors (:class:`SlotFactors`).
+                ``tune`` and several concepts each slot tunes its own copy of the LoRA factors
+                (:class:`~models.slot_factors.SlotFactors`).
             checked_resolution: the resolution the images were already size-checked at (by the datamodule);
                 they are checked again when the backbone's differs.
 
@@ -231,17 +232,6 @@ class ConceptTuning(ConceptExport, TuningWords, PersonalizationModule):
         self.cores = with_rows(self.cores, self.slots.per_batch)
         self.set_slot_factors()
         self.exported = {}
-
-    def set_slot_factors(self) -> None:
-        """With ``factors`` in ``tune``: one concept tunes the hypernetwork's factors themselves (as always); several
-        tune a copy per slot and leave the hypernetwork's as the pretrained values every concept starts from."""
-        several = "factors" in self.tune and self.slots.total > 1
-        self.slot_factors = (
-            SlotFactors(self.personalizer.hypernetwork, self.slots.per_batch) if several else None
-        )
-        if "factors" in self.tune:
-            self.personalizer.hypernetwork.down.requires_grad_(not several)
-            self.personalizer.hypernetwork.up.requires_grad_(not several)
 
     def reset_concept(self, concept_name: str | None = None) -> None:
         """Forgets the concepts and restores the initial personalizer: the module can tune others (no reload)."""
@@ -265,39 +255,6 @@ class ConceptTuning(ConceptExport, TuningWords, PersonalizationModule):
                     "no concepts: call set_concepts() or fit on a Concept(Set)DataModule"
                 )
             self.set_concepts(dm.concepts, getattr(dm, "concepts_per_batch", 1), dm.resolution)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["concept_slots"] = {
-            "group": self.slots.group,
-            "started_at": self.slots.started_at,
-            "concepts": [c.name for c in self.concepts or ()],
-            "per_batch": self.slots.per_batch,
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """A resumed run goes on with the group it was tuning (its concepts' values come with the weights).
-
-        Raises:
-            CheckpointMismatchError: the checkpoint was tuning other concepts (or the same in another order or
-                another number per batch).
-        """
-        super().on_load_checkpoint(checkpoint)
-        slots = checkpoint.get("concept_slots")
-        if slots is not None:
-            theirs, ours = slots.get("concepts"), [c.name for c in self.concepts or ()]
-            if theirs is not None and list(theirs) != ours:
-                raise CheckpointMismatchError(
-                    f"--ckpt_path tuned {len(theirs)} other concepts ({', '.join(theirs[:3])}"
-                    f"{', ...' if len(theirs) > 3 else ''}), not the {len(ours)} of this run"
-                )
-            k = int(slots.get("per_batch", self.slots.per_batch))
-            if k != self.slots.per_batch:
-                raise CheckpointMismatchError(
-                    f"--ckpt_path tuned these concepts {k} per batch, this run {self.slots.per_batch}"
-                    " (data.init_args.concepts_per_batch)"
-                )
-            self.slots.group, self.slots.started_at = int(slots["group"]), int(slots["started_at"])
 
     def concept(self, slot: int = 0) -> TuningConcept:
         """The concept in ``slot`` of the current group."""
